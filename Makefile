@@ -1,0 +1,32 @@
+# transferkit: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-zoo lint clean
+
+# Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m transferkit.demo
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+test-zoo: setup
+	$(BIN)/python -m pytest -q -n 2 -m zoo
+
+lint: setup
+	$(BIN)/ruff check transferkit tests
+	$(BIN)/ruff format --check transferkit tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

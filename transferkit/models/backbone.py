@@ -1,0 +1,249 @@
+"""The one backbone contract that everything downstream relies on.
+
+A `Backbone` wraps a timm or torchvision classification model with its classifier removed.
+Whatever the source, it offers the same things:
+
+- `forward(x)` -> pooled features `[B, num_features]`;
+- `num_features` and `data_config` (the preprocessing that belongs to the weights);
+- `groups`: named layer groups ordered from the stem to the last block, which drive freezing,
+  layer-wise learning rates and auxiliary heads;
+- `forward_with_maps(x, group_names)` -> pooled features plus the feature maps of chosen groups;
+- `freeze(spec)` with a normalization-layer policy that survives `.train()`.
+
+The adapters in `timm_adapter.py` and `torchvision_adapter.py` are the only code that knows
+which library a model came from; they compute the groups and the data config and hand them here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from transferkit.errors import UserError
+from transferkit.models.freezing import FreezeSpec, is_norm_layer
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing that belongs to a set of weights (same fields as timm's data config)."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DataConfig:
+        """Build from a dict such as timm's `resolve_model_data_config` output."""
+        return cls(
+            input_size=tuple(int(v) for v in data.get("input_size", cls.input_size)),
+            mean=tuple(float(v) for v in data.get("mean", cls.mean)),
+            std=tuple(float(v) for v in data.get("std", cls.std)),
+            interpolation=str(data.get("interpolation", cls.interpolation)),
+            crop_pct=float(data.get("crop_pct", cls.crop_pct) or cls.crop_pct),
+            crop_mode=str(data.get("crop_mode", cls.crop_mode)),
+        )
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """A named set of backbone tensors (parameters and buffers) that are frozen together.
+
+    `tensors` are names relative to the wrapped model; `output_module` is the module whose
+    output is this group's feature map (used for auxiliary heads).
+    """
+
+    name: str
+    tensors: tuple[str, ...]
+    output_module: str
+    num_params: int = 0
+
+
+@dataclass
+class LoadReport:
+    """What happened when a weights file was loaded into a backbone."""
+
+    source: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped_classifier: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def short(names: list[str]) -> str:
+            head = ", ".join(names[:4])
+            return head + (f", ... (+{len(names) - 4})" if len(names) > 4 else "")
+
+        parts = [f"loaded {self.loaded} tensors from {self.source}"]
+        if self.dropped_classifier:
+            parts.append(f"dropped the source classifier ({short(self.dropped_classifier)})")
+        parts.append(f"missing {len(self.missing)}" + (f" ({short(self.missing)})" if self.missing else ""))
+        parts.append(
+            f"unexpected {len(self.unexpected)}"
+            + (f" ({short(self.unexpected)})" if self.unexpected else "")
+        )
+        return "; ".join(parts)
+
+
+class Backbone(nn.Module):
+    """A headless classification model behind one contract (see the module docstring).
+
+    Build one with `transferkit.create_backbone("timm:resnet18")`, not directly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        num_features: int,
+        data_config: DataConfig,
+        groups: Sequence[LayerGroup],
+        load_report: LoadReport | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.num_features = int(num_features)
+        self.data_config = data_config
+        self.load_report = load_report
+        params = dict(model.named_parameters())
+        self.groups: list[LayerGroup] = [
+            LayerGroup(g.name, g.tensors, g.output_module, sum(params[t].numel() for t in g.tensors if t in params))
+            for g in groups
+        ]
+        self._group_of = {t: g.name for g in self.groups for t in g.tensors}
+        self.freeze_spec = FreezeSpec.parse("none")
+        # Normalization modules kept in eval mode whatever `.train()` says (frozen statistics).
+        self._eval_norm_names: list[str] = []
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features `[B, num_features]`."""
+        return self.model(x)
+
+    def forward_with_maps(
+        self, x: torch.Tensor, group_names: Iterable[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pooled features plus the output feature map of each named group."""
+        maps: dict[str, torch.Tensor] = {}
+        handles = []
+        modules = dict(self.model.named_modules())
+        for name in group_names:
+            group = self.group(name)
+
+            def hook(_module, _inputs, output, key=name):
+                maps[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+            handles.append(modules[group.output_module].register_forward_hook(hook))
+        try:
+            pooled = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return pooled, maps
+
+    # ----------------------------------------------------------------------------- groups
+    @property
+    def group_names(self) -> list[str]:
+        """Group names from the input side to the output side."""
+        return [g.name for g in self.groups]
+
+    def group(self, name: str | int) -> LayerGroup:
+        """The group with this name or index; a clear error names the valid ones."""
+        if isinstance(name, int) or (isinstance(name, str) and name.lstrip("-").isdigit()):
+            index = int(name)
+            if not -len(self.groups) <= index < len(self.groups):
+                raise UserError(
+                    f"group index {index} is out of range: {self.name} has {len(self.groups)} "
+                    f"groups (0..{len(self.groups) - 1})"
+                )
+            return self.groups[index]
+        for g in self.groups:
+            if g.name == name:
+                return g
+        from transferkit.errors import did_you_mean
+
+        raise UserError(
+            f"unknown layer group {name!r} for {self.name}.{did_you_mean(name, self.group_names)} "
+            f"Groups: {', '.join(self.group_names)}"
+        )
+
+    def group_of(self, tensor_name: str) -> str:
+        """The group that owns a parameter or buffer (name relative to the wrapped model)."""
+        return self._group_of[tensor_name]
+
+    # ----------------------------------------------------------------------------- freezing
+    def freeze(self, spec: FreezeSpec | str) -> FreezeSpec:
+        """Set `requires_grad` and the normalization policy from a freeze spec.
+
+        Can be called again at any time (a new training phase): it derives everything from the
+        spec and never depends on the previous state.
+        """
+        spec = FreezeSpec.parse(spec) if isinstance(spec, str) else spec
+        is_trainable = spec.trainable_predicate(self)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(is_trainable(name))
+        self._eval_norm_names = []
+        for module_name, module in self.model.named_modules():
+            if not is_norm_layer(module):
+                continue
+            own = [f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+            own = own or [f"{module_name}.{n}" for n, _ in module.named_buffers(recurse=False)]
+            if not own or any(is_trainable(t) for t in own):
+                continue  # a trainable norm layer trains as usual
+            if spec.norm in ("stats_frozen", "train"):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(True)
+            if spec.norm in ("frozen", "stats_frozen"):
+                self._eval_norm_names.append(module_name)
+        self.freeze_spec = spec
+        self.train(self.training)
+        return spec
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Like `nn.Module.train`, but normalization layers with frozen statistics stay in eval."""
+        super().train(mode)
+        if mode and self._eval_norm_names:
+            modules = dict(self.model.named_modules())
+            for name in self._eval_norm_names:
+                modules[name].eval()
+        return self
+
+    def group_summary(self) -> list[dict]:
+        """Per group: name, parameter count, trainable parameter count and a trainable flag."""
+        params = dict(self.model.named_parameters())
+        rows = []
+        for g in self.groups:
+            trainable = sum(params[t].numel() for t in g.tensors if t in params and params[t].requires_grad)
+            rows.append(
+                {
+                    "name": g.name,
+                    "params": g.num_params,
+                    "trainable_params": trainable,
+                    "trainable": trainable > 0,
+                }
+            )
+        return rows
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, path: str) -> None:
+        """Save the weights with their name and preprocessing (loadable with `weights=path`)."""
+        from safetensors.torch import save_model
+
+        metadata = {
+            "format": "pt",
+            "transferkit.backbone": self.name,
+            "transferkit.data_config": json.dumps(self.data_config.to_dict()),
+        }
+        # save_model de-duplicates tied tensors, which safetensors cannot store twice.
+        save_model(self.model, str(path), metadata=metadata, force_contiguous=True)

@@ -1,0 +1,123 @@
+"""Loading weight files safely, with a short report instead of a strict-load traceback.
+
+Files are read through safetensors or `torch.load(weights_only=True)` only, so a file received
+from someone else cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferkit.errors import UserError
+from transferkit.models.backbone import DataConfig, LoadReport
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# Checkpoints often nest the weights under one of these keys.
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema", "params")
+# Wrappers (DDP, Lightning modules, EMA) prefix every key with one of these.
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "_orig_mod.", "encoder.")
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weights file into (state dict, metadata). Metadata is empty except for safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise UserError(f"unsupported weights file {path.name}: use one of {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = dict(handle.metadata() or {})
+                state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            return state, metadata
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
+        raise UserError(
+            f"cannot read weights file {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]} "
+            "(files are loaded with weights_only=True: pickled code is refused)"
+        ) from None
+    return _unnest(obj, path), {}
+
+
+def _unnest(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if isinstance(obj, dict):
+            nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict)), None)
+            if nested is not None:
+                obj = nested
+                continue
+        break
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise UserError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in model_keys):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    architecture: str,
+    classifier_prefixes: tuple[str, ...] = (),
+) -> LoadReport:
+    """Load `state` into `model` non-strictly, or raise a `UserError` if it is another architecture.
+
+    Keys of the source model's classifier are dropped (a new head replaces it). The file is
+    taken for another architecture when tensors have other shapes, when fewer than half of the
+    model's tensors are found, or when more than a tenth of the file is left unused.
+    """
+    model_state = model.state_dict()
+    state = _strip_wrapper_prefixes(state, set(model_state))
+    dropped = sorted(
+        k for k in state if any(k == p or k.startswith(p + ".") for p in classifier_prefixes) and k not in model_state
+    )
+    state = {k: v for k, v in state.items() if k not in set(dropped)}
+    shape_mismatch = [k for k, v in state.items() if k in model_state and model_state[k].shape != v.shape]
+    matched = [k for k in state if k in model_state and k not in shape_mismatch]
+    missing = sorted(k for k in model_state if k not in state)
+    unexpected = sorted(k for k in state if k not in model_state)
+    model_size = max(len(model_state), 1)
+    if shape_mismatch or len(matched) < 0.5 * model_size or len(unexpected) > 0.1 * max(len(state), 1):
+        detail = []
+        if shape_mismatch:
+            k = shape_mismatch[0]
+            detail.append(
+                f"{len(shape_mismatch)} tensors have other shapes (e.g. {k}: file "
+                f"{tuple(state[k].shape)} vs model {tuple(model_state[k].shape)})"
+            )
+        detail.append(f"{len(matched)} of the model's {len(model_state)} tensors found")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unknown keys (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(
+            f"weights file {source} does not fit {architecture}: {'; '.join(detail)}. "
+            "Is it for another architecture? Pass the backbone name the file was trained with."
+        )
+    model.load_state_dict({k: state[k] for k in matched}, strict=False)
+    return LoadReport(source=str(source), loaded=len(matched), missing=missing, unexpected=unexpected, dropped_classifier=dropped)
+
+
+def data_config_from_metadata(metadata: dict[str, str]) -> DataConfig | None:
+    """The preprocessing stored by `Backbone.save`, if the file has it."""
+    raw = metadata.get("transferkit.data_config")
+    return DataConfig.from_dict(json.loads(raw)) if raw else None
