@@ -44,11 +44,17 @@ def _inspect(args: argparse.Namespace) -> int:
     width = max(len(g["name"]) for g in groups)
     print(f"\n {'#':>3}  {'group':<{width}}  {'params':>12}  trainable")
     for i, g in enumerate(groups):
-        mark = "yes" if g["trainable_params"] == g["params"] and g["params"] else ("partly" if g["trainable"] else "no")
+        mark = (
+            "yes"
+            if g["trainable_params"] == g["params"] and g["params"]
+            else ("partly" if g["trainable"] else "no")
+        )
         if g["trainable"] and g["trainable_params"] < g["params"]:
             mark = f"partly ({g['trainable_params']:,})"
         print(f" {i:>3}  {g['name']:<{width}}  {g['params']:>12,}  {mark}")
-    print(f"\n total {total:,} parameters, {trainable:,} trainable ({100 * trainable / max(total, 1):.1f}%)")
+    print(
+        f"\n total {total:,} parameters, {trainable:,} trainable ({100 * trainable / max(total, 1):.1f}%)"
+    )
     return 0
 
 
@@ -58,13 +64,24 @@ def _fmt(values) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="transferkit", description="Transfer learning for timm and torchvision backbones.")
+    parser = argparse.ArgumentParser(
+        prog="transferkit", description="Transfer learning for timm and torchvision backbones."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    inspect = sub.add_parser("inspect", help="show a backbone's layer groups, what a freeze spec trains, and its preprocessing")
+    inspect = sub.add_parser(
+        "inspect",
+        help="show a backbone's layer groups, what a freeze spec trains, and its preprocessing",
+    )
     inspect.add_argument("backbone", help="SOURCE:NAME, e.g. timm:resnet18 or torchvision:resnet50")
-    inspect.add_argument("--weights", default=None, help="none (default), pretrained, or a local file")
-    inspect.add_argument("--freeze", default="none", help="freeze spec, e.g. all, up_to:layer3, train:layer4, regex:PATTERN")
+    inspect.add_argument(
+        "--weights", default=None, help="none (default), pretrained, or a local file"
+    )
+    inspect.add_argument(
+        "--freeze",
+        default="none",
+        help="freeze spec, e.g. all, up_to:layer3, train:layer4, regex:PATTERN",
+    )
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=_inspect)
     return parser

@@ -87,7 +87,9 @@ class LoadReport:
         parts = [f"loaded {self.loaded} tensors from {self.source}"]
         if self.dropped_classifier:
             parts.append(f"dropped the source classifier ({short(self.dropped_classifier)})")
-        parts.append(f"missing {len(self.missing)}" + (f" ({short(self.missing)})" if self.missing else ""))
+        parts.append(
+            f"missing {len(self.missing)}" + (f" ({short(self.missing)})" if self.missing else "")
+        )
         parts.append(
             f"unexpected {len(self.unexpected)}"
             + (f" ({short(self.unexpected)})" if self.unexpected else "")
@@ -118,7 +120,12 @@ class Backbone(nn.Module):
         self.load_report = load_report
         params = dict(model.named_parameters())
         self.groups: list[LayerGroup] = [
-            LayerGroup(g.name, g.tensors, g.output_module, sum(params[t].numel() for t in g.tensors if t in params))
+            LayerGroup(
+                g.name,
+                g.tensors,
+                g.output_module,
+                sum(params[t].numel() for t in g.tensors if t in params),
+            )
             for g in groups
         ]
         self._group_of = {t: g.name for g in self.groups for t in g.tensors}
@@ -224,7 +231,9 @@ class Backbone(nn.Module):
         params = dict(self.model.named_parameters())
         rows = []
         for g in self.groups:
-            trainable = sum(params[t].numel() for t in g.tensors if t in params and params[t].requires_grad)
+            trainable = sum(
+                params[t].numel() for t in g.tensors if t in params and params[t].requires_grad
+            )
             rows.append(
                 {
                     "name": g.name,

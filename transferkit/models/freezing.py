@@ -78,11 +78,13 @@ class FreezeSpec:
                 raise UserError(f"freeze mode {mode!r} takes no target (got {text!r})")
             return cls(mode, (), norm)
         if not target.strip():
-            raise UserError(f"freeze mode {mode!r} needs a target after ':' (got {text!r}): {SPEC_HELP}")
+            raise UserError(
+                f"freeze mode {mode!r} needs a target after ':' (got {text!r}): {SPEC_HELP}"
+            )
         if mode == "regex":
             try:
                 re.compile(target)
-            except re.error as err:
+            except (re.error, OverflowError, RecursionError) as err:
                 raise UserError(f"bad regex in freeze spec {text!r}: {err}") from None
             return cls(mode, (target,), norm)
         names = tuple(t.strip() for t in target.split(",") if t.strip())

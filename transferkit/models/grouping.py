@@ -45,7 +45,9 @@ def output_module_for(model: nn.Module, tensor_names: Sequence[str], prefix: str
     best = owner
     for depth in range(len(parts) - 1, 0, -1):
         candidate = ".".join(parts[:depth])
-        tensors = [f"{candidate}.{n}" for n, _ in modules[candidate].state_dict(keep_vars=True).items()]
+        tensors = [
+            f"{candidate}.{n}" for n, _ in modules[candidate].state_dict(keep_vars=True).items()
+        ]
         if tensors and all(t in members for t in tensors):
             best = candidate
         else:
@@ -53,7 +55,9 @@ def output_module_for(model: nn.Module, tensor_names: Sequence[str], prefix: str
     return best
 
 
-def groups_from_prefixes(model: nn.Module, rules: Sequence[tuple[str, Sequence[str]]]) -> list[LayerGroup]:
+def groups_from_prefixes(
+    model: nn.Module, rules: Sequence[tuple[str, Sequence[str]]]
+) -> list[LayerGroup]:
     """Groups from (name, [module prefixes]) rules, in forward order.
 
     A tensor belongs to the rule with the longest matching prefix. Tensors that no rule names go

@@ -36,18 +36,22 @@ class TaskSpec:
         if not self.name or "." in self.name or "@" in self.name:
             raise UserError(f"task name {self.name!r} must be non-empty and contain no '.' or '@'")
         if self.kind not in TASK_KINDS:
-            raise UserError(f"task {self.name!r}: kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}")
+            raise UserError(
+                f"task {self.name!r}: kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}"
+            )
         if self.kind == "binary" and self.num_outputs != 1:
-            raise UserError(f"task {self.name!r}: a binary task has one output, got num_outputs={self.num_outputs}")
+            raise UserError(
+                f"task {self.name!r}: a binary task has one output, got num_outputs={self.num_outputs}"
+            )
         if self.kind == "multiclass" and self.num_outputs < 2:
             raise UserError(f"task {self.name!r}: a multiclass task needs at least 2 classes")
         if self.num_outputs < 1:
             raise UserError(f"task {self.name!r}: num_outputs must be at least 1")
-        if self.class_names is not None and self.kind in ("multiclass", "multilabel"):
-            if len(self.class_names) != self.num_outputs:
-                raise UserError(
-                    f"task {self.name!r}: {len(self.class_names)} class names for {self.num_outputs} outputs"
-                )
+        named = self.class_names is not None and self.kind in ("multiclass", "multilabel")
+        if named and len(self.class_names) != self.num_outputs:
+            raise UserError(
+                f"task {self.name!r}: {len(self.class_names)} class names for {self.num_outputs} outputs"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"task {self.name!r}: dropout must be in [0, 1), got {self.dropout}")
 
@@ -132,10 +136,14 @@ def pool_dims(shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
 class AuxHead(nn.Module):
     """Global-average-pools a group's feature map and applies a task head."""
 
-    def __init__(self, spec: TaskSpec, feature_shape: Sequence[int], hidden: int | None, dropout: float) -> None:
+    def __init__(
+        self, spec: TaskSpec, feature_shape: Sequence[int], hidden: int | None, dropout: float
+    ) -> None:
         super().__init__()
         self.dims, channels = pool_dims(feature_shape)
-        head_spec = TaskSpec(spec.name, spec.kind, spec.num_outputs, hidden, dropout, spec.class_names)
+        head_spec = TaskSpec(
+            spec.name, spec.kind, spec.num_outputs, hidden, dropout, spec.class_names
+        )
         self.head = Head(head_spec, channels)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:

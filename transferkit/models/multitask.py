@@ -31,7 +31,9 @@ class MultiTaskModel(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        items = heads.items() if isinstance(heads, Mapping) else [(spec.name, spec) for spec in heads]
+        items = (
+            heads.items() if isinstance(heads, Mapping) else [(spec.name, spec) for spec in heads]
+        )
         self.tasks: dict[str, TaskSpec | None] = {}
         modules: dict[str, nn.Module] = {}
         for name, head in items:
@@ -60,7 +62,10 @@ class MultiTaskModel(nn.Module):
                 )
             self.backbone.group(spec.group)  # clear error for an unknown group
         shapes = self.feature_map_shapes([s.group for s in specs])
-        return {_module_key(s): AuxHead(self.tasks[s.task], shapes[s.group], s.hidden, s.dropout) for s in specs}
+        return {
+            _module_key(s): AuxHead(self.tasks[s.task], shapes[s.group], s.hidden, s.dropout)
+            for s in specs
+        }
 
     def feature_map_shapes(self, group_names: Sequence[str]) -> dict[str, torch.Size]:
         """Shapes of the groups' feature maps for one input of the data config's size.
@@ -69,7 +74,9 @@ class MultiTaskModel(nn.Module):
         """
         was_training = self.backbone.training
         param = next(self.backbone.parameters())
-        probe = torch.zeros(1, *self.backbone.data_config.input_size, device=param.device, dtype=param.dtype)
+        probe = torch.zeros(
+            1, *self.backbone.data_config.input_size, device=param.device, dtype=param.dtype
+        )
         self.backbone.eval()
         try:
             with torch.no_grad():
@@ -81,7 +88,9 @@ class MultiTaskModel(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """`[B, 3, H, W]` images -> `{task or "task@group": output}`."""
         if self.aux_specs:
-            features, maps = self.backbone.forward_with_maps(images, [s.group for s in self.aux_specs])
+            features, maps = self.backbone.forward_with_maps(
+                images, [s.group for s in self.aux_specs]
+            )
         else:
             features, maps = self.backbone(images), {}
         outputs = {name: head(features) for name, head in self.heads.items()}

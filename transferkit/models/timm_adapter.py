@@ -7,6 +7,7 @@ timm already has most of the contract: `num_classes=0` gives pooled pre-logits f
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -57,10 +58,10 @@ def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
         state, metadata = read_weights(weights)
         filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None and "transferkit.backbone" not in metadata:
-            try:  # timm's own conversions (e.g. original ViT/ConvNeXt checkpoints)
+            # timm's own conversions (original ViT/ConvNeXt checkpoints); filters assume their own
+            # format, so on failure the raw keys are used.
+            with contextlib.suppress(Exception):
                 state = filter_fn(state, model)
-            except Exception:  # noqa: BLE001 - filters assume their own format; fall back to raw keys
-                pass
         classifier = model.pretrained_cfg.get("classifier") or "fc"
         classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
         report = load_into(model, state, str(weights), f"timm:{name}", classifiers)
@@ -118,7 +119,14 @@ def _group_name(matcher, tensors: list[str], index: int, count: int) -> str:
             key = keys.pop()
             # A 'blocks' group that absorbed a trailing norm (timm's MATCH_PREV_GROUP) is named
             # after its block; other keys ('stem') name the group themselves.
-            return min(matched, key=lambda m: tensors.index(next(t for t in tensors if t.startswith(m)))) if key == "blocks" else key
+            return (
+                min(
+                    matched,
+                    key=lambda m: tensors.index(next(t for t in tensors if t.startswith(m))),
+                )
+                if key == "blocks"
+                else key
+            )
     prefix = common_module_prefix(tensors)
     if prefix:
         return prefix

@@ -40,7 +40,9 @@ def validate_name(name: str) -> None:
     if tag:
         tags = [w.name for w in models.get_model_weights(arch)]
         if tag not in tags:
-            raise UserError(f"unknown weights {tag!r} for torchvision:{arch}.{did_you_mean(tag, tags)} Known: {', '.join(tags)}")
+            raise UserError(
+                f"unknown weights {tag!r} for torchvision:{arch}.{did_you_mean(tag, tags)} Known: {', '.join(tags)}"
+            )
 
 
 def _weights_enum(name: str):
@@ -75,9 +77,13 @@ def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
     report = None
     if weights not in (None, "pretrained"):
         state, metadata = read_weights(weights)
-        report = load_into(model, state, str(weights), f"torchvision:{arch}", (classifier_path, *_AUX_HEADS))
+        report = load_into(
+            model, state, str(weights), f"torchvision:{arch}", (classifier_path, *_AUX_HEADS)
+        )
         data_config = data_config_from_metadata(metadata) or data_config
-    return Backbone(model, f"torchvision:{name}", num_features, data_config, family_groups(model), report)
+    return Backbone(
+        model, f"torchvision:{name}", num_features, data_config, family_groups(model), report
+    )
 
 
 def _strip_heads(model: nn.Module) -> tuple[str, int]:
@@ -90,16 +96,21 @@ def _strip_heads(model: nn.Module) -> tuple[str, int]:
     candidates = [
         path
         for path, m in model.named_modules()
-        if (isinstance(m, nn.Linear) and m.out_features == 1000) or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)
+        if (isinstance(m, nn.Linear) and m.out_features == 1000)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)
     ]
     if not candidates:
-        raise UserError(f"cannot find the classifier of {type(model).__name__}: no layer with 1000 outputs")
+        raise UserError(
+            f"cannot find the classifier of {type(model).__name__}: no layer with 1000 outputs"
+        )
     path = candidates[-1]
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     original = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())
-    return path, int(original.in_features if isinstance(original, nn.Linear) else original.in_channels)
+    return path, int(
+        original.in_features if isinstance(original, nn.Linear) else original.in_channels
+    )
 
 
 def _data_config(weights_enum) -> DataConfig:
@@ -129,11 +140,19 @@ def _resnet(m: nn.Module) -> Rules:
 
 
 def _regnet(m: nn.Module) -> Rules:
-    return [("stem", ["stem"])] + [(p.split(".")[-1], [p]) for p in _children(m.trunk_output, "trunk_output")]
+    return [("stem", ["stem"])] + [
+        (p.split(".")[-1], [p]) for p in _children(m.trunk_output, "trunk_output")
+    ]
 
 
 def _shufflenet(m: nn.Module) -> Rules:
-    return [("stem", ["conv1"]), ("stage2", ["stage2"]), ("stage3", ["stage3"]), ("stage4", ["stage4"]), ("conv5", ["conv5"])]
+    return [
+        ("stem", ["conv1"]),
+        ("stage2", ["stage2"]),
+        ("stage3", ["stage3"]),
+        ("stage4", ["stage4"]),
+        ("conv5", ["conv5"]),
+    ]
 
 
 def _googlenet(m: nn.Module) -> Rules:
@@ -147,7 +166,10 @@ def _googlenet(m: nn.Module) -> Rules:
 
 def _inception3(m: nn.Module) -> Rules:
     return [
-        ("stem", ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]),
+        (
+            "stem",
+            ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"],
+        ),
         ("mixed5", ["Mixed_5b", "Mixed_5c", "Mixed_5d"]),
         ("mixed6", ["Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"]),
         ("mixed7", ["Mixed_7a", "Mixed_7b", "Mixed_7c"]),
@@ -171,12 +193,13 @@ def _split_at_pools(m: nn.Module) -> Rules:
     for name, layer in m.features.named_children():
         if isinstance(layer, nn.MaxPool2d):
             if current:
-                rules.append((f"block{len(rules) + 1}", current))
+                rules.append((f"block{len(rules)}", current))
             current = []
         elif any(True for _ in layer.parameters()):
             current.append(f"features.{name}")
     if current:
-        rules.append((f"block{len(rules) + 1}", current))
+        rules.append((f"block{len(rules)}", current))
+    rules[0] = ("stem", rules[0][1])  # the convolutions before the first pool act as the stem
     return rules + [("classifier", ["classifier"])]
 
 
@@ -201,12 +224,22 @@ def _staged_features(final_norm: str) -> Callable[[nn.Module], Rules]:
 
 def _mnasnet(m: nn.Module) -> Rules:
     stacks = [(f"stack{i - 7}", [f"layers.{i}"]) for i in range(8, 14)]
-    return [("stem", [f"layers.{i}" for i in range(8)])] + stacks + [("head_conv", ["layers.14", "layers.15"])]
+    return (
+        [("stem", [f"layers.{i}" for i in range(8)])]
+        + stacks
+        + [("head_conv", ["layers.14", "layers.15"])]
+    )
 
 
 def _vit(m: nn.Module) -> Rules:
-    blocks = [(f"block{i}", [p]) for i, p in enumerate(_children(m.encoder.layers, "encoder.layers"))]
-    return [("stem", ["conv_proj", "class_token", "encoder.pos_embedding"])] + blocks + [("norm", ["encoder.ln"])]
+    blocks = [
+        (f"block{i}", [p]) for i, p in enumerate(_children(m.encoder.layers, "encoder.layers"))
+    ]
+    return (
+        [("stem", ["conv_proj", "class_token", "encoder.pos_embedding"])]
+        + blocks
+        + [("norm", ["encoder.ln"])]
+    )
 
 
 def _maxvit(m: nn.Module) -> Rules:

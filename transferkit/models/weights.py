@@ -28,7 +28,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise UserError(f"unsupported weights file {path.name}: use one of {', '.join(WEIGHT_SUFFIXES)}")
+        raise UserError(
+            f"unsupported weights file {path.name}: use one of {', '.join(WEIGHT_SUFFIXES)}"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -63,12 +65,16 @@ def _unnest(obj: object, path: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
 
 
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+def _strip_wrapper_prefixes(
+    state: dict[str, torch.Tensor], model_keys: set[str]
+) -> dict[str, torch.Tensor]:
     changed = True
     while changed:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in model_keys):
+            if all(k.startswith(prefix) for k in state) and not any(
+                k.startswith(prefix) for k in model_keys
+            ):
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
@@ -84,21 +90,32 @@ def load_into(
     """Load `state` into `model` non-strictly, or raise a `UserError` if it is another architecture.
 
     Keys of the source model's classifier are dropped (a new head replaces it). The file is
-    taken for another architecture when tensors have other shapes, when fewer than half of the
-    model's tensors are found, or when more than a tenth of the file is left unused.
+    taken for another architecture when tensors have other shapes, when more than a tenth of the
+    model's tensors are missing from the file, or when more than a tenth of the file is unused.
     """
     model_state = model.state_dict()
     state = _strip_wrapper_prefixes(state, set(model_state))
     dropped = sorted(
-        k for k in state if any(k == p or k.startswith(p + ".") for p in classifier_prefixes) and k not in model_state
+        k
+        for k in state
+        if any(k == p or k.startswith(p + ".") for p in classifier_prefixes)
+        and k not in model_state
     )
     state = {k: v for k, v in state.items() if k not in set(dropped)}
-    shape_mismatch = [k for k, v in state.items() if k in model_state and model_state[k].shape != v.shape]
+    shape_mismatch = [
+        k for k, v in state.items() if k in model_state and model_state[k].shape != v.shape
+    ]
     matched = [k for k in state if k in model_state and k not in shape_mismatch]
     missing = sorted(k for k in model_state if k not in state)
     unexpected = sorted(k for k in state if k not in model_state)
     model_size = max(len(model_state), 1)
-    if shape_mismatch or len(matched) < 0.5 * model_size or len(unexpected) > 0.1 * max(len(state), 1):
+    # Old checkpoints lack BatchNorm's num_batches_tracked; that alone is no mismatch.
+    missing_weights = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if (
+        shape_mismatch
+        or len(missing_weights) > 0.1 * model_size
+        or len(unexpected) > 0.1 * max(len(state), 1)
+    ):
         detail = []
         if shape_mismatch:
             k = shape_mismatch[0]
@@ -114,7 +131,13 @@ def load_into(
             "Is it for another architecture? Pass the backbone name the file was trained with."
         )
     model.load_state_dict({k: state[k] for k in matched}, strict=False)
-    return LoadReport(source=str(source), loaded=len(matched), missing=missing, unexpected=unexpected, dropped_classifier=dropped)
+    return LoadReport(
+        source=str(source),
+        loaded=len(matched),
+        missing=missing,
+        unexpected=unexpected,
+        dropped_classifier=dropped,
+    )
 
 
 def data_config_from_metadata(metadata: dict[str, str]) -> DataConfig | None:

@@ -1,0 +1,44 @@
+"""Shared helpers for the tests: tiny models, tiny images, one optimizer step."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Nothing is downloaded in tests: hub libraries must fail fast instead of trying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer (keeping the version metadata that some
+    models, such as torchvision's MNASNet, need to load it back)."""
+    state = module.state_dict()
+    copy = type(state)((k, v.detach().clone()) for k, v in state.items())
+    copy._metadata = getattr(state, "_metadata", None)
+    return copy
+
+
+def one_step(model: torch.nn.Module, size: int, batch: int = 2, lr: float = 0.1) -> None:
+    """One SGD step with weight decay on every parameter, on random images in train mode.
+
+    Weight decay would move a frozen parameter that wrongly received a gradient, and the
+    optimizer holds all parameters, as the training engine's does.
+    """
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=0.1)
+    images = torch.randn(batch, 3, size, size)
+    outputs = model(images)
+    loss = sum(out.float().pow(2).mean() for out in outputs.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
