@@ -58,6 +58,60 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from transferkit.engine import train
+    from transferkit.recipes import load_recipe
+
+    # --resume alone continues with the run's own resolved recipe.
+    recipe_path = f"{args.resume}/recipe.yaml" if args.resume and not args.recipe else args.recipe
+    if not recipe_path:
+        raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
+    recipe = load_recipe(recipe_path, args.set or [])
+    run_dir = train(recipe, output=args.output, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from transferkit.engine.evaluate import evaluate_run
+
+    values = evaluate_run(args.run_dir, split=args.split, data=args.data)
+    if args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        for key, value in values.items():
+            print(f"{key:40s} {value:.4f}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from transferkit.data import decode_prediction_inputs
+    from transferkit.engine import load_run
+
+    run = load_run(args.run_dir)
+    inputs = decode_prediction_inputs(args.images)
+    results = []
+    for start in range(0, len(inputs), 64):
+        chunk = inputs[start : start + 64]
+        for (name, _), prediction in zip(chunk, run.predict([image for _, image in chunk])):
+            results.append({"image": name, **prediction})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for row in results:
+            tasks = "  ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "image")
+            print(f"{row['image']}  {tasks}")
+    return 0
+
+
+def _short(value: dict) -> str:
+    if "label" in value:
+        return f"{value['label']} ({value['score']:.2f})"
+    if "value" in value:
+        return str(value["value"])
+    return ",".join(map(str, value.get("labels", [])))
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
@@ -84,6 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=_inspect)
+
+    train = sub.add_parser("train", help="fine-tune as a YAML recipe says")
+    train.add_argument(
+        "recipe", nargs="?", help="the recipe YAML (optional with --resume: the run's own recipe)"
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value (repeatable)",
+    )
+    train.add_argument("--output", help="the run folder (default: OUTPUT_DIR/NAME from the recipe)")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
+    )
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser(
+        "eval", help="per-task metrics of a run's model on a split or other data"
+    )
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "--split", default="validation", help="split of the run's data (default: validation)"
+    )
+    evaluate.add_argument(
+        "--data", help="another data source: a manifest file, image folder or saved dataset"
+    )
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_eval)
+
+    predict = sub.add_parser("predict", help="predict every task for images or folders of images")
+    predict.add_argument("run_dir")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=_predict)
     return parser
 
 

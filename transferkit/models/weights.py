@@ -19,12 +19,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Checkpoints often nest the weights under one of these keys.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema", "params")
 # Wrappers (DDP, Lightning modules, EMA) prefix every key with one of these.
+_RUN_BACKBONE = "backbone.model."  # keys of a MultiTaskModel saved in a run folder
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "_orig_mod.", "encoder.")
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a weights file into (state dict, metadata). Metadata is empty except for safetensors."""
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"  # a transferkit run folder
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix not in WEIGHT_SUFFIXES:
@@ -94,6 +97,14 @@ def load_into(
     model's tensors are missing from the file, or when more than a tenth of the file is unused.
     """
     model_state = model.state_dict()
+    if any(k.startswith(_RUN_BACKBONE) for k in state):
+        # A transferkit run's model: keep its backbone, drop its task heads like a classifier.
+        heads = sorted(k for k in state if not k.startswith(_RUN_BACKBONE))
+        state = {
+            k[len(_RUN_BACKBONE) :]: v for k, v in state.items() if k.startswith(_RUN_BACKBONE)
+        }
+    else:
+        heads = []
     state = _strip_wrapper_prefixes(state, set(model_state))
     dropped = sorted(
         k
@@ -136,7 +147,7 @@ def load_into(
         loaded=len(matched),
         missing=missing,
         unexpected=unexpected,
-        dropped_classifier=dropped,
+        dropped_classifier=heads + dropped,
     )
 
 

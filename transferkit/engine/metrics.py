@@ -1,0 +1,59 @@
+"""Per-task validation metrics with torchmetrics, on masked rows only."""
+
+from __future__ import annotations
+
+import torch
+import torchmetrics as tm
+
+from transferkit.models.heads import TaskSpec
+
+
+def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCollection:
+    """accuracy, f1 (macro), auroc for classification; mae, rmse, r2 for regression."""
+    if task.kind == "regression":
+        available = {
+            "mae": lambda: tm.MeanAbsoluteError(),
+            "rmse": lambda: tm.MeanSquaredError(squared=False),
+            "r2": lambda: tm.R2Score(),
+        }
+    else:
+        kind = {"multiclass": "multiclass", "binary": "binary", "multilabel": "multilabel"}[
+            task.kind
+        ]
+        kwargs = {"num_classes": task.num_outputs} if kind == "multiclass" else {}
+        kwargs.update({"num_labels": task.num_outputs} if kind == "multilabel" else {})
+        average = {} if kind == "binary" else {"average": "macro"}
+        available = {
+            "accuracy": lambda: tm.Accuracy(task=kind, **kwargs),
+            "f1": lambda: tm.F1Score(task=kind, **kwargs, **average),
+            "auroc": lambda: tm.AUROC(task=kind, **kwargs, **average),
+        }
+    return tm.MetricCollection({n: available[n]() for n in (names or available)})
+
+
+def prediction(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:
+    """Probabilities for classification, values for regression."""
+    if task.kind == "multiclass":
+        return output.float().softmax(-1)
+    if task.kind in ("binary", "multilabel"):
+        return output.float().sigmoid()
+    return output.float()
+
+
+def update(collection: tm.MetricCollection, task: TaskSpec, output, target, mask) -> None:
+    """Add the labelled rows of a batch."""
+    if bool(mask.any()):
+        target = target[mask]
+        target = target.long() if task.kind != "regression" else target.float()
+        collection.update(prediction(task, output[mask]), target)
+
+
+def compute(collection: tm.MetricCollection) -> dict[str, float]:
+    """Metric values as floats (NaN when a metric is undefined, e.g. AUROC with one class)."""
+    values = {}
+    for name, metric in collection.items():
+        try:
+            values[name] = float(metric.compute())
+        except (ValueError, RuntimeError):
+            values[name] = float("nan")
+    return values

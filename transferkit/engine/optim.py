@@ -1,0 +1,66 @@
+"""Optimizer and LR schedule with per-group learning rates written into the param groups.
+
+One param group per (layer group, decay / no-decay). A `LambdaLR` sets every group's `lr` to
+`base_lr * schedule(step) * multiplier(group, phase)` at each step, so discriminative learning
+rates and layer-wise decay reach the optimizer itself and work with any scheduler (timm's
+`lr_scale` is honoured only by timm's own schedulers: its issue #2691).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from transferkit.engine.schedule import HEADS, FreezeSchedule
+from transferkit.models.multitask import MultiTaskModel
+
+
+def param_groups(model: MultiTaskModel, weight_decay: float) -> list[dict]:
+    """Every parameter of the model, grouped by layer group; biases and norms get no decay."""
+    backbone = model.backbone
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, param in backbone.model.named_parameters():
+        buckets.setdefault((backbone.group_of(name), param.ndim > 1), []).append(param)
+    for module in (model.heads, model.aux_heads):
+        for param in module.parameters():
+            buckets.setdefault((HEADS, param.ndim > 1), []).append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "group": group}
+        for (group, decay), params in buckets.items()
+    ]
+
+
+def build_optimizer(model: MultiTaskModel, train) -> torch.optim.Optimizer:
+    """AdamW or SGD over every parameter (frozen ones have no gradient and are skipped)."""
+    groups = param_groups(model, train.weight_decay)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def schedule_factor(train, step: int, steps_per_epoch: int) -> float:
+    """The LR schedule as a factor of the base LR at optimizer step `step`."""
+    warmup = train.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    total = max(train.epochs * steps_per_epoch, 1)
+    if train.scheduler == "cosine":
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if train.scheduler == "step":
+        return train.gamma ** ((step // steps_per_epoch) // train.step_size)
+    return 1.0
+
+
+def build_lr_scheduler(optimizer, train, schedule: FreezeSchedule, steps_per_epoch: int):
+    """A LambdaLR whose per-group factor follows the LR schedule and the current phase."""
+
+    def factor_for(group: str):
+        return lambda step: (
+            schedule_factor(train, step, steps_per_epoch) * schedule.lr_factor(group)
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [factor_for(g["group"]) for g in optimizer.param_groups]
+    )

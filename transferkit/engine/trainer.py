@@ -1,0 +1,342 @@
+"""`train(recipe)`: one fine-tuning run on Accelerate, from recipe to run folder.
+
+Accelerate is used through a few explicit calls (`prepare`, `accumulate`, `backward`,
+`gather_for_metrics`, `save_state`/`load_state`); the freeze schedule is checkpointed through
+`register_for_checkpointing`, so a resumed run re-derives its phase from the epoch.
+
+Distributed unfreezing: DDP registers only parameters that require grad when it wraps the
+model (Lightning #20340). The model is prepared with every parameter trainable, before the
+first phase freezes anything, and DDP runs with `find_unused_parameters=True`, so a group
+unfrozen mid-run is already registered and its gradients are all-reduced; frozen parameters
+are unused on every rank, keep `grad=None`, and the optimizer skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
+from transferkit.engine import metrics as task_metrics
+from transferkit.engine.losses import multitask_loss
+from transferkit.engine.optim import build_lr_scheduler, build_optimizer
+from transferkit.engine.run import model_info, save_model
+from transferkit.engine.schedule import FreezeSchedule
+from transferkit.errors import UserError
+from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
+from transferkit.recipes import Recipe, save_recipe
+
+logger = logging.getLogger("transferkit")
+
+
+def _prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> Path:
+    if resume:
+        run_dir = Path(resume)
+        if not _checkpoints(run_dir):
+            raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
+        return run_dir
+    run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write the run folder {run_dir}: {err.strerror}; choose another with --output"
+        ) from None
+    return run_dir
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once its state file exists)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.glob("epoch_*") if (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def train(recipe: Recipe, output: str | None = None, resume: str | None = None) -> Path:
+    """Fine-tune as the recipe says; returns the run folder."""
+    cfg = recipe.train
+    run_dir = _prepare_run_dir(recipe, output, resume)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(recipe.seed)
+    main = accelerator.is_main_process
+    if main:
+        save_recipe(recipe, run_dir / "recipe.yaml")
+
+    # ---- model and data
+    backbone = create_backbone(recipe.model.backbone, recipe.model.weights, **recipe.model.kwargs)
+    if backbone.load_report and main:
+        print(f"backbone weights: {backbone.load_report}")
+    with accelerator.main_process_first():
+        data = load_data(recipe.data, recipe.tasks, recipe.seed)
+    if data.skipped_images and main:
+        (run_dir / "skipped_images.txt").write_text("\n".join(data.skipped_images) + "\n")
+        print(
+            f"skipped {len(data.skipped_images)} unreadable images (listed in {run_dir / 'skipped_images.txt'})"
+        )
+    aux = [AuxHeadSpec(a.task, a.group, a.hidden, a.dropout) for a in recipe.model.aux_heads]
+    if recipe.data.image_size:
+        size = recipe.data.image_size
+        backbone.data_config = type(backbone.data_config)(
+            **{**backbone.data_config.to_dict(), "input_size": (3, size, size)}
+        )
+    model = MultiTaskModel(backbone, data.tasks, aux)
+    tasks = {t.name: t for t in data.tasks}
+    weights = {name: section.weight for name, section in recipe.tasks.items()}
+    schedule = FreezeSchedule(backbone, recipe.schedule.phases, recipe.schedule.layer_decay)
+
+    size = recipe.data.image_size
+    train_set = TaskImageDataset(
+        data.splits["train"],
+        data.tasks,
+        build_transforms(backbone.data_config, True, recipe.data.augment, size),
+        bad_images=recipe.data.bad_images,
+    )
+    eval_transform = build_transforms(backbone.data_config, False, "none", size)
+    val_set = TaskImageDataset(
+        data.splits["validation"], data.tasks, eval_transform, bad_images=recipe.data.bad_images
+    )
+    loader_args = {"collate_fn": collate, "num_workers": recipe.data.num_workers}
+    train_loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.batch_size,
+        **loader_args,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, **loader_args
+    )
+
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = max(
+        math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes)), 1
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, cfg, schedule, steps_per_epoch)
+    # Prepared while every parameter requires grad, so DDP registers all of them (see module doc).
+    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, lr_scheduler
+    )
+    accelerator.register_for_checkpointing(schedule)
+    accelerator.init_trackers("tensorboard")
+
+    state = {"epoch": -1, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0}
+    if resume:
+        last = _checkpoints(run_dir)[-1]
+        accelerator.load_state(str(last))
+        state = json.loads((last / "trainer_state.json").read_text())
+        if main:
+            print(f"resumed from {last} (epoch {state['epoch']} done, step {state['step']})")
+    monitor = cfg.monitor or _default_monitor(data.tasks)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        phase = schedule.apply(epoch)
+        if main:
+            trainable = schedule.phases[phase][1].trainable_groups(backbone)
+            print(
+                f"epoch {epoch}: phase {phase} ({schedule.phases[phase][1]}), trainable groups: {', '.join(trainable) or 'heads only'}"
+            )
+        model.train()
+        train_loader.set_epoch(epoch)
+        start, seen, running = time.perf_counter(), 0, 0.0
+        # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch}",
+            disable=not main or not sys.stderr.isatty(),
+            leave=False,
+        )
+        for batch in bar:
+            with accelerator.accumulate(model):
+                outputs = model(batch["image"])
+                loss, losses = multitask_loss(
+                    outputs, batch["targets"], batch["mask"], tasks, weights
+                )
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+                    raise UserError(
+                        f"non-finite loss at epoch {epoch}, step {state['step']} (tasks: {', '.join(bad) or 'total'}); "
+                        "lower train.lr or check the labels. The last good checkpoint is kept."
+                    )
+                accelerator.backward(loss)
+                if cfg.clip_grad and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                state["step"] += 1
+            seen += batch["image"].shape[0] * accelerator.num_processes
+            running = 0.9 * running + 0.1 * loss.item() if running else loss.item()
+            bar.set_postfix(
+                loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
+            )
+            if state["step"] % cfg.log_every == 0 and accelerator.sync_gradients:
+                accelerator.log(
+                    {
+                        "train/loss": loss.item(),
+                        **{f"train/loss_{k}": v.item() for k, v in losses.items()},
+                    },
+                    step=state["step"],
+                )
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        epoch_time = time.perf_counter() - start
+        values = evaluate(model, val_loader, tasks, accelerator, prefix="val")
+        record = {
+            "epoch": epoch,
+            "step": state["step"],
+            "phase": phase,
+            "train/loss": running,
+            "epoch_time_s": round(epoch_time, 3),
+            "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
+            **values,
+        }
+        record["lr"] = {g["group"]: g["lr"] for g in optimizer.param_groups if "group" in g}
+        accelerator.log(
+            {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["step"]
+        )
+        improved = _update_best(state, record, monitor, cfg.monitor_mode, cfg.early_stopping)
+        state["epoch"] = epoch
+        if main:
+            with (run_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            print(_summary(record, monitor))
+        _save_checkpoint(accelerator, run_dir, state, cfg.keep_checkpoints)
+        if improved and main:
+            save_model(accelerator.unwrap_model(model), _info(model, recipe, accelerator), run_dir)
+        if cfg.max_steps and state["step"] >= cfg.max_steps:
+            break
+        if cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping.patience:
+            if main:
+                print(
+                    f"early stopping: {monitor} has not improved for {state['bad_epochs']} epochs"
+                )
+            break
+    if main and not (run_dir / "model.json").is_file():
+        save_model(accelerator.unwrap_model(model), _info(model, recipe, accelerator), run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _info(model, recipe: Recipe, accelerator: Accelerator) -> dict:
+    return model_info(
+        accelerator.unwrap_model(model),
+        recipe.model.backbone,
+        recipe.model.kwargs,
+        recipe.data.image_size,
+    )
+
+
+def _default_monitor(tasks) -> str:
+    first = tasks[0]
+    return f"val/{first.name}/{'mae' if first.kind == 'regression' else 'accuracy'}"
+
+
+def _update_best(state: dict, record: dict, monitor: str, mode: str, early) -> bool:
+    """Track the best value of the monitored metric; True when this epoch is the new best."""
+    value = record.get(monitor)
+    if value is None or math.isnan(value):
+        return state["best"] is None and state["epoch"] < 0  # keep a model even without a metric
+    mode = (
+        "min"
+        if monitor.endswith(("/mae", "/rmse", "/loss"))
+        and mode == "max"
+        and monitor.split("/")[-1] != "r2"
+        else mode
+    )
+    delta = early.min_delta if early else 0.0
+    better = state["best"] is None or (
+        value > state["best"] + delta if mode == "max" else value < state["best"] - delta
+    )
+    if better:
+        state.update(best=value, best_epoch=record["epoch"], bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    return better
+
+
+def _summary(record: dict, monitor: str) -> str:
+    parts = [
+        f"epoch {record['epoch']}",
+        f"loss {record['train/loss']:.4f}",
+        f"{record['images_per_s']:.0f} img/s",
+    ]
+    parts += [
+        f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val/") and isinstance(v, float)
+    ]
+    return " | ".join(parts)
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> None:
+    """Write to a temporary folder, rename when complete, then delete the oldest ones."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"epoch_{state['epoch']}"
+    tmp = folder / f".tmp_epoch_{state['epoch']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in _checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def evaluate(
+    model, loader, tasks: dict, accelerator: Accelerator, prefix: str = "val"
+) -> dict[str, float]:
+    """Per-task metrics over a loader; every sample counted once across processes."""
+    model.eval()
+    collections = {name: task_metrics.task_metrics(task) for name, task in tasks.items()}
+    losses = {name: [] for name in tasks}
+    for batch in loader:
+        outputs = model(batch["image"])
+        outputs = {k: v for k, v in outputs.items() if k in tasks}
+        gathered = accelerator.gather_for_metrics((outputs, batch["targets"], batch["mask"]))
+        outputs, targets, masks = gathered
+        for name, task in tasks.items():
+            task_metrics.update(
+                collections[name], task, outputs[name].cpu(), targets[name].cpu(), masks[name].cpu()
+            )
+    values = {}
+    for name, collection in collections.items():
+        for metric, value in task_metrics.compute(collection).items():
+            values[f"{prefix}/{name}/{metric}"] = value
+    del losses
+    return values
