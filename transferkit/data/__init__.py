@@ -1,0 +1,21 @@
+"""Data: recipe sources -> encoded `datasets` splits, transforms, and a torch Dataset per split.
+
+loaded = load_data(recipe.data, recipe.tasks, recipe.seed)
+transform = build_transforms(backbone.data_config, train=True, augment="light")
+train = TaskImageDataset(loaded.splits["train"], loaded.tasks, transform)
+loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=collate)
+"""
+
+from transferkit.data.dataset import TaskImageDataset, collate
+from transferkit.data.images import decode_prediction_inputs
+from transferkit.data.loading import LoadedData, load_data
+from transferkit.data.transforms import build_transforms
+
+__all__ = [
+    "LoadedData",
+    "TaskImageDataset",
+    "build_transforms",
+    "collate",
+    "decode_prediction_inputs",
+    "load_data",
+]

@@ -1,0 +1,132 @@
+"""A torch Dataset over one encoded split, and the collate function for its samples.
+
+Targets per task kind: multiclass int64 `[]`, binary float32 `[]`, multilabel float32 `[L]`,
+regression float32 `[]` (one column) or `[T]`. Where a label is missing the mask is False and the
+target holds 0, a harmless placeholder: a loss computed over the whole batch and then masked
+stays finite (no NaN, no -1 class index). Always apply the mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import datasets
+import torch
+
+from transferkit.data.images import image_id, open_image
+from transferkit.errors import UserError
+from transferkit.models.heads import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+
+def _targets(task: TaskSpec, values: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets with placeholders, mask) for one task's encoded column."""
+    if task.kind == "multiclass":
+        target = torch.tensor([-1 if v is None else v for v in values], dtype=torch.int64)
+        mask = target >= 0
+    else:
+        width = task.num_outputs
+        vector = task.kind == "multilabel" or width > 1
+        nan = float("nan")
+        if vector:
+            rows = [
+                [nan] * width if v is None else [nan if x is None else x for x in v] for v in values
+            ]
+        else:
+            rows = [nan if v is None else v for v in values]
+        target = torch.tensor(rows, dtype=torch.float32)
+        if vector:
+            target = target.reshape(len(values), width)  # keeps the shape when the split is empty
+        finite = torch.isfinite(target)
+        # A vector counts as labelled only when every component is (the mask is per task).
+        mask = finite.all(dim=-1) if vector else finite
+    target = target.clone()
+    target[~mask] = 0
+    return target, mask
+
+
+class TaskImageDataset(torch.utils.data.Dataset):
+    """One split as samples `{"image", "targets", "mask", "index"}` for a DataLoader.
+
+    Images are decoded here (not by `datasets`) so that a file that still fails to decode never
+    crashes an epoch: with bad_images "skip" the next readable row is returned instead (so
+    "index" is the row actually used), with "error" a `UserError` names the file.
+    """
+
+    def __init__(
+        self,
+        split: datasets.Dataset,
+        tasks: Sequence[TaskSpec],
+        transform: Callable,
+        image_column: str = "image",
+        bad_images: str = "skip",
+    ) -> None:
+        if bad_images not in ("skip", "error"):
+            raise UserError(f"data.bad_images must be skip or error, got {bad_images!r}")
+        missing = [
+            c for c in [image_column, *(t.name for t in tasks)] if c not in split.column_names
+        ]
+        if missing:
+            raise UserError(
+                f"the split has no column(s) {', '.join(missing)} "
+                f"(columns: {', '.join(split.column_names)}); "
+                "build splits with transferkit.data.load_data"
+            )
+        images = split.select_columns([image_column])
+        if isinstance(images.features[image_column], datasets.Image):
+            images = images.cast_column(image_column, datasets.Image(decode=False))
+        self.images = images
+        self.image_column = image_column
+        self.tasks = list(tasks)
+        self.transform = transform
+        self.bad_images = bad_images
+        self.targets: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        for task in self.tasks:
+            self.targets[task.name], self.masks[task.name] = _targets(task, split[task.name][:])
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self)):
+            row = (int(index) + offset) % len(self)
+            source = self.images[row][self.image_column]
+            try:
+                image = open_image(source)
+            except Exception as err:
+                name = image_id(source, f"row {row}")
+                if self.bad_images == "error":
+                    raise UserError(
+                        f"cannot read image {name}: {type(err).__name__}: {err}"
+                    ) from err
+                if row not in self._warned:
+                    self._warned.add(row)
+                    logger.warning(
+                        "skipping unreadable image %s (%s: %s)", name, type(err).__name__, err
+                    )
+                continue
+            return {
+                "image": self.transform(image),
+                "targets": {t: self.targets[t][row] for t in self.targets},
+                "mask": {t: self.masks[t][row] for t in self.masks},
+                "index": row,
+            }
+        raise UserError("no readable image in this split (every image failed to decode)")
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack samples into a batch.
+
+    image `[B, 3, H, W]`, targets `{task: [B, ...]}`, mask `{task: bool [B]}`, index int64 `[B]`.
+    """
+    first = batch[0]
+    return {
+        "image": torch.stack([s["image"] for s in batch]),
+        "targets": {t: torch.stack([s["targets"][t] for s in batch]) for t in first["targets"]},
+        "mask": {t: torch.stack([s["mask"][t] for s in batch]) for t in first["mask"]},
+        "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),
+    }

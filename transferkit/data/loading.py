@@ -1,0 +1,224 @@
+"""`load_data`: from the recipe's data and tasks sections to encoded, checked splits.
+
+Steps: read the source; pick the train / validation / test splits; infer each task's spec from
+its label columns (over all splits, before any capping, so a `max_samples` trial run gets the
+same heads as the full run); encode one label column per task; carve a validation split if
+there is none; cap with `max_samples`; drop (or refuse) images that do not decode.
+Row selection only ever builds index mappings, so image data is never copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+
+from transferkit.data.images import find_bad_images
+from transferkit.data.labels import column_values, encode_task, infer_task, known_classes
+from transferkit.data.sources import find_split, read_source
+from transferkit.errors import UserError, did_you_mean
+from transferkit.models.heads import TaskSpec
+
+logger = logging.getLogger(__name__)
+IMAGE = "image"  # the image column's name in the loaded splits, whatever the source called it
+
+
+@dataclass
+class LoadedData:
+    """Encoded splits ("train", "validation", optionally "test"), task specs, skipped images.
+
+    Each split has the column "image" (a `datasets.Image`) and one encoded column per task,
+    named after the task (encodings: see `transferkit.data.labels`).
+    """
+
+    splits: dict[str, datasets.Dataset]
+    tasks: list[TaskSpec]
+    skipped_images: list[str] = field(default_factory=list)
+
+
+def load_data(data: Any, tasks: dict, seed: int) -> LoadedData:
+    """Load, encode and check the recipe's data (see the module docstring)."""
+    if not tasks:
+        raise UserError("tasks: the recipe declares no task; add at least one under tasks")
+    bad_images = getattr(data, "bad_images", "skip")
+    if bad_images not in ("skip", "error"):
+        raise UserError(f"data.bad_images must be skip or error, got {bad_images!r}")
+    if IMAGE in tasks:
+        raise UserError(
+            "tasks.image: the task name 'image' is reserved for the image column; rename the task"
+        )
+
+    raw = read_source(data)
+    splits = _pick_splits(raw, data)
+    columns = {
+        name: _task_columns(name, cfg, splits, data, len(tasks)) for name, cfg in tasks.items()
+    }
+
+    specs = []
+    for name, cfg in tasks.items():
+        cols = columns[name]
+        values = [[v for s in splits.values() for v in column_values(s, c)] for c in cols]
+        known = known_classes(splits["train"], cols[0]) if len(cols) == 1 else None
+        specs.append(infer_task(name, cfg, cols, values, known))
+    splits = {k: _encode(s, data.image_column, specs, columns, tasks) for k, s in splits.items()}
+
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = _carve(
+            splits["train"], getattr(data, "val_fraction", 0.2), seed
+        )
+    max_samples = getattr(data, "max_samples", None)
+    if max_samples is not None:
+        splits = {k: _cap(s, int(max_samples), seed) for k, s in splits.items()}
+
+    skipped: list[str] = []
+    for name in list(splits):
+        splits[name], bad = _drop_bad_images(splits[name], name, bad_images)
+        skipped.extend(bad)
+        if len(splits[name]) == 0:
+            why = f" after skipping {len(bad)} unreadable image(s)" if bad else ""
+            raise UserError(
+                f"split {name!r} of {data.path} is empty{why}; "
+                "check data.path and the data.*_split settings"
+            )
+    ordered = {k: splits[k] for k in ("train", "validation", "test") if k in splits}
+    return LoadedData(splits=ordered, tasks=specs, skipped_images=skipped)
+
+
+def _drop_bad_images(
+    split: datasets.Dataset, name: str, bad_images: str
+) -> tuple[datasets.Dataset, list[str]]:
+    """The split without images that fail to decode, and their ids ("error": a UserError)."""
+    bad = find_bad_images(split, IMAGE, name)
+    if not bad:
+        return split, []
+    if bad_images == "error":
+        _, first, reason = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(
+            f"cannot read image {first} ({reason}) in split {name!r}{more}; "
+            "fix or remove it, or set data.bad_images: skip"
+        )
+    logger.warning(
+        "skipping %d unreadable image(s) in split %r, e.g. %s", len(bad), name, bad[0][1]
+    )
+    dropped = {row for row, _, _ in bad}
+    keep = [i for i in range(len(split)) if i not in dropped]
+    return split.select(keep, keep_in_memory=True), [image for _, image, _ in bad]
+
+
+def _pick_splits(raw: dict[str, datasets.Dataset], data: Any) -> dict[str, datasets.Dataset]:
+    """{"train", "validation" if present, "test" if asked for} from the source's splits."""
+    available = ", ".join(raw)
+    picked = {}
+    wanted = [
+        ("train", "train_split", getattr(data, "train_split", "train")),
+        ("validation", "val_split", getattr(data, "val_split", "validation")),
+        ("test", "test_split", getattr(data, "test_split", None)),
+    ]
+    for role, key, name in wanted:
+        if name is None:
+            continue
+        found = find_split(raw, name)
+        if found is None and role == "validation":
+            # No validation split in the source: one is carved from train (logged, not an error).
+            logger.info(
+                "no split %r in %s; carving data.val_fraction of train for validation",
+                name,
+                data.path,
+            )
+            continue
+        if found is None:
+            raise UserError(
+                f"data.{key}: no split {name!r} in {data.path}; available splits: "
+                f"{available}.{did_you_mean(name, raw)}"
+            )
+        if len(raw[found]) == 0:
+            raise UserError(f"split {found!r} (data.{key}) of {data.path} has no rows")
+        picked[role] = raw[found]
+    return picked
+
+
+def _task_columns(
+    name: str, cfg: Any, splits: dict[str, datasets.Dataset], data: Any, num_tasks: int
+) -> list[str]:
+    """The source columns a task reads; a missing one is a UserError listing the columns."""
+    column = getattr(cfg, "column", None)
+    columns = [name] if column is None else [column] if isinstance(column, str) else list(column)
+    if not columns:
+        raise UserError(f"tasks.{name}.column: an empty list names no column")
+    resolved = []
+    for col in columns:
+        for split_name, split in splits.items():
+            present = split.column_names
+            # An image folder's class label is the column "label"; it feeds the task that names
+            # that column, or the only task, whatever that task calls its column.
+            if (
+                col not in present
+                and "label" in present
+                and data.source == "imagefolder"
+                and (col == "label" or num_tasks == 1)
+            ):
+                col = "label"
+            if col not in present:
+                others = [c for c in present if c != data.image_column]
+                raise UserError(
+                    f"tasks.{name}.column: no column {col!r} in split {split_name!r} of "
+                    f"{data.path}.{did_you_mean(col, others)} "
+                    f"Available columns: {', '.join(others) or '(none)'}"
+                )
+        if col == data.image_column:
+            raise UserError(f"tasks.{name}.column: {col!r} is the image column (data.image_column)")
+        resolved.append(col)
+    return resolved
+
+
+def _encode(
+    split: datasets.Dataset, image_column: str, specs: list[TaskSpec], columns: dict, cfgs: dict
+) -> datasets.Dataset:
+    """The split reduced to "image" plus one encoded column per task."""
+    out = split.select_columns([image_column])
+    if image_column != IMAGE:
+        out = out.rename_column(image_column, IMAGE)
+    encoded, features = {}, {}
+    for spec in specs:
+        cols = columns[spec.name]
+        zero_one = isinstance(getattr(cfgs[spec.name], "column", None), (list, tuple))
+        values = [column_values(split, c) for c in cols]
+        encoded[spec.name], features[spec.name] = encode_task(spec, cols, values, zero_one)
+    labels = datasets.Dataset.from_dict(encoded, features=datasets.Features(features))
+    # Side by side, not a copy: neither table has an index mapping at this point.
+    return datasets.concatenate_datasets([out, labels], axis=1)
+
+
+def _carve(
+    train: datasets.Dataset, fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split off `fraction` of train as validation, the same rows for the same seed."""
+    if not 0.0 < float(fraction) < 1.0:
+        raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {fraction}")
+    n = len(train)
+    n_val = max(1, round(n * float(fraction)))
+    if n - n_val < 1:
+        raise UserError(
+            f"the train split has {n} row(s), too few to carve a validation split; "
+            "add data, lower data.val_fraction or set data.val_split"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return (
+        train.select(train_rows, keep_in_memory=True),
+        train.select(val_rows, keep_in_memory=True),
+    )
+
+
+def _cap(split: datasets.Dataset, max_samples: int, seed: int) -> datasets.Dataset:
+    """The first `max_samples` rows after a seeded shuffle (kept in their original order)."""
+    if max_samples < 1:
+        raise UserError(f"data.max_samples must be at least 1, got {max_samples}")
+    if len(split) <= max_samples:
+        return split
+    rows = np.sort(np.random.default_rng(seed).permutation(len(split))[:max_samples])
+    return split.select(rows, keep_in_memory=True)

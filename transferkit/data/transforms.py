@@ -1,0 +1,73 @@
+"""Image transforms built from the backbone's `DataConfig` (torchvision.transforms.v2).
+
+Geometric and colour steps run on the PIL image (PIL supports every interpolation timm may name,
+tensors do not), then the image becomes a normalized float tensor `[3, H, W]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import PIL.Image
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from transferkit.errors import UserError, did_you_mean
+from transferkit.models.backbone import DataConfig
+
+AUGMENTS = ("none", "light", "strong")
+_INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+}
+
+
+def build_transforms(
+    data_config: DataConfig, train: bool, augment: str = "light", image_size: int | None = None
+) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """PIL image -> normalized float tensor `[3, size, size]`, size = image_size or the config's.
+
+    Eval (and train with augment "none"): resize the short side to size / crop_pct, center crop.
+    "light": RandomResizedCrop(scale 0.6-1) + horizontal flip; "strong": light + RandAugment +
+    RandomErasing(p=0.25). Randomness comes from torch's global RNG.
+    """
+    if augment not in AUGMENTS:
+        raise UserError(
+            f"data.augment must be one of {', '.join(AUGMENTS)}, got {augment!r}."
+            f"{did_you_mean(str(augment), AUGMENTS)}"
+        )
+    size = int(image_size or data_config.input_size[1])
+    # timm may name interpolations torchvision lacks ("random"); bilinear is timm's fallback too.
+    interpolation = _INTERPOLATIONS.get(
+        str(data_config.interpolation).lower(), InterpolationMode.BILINEAR
+    )
+    to_tensor = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(data_config.mean), std=list(data_config.std)),
+    ]
+    if not train or augment == "none":
+        scale_size = int(size / data_config.crop_pct)
+        # "squash" (some timm weights) resizes both sides instead of keeping the aspect ratio.
+        resize_to = (scale_size, scale_size) if data_config.crop_mode == "squash" else scale_size
+        steps = [
+            v2.Resize(resize_to, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(size),
+        ]
+        return v2.Compose(steps + to_tensor)
+    steps = [
+        v2.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augment == "light":
+        return v2.Compose(steps + to_tensor)
+    return v2.Compose(
+        steps
+        + [v2.RandAugment(interpolation=InterpolationMode.BILINEAR)]
+        + to_tensor
+        + [v2.RandomErasing(p=0.25)]
+    )
