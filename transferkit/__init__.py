@@ -22,3 +22,13 @@ __all__ = [
     "UserError",
     "create_backbone",
 ]
+
+
+def __getattr__(name: str):
+    # `transferkit.load(run_dir)` and `transferkit.train(recipe)` pull in Accelerate and
+    # datasets; import them on first use so `import transferkit` stays light.
+    if name in ("load", "train"):
+        from transferkit import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

@@ -78,6 +78,9 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     cfg = recipe.train
     run_dir = _prepare_run_dir(recipe, output, resume)
     accelerator = Accelerator(
+        # Without a GPU, Accelerate only sets up multi-process (gloo) training under torchrun
+        # when told it runs on the CPU; otherwise each process would train alone.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
