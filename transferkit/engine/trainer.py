@@ -327,12 +327,10 @@ def evaluate(
     """Per-task metrics over a loader; every sample counted once across processes."""
     model.eval()
     collections = {name: task_metrics.task_metrics(task) for name, task in tasks.items()}
-    losses = {name: [] for name in tasks}
     for batch in loader:
         outputs = model(batch["image"])
         outputs = {k: v for k, v in outputs.items() if k in tasks}
-        gathered = accelerator.gather_for_metrics((outputs, batch["targets"], batch["mask"]))
-        outputs, targets, masks = gathered
+        outputs, targets, masks = accelerator.gather_for_metrics((outputs, batch["targets"], batch["mask"]))
         for name, task in tasks.items():
             task_metrics.update(
                 collections[name], task, outputs[name].cpu(), targets[name].cpu(), masks[name].cpu()
@@ -341,5 +339,4 @@ def evaluate(
     for name, collection in collections.items():
         for metric, value in task_metrics.compute(collection).items():
             values[f"{prefix}/{name}/{metric}"] = value
-    del losses
     return values
