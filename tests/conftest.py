@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +44,37 @@ def one_step(model: torch.nn.Module, size: int, batch: int = 2, lr: float = 0.1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["train.epochs=2", "data.max_samples=48", "train.batch_size=16"]  # a run of a few seconds
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A folder with the digits data, as `make demo` writes it; engine tests run inside it."""
+    from transferkit.digits import write_digits
+
+    path = tmp_path_factory.mktemp("engine")
+    write_digits(path / "data" / "digits")
+    return path
+
+
+@pytest.fixture(scope="session")
+def source_run(workdir):
+    """A short run of recipes/digits_source.yaml: the backbone the transfer tests start from."""
+    from transferkit.engine import train
+    from transferkit.recipes import load_recipe
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        recipe = load_recipe(ROOT / "recipes/digits_source.yaml", QUICK)
+        return train(recipe, output=str(workdir / "runs" / "digits_source")).resolve()
+    finally:
+        os.chdir(cwd)

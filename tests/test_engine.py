@@ -11,40 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, ROOT
+from conftest import records as _records
 from safetensors.torch import load_file
 
 import transferkit
 from transferkit.cli import main
-from transferkit.digits import write_digits
 from transferkit.engine import train
 from transferkit.recipes import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-QUICK = ["train.epochs=2", "data.max_samples=48", "train.batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A folder with the digits data, as `make demo` writes it; tests run inside it."""
-    path = tmp_path_factory.mktemp("engine")
-    write_digits(path / "data" / "digits")
-    return path
-
-
-@pytest.fixture(scope="module")
-def source_run(workdir):
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        recipe = load_recipe(ROOT / "recipes/digits_source.yaml", QUICK)
-        return train(recipe, output=str(workdir / "runs" / "digits_source")).resolve()
-    finally:
-        os.chdir(cwd)
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.name)
@@ -175,29 +151,38 @@ schedule:
   phases:
     - {from_epoch: 0, freeze: "up_to:blocks.4"}
     - {from_epoch: 1, freeze: "up_to:blocks.2"}
-train: {epochs: 2, batch_size: BATCH, lr: 0.01, weight_decay: 0.0, scheduler: constant}
+train: {epochs: 2, batch_size: BATCH, optimizer: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0, scheduler: constant}
 """
 
 
 @pytest.mark.distributed
-def test_two_process_run_trains_blocks_unfrozen_mid_run(workdir):
-    """torchrun with 2 gloo processes: blocks unfrozen at the phase change train, frozen ones stay.
+def test_two_processes_match_one_across_an_unfreeze(workdir):
+    """torchrun with 2 gloo processes ends with the weights of 1 process at the same global batch,
+    blocks unfrozen mid-run included (their gradients are all-reduced after the phase change).
 
-    (Equality with a 1-process run at the same global batch is not reached yet: see the notes.)
+    SGD, because Adam divides by the gradient's magnitude: on parameters with near-zero
+    gradients it turns float summation-order noise (1e-9) into lr-sized steps.
     """
-    recipe = workdir / "ddp_2.yaml"
-    recipe.write_text(DDP_RECIPE.replace("BATCH", "16"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29502",
-           "-m", "transferkit.cli", "train", str(recipe), "--output", str(workdir / "ddp_2")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (
-        result.stdout.count("epoch 1: phase 1") == 1
-    )  # printed by the main process only: 2 real ranks
+    finals, logs = {}, {}
+    for procs, batch in ((1, 32), (2, 16)):
+        recipe = workdir / f"ddp_{procs}.yaml"
+        recipe.write_text(DDP_RECIPE.replace("BATCH", str(batch)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_port", str(29500 + procs),
+               "-m", "transferkit.cli", "train", str(recipe), "--output", str(workdir / f"ddp_{procs}")]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[procs] = result.stdout
+        finals[procs] = load_file(
+            str(workdir / f"ddp_{procs}" / "checkpoints" / "epoch_1" / "model.safetensors")
+        )
+    assert logs[2].count("epoch 1: phase 1") == 1  # printed by the main process only: 2 real ranks
     first = load_file(str(workdir / "ddp_2" / "checkpoints" / "epoch_0" / "model.safetensors"))
-    last = load_file(str(workdir / "ddp_2" / "checkpoints" / "epoch_1" / "model.safetensors"))
-    unfrozen = [k for k in last if k.startswith("backbone.model.blocks.3.")]
-    frozen = [k for k in last if k.startswith("backbone.model.blocks.2.")]
-    assert all(not torch.equal(first[k], last[k]) for k in unfrozen if k.endswith("weight"))
-    assert all(torch.equal(first[k], last[k]) for k in frozen)
+    unfrozen = [
+        k for k in finals[2] if k.startswith("backbone.model.blocks.3.") and k.endswith("weight")
+    ]
+    assert unfrozen and all(not torch.equal(first[k], finals[2][k]) for k in unfrozen)
+    for key, value in finals[1].items():
+        assert torch.allclose(value, finals[2][key], rtol=0, atol=1e-6), key

@@ -6,6 +6,14 @@ import torch
 import torchmetrics as tm
 
 from transferkit.models.heads import TaskSpec
+from transferkit.recipes.schema import CLASSIFICATION_METRICS, REGRESSION_METRICS
+
+
+def metric_names(task: TaskSpec, names: list[str] | None = None) -> list[str]:
+    """The metrics computed for a task: `names` (a recipe's choice) or all of its kind's."""
+    return list(
+        names or (REGRESSION_METRICS if task.kind == "regression" else CLASSIFICATION_METRICS)
+    )
 
 
 def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCollection:
@@ -28,7 +36,7 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
             "f1": lambda: tm.F1Score(task=kind, **kwargs, **average),
             "auroc": lambda: tm.AUROC(task=kind, **kwargs, **average),
         }
-    return tm.MetricCollection({n: available[n]() for n in (names or available)})
+    return tm.MetricCollection({n: available[n]() for n in metric_names(task, names)})
 
 
 def prediction(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
@@ -38,11 +39,12 @@ from transferkit.engine.losses import multitask_loss
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.run import model_info, save_model
 from transferkit.engine.schedule import FreezeSchedule
-from transferkit.errors import UserError
+from transferkit.errors import UserError, did_you_mean
 from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
 from transferkit.recipes import Recipe, save_recipe
 
 logger = logging.getLogger("transferkit")
+LOWER_IS_BETTER = ("mae", "rmse", "loss")
 
 
 def _prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> Path:
@@ -77,6 +79,12 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     """Fine-tune as the recipe says; returns the run folder."""
     cfg = recipe.train
     run_dir = _prepare_run_dir(recipe, output, resume)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate silently trains in fp32 then: say so instead.
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    # Accelerate keeps one global state per process; a second run in the same process (a
+    # notebook, a sweep) with other settings (mixed precision) must start from a clean one.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         # Without a GPU, Accelerate only sets up multi-process (gloo) training under torchrun
         # when told it runs on the CPU; otherwise each process would train alone.
@@ -101,6 +109,9 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         print(f"backbone weights: {backbone.load_report}")
     with accelerator.main_process_first():
         data = load_data(recipe.data, recipe.tasks, recipe.seed)
+    chosen_metrics = {name: section.metrics for name, section in recipe.tasks.items()}
+    monitor = cfg.monitor or _default_monitor(data.tasks, chosen_metrics)
+    _check_monitor(monitor, data.tasks, chosen_metrics)
     if data.skipped_images and main:
         (run_dir / "skipped_images.txt").write_text("\n".join(data.skipped_images) + "\n")
         print(
@@ -159,7 +170,6 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         state = json.loads((last / "trainer_state.json").read_text())
         if main:
             print(f"resumed from {last} (epoch {state['epoch']} done, step {state['step']})")
-    monitor = cfg.monitor or _default_monitor(data.tasks)
 
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         phase = schedule.apply(epoch)
@@ -214,7 +224,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         epoch_time = time.perf_counter() - start
-        values = evaluate(model, val_loader, tasks, accelerator, prefix="val")
+        values = evaluate(model, val_loader, tasks, accelerator, "val", chosen_metrics)
         record = {
             "epoch": epoch,
             "step": state["step"],
@@ -261,23 +271,31 @@ def _info(model, recipe: Recipe, accelerator: Accelerator) -> dict:
     )
 
 
-def _default_monitor(tasks) -> str:
+def _default_monitor(tasks, chosen: dict) -> str:
     first = tasks[0]
-    return f"val/{first.name}/{'mae' if first.kind == 'regression' else 'accuracy'}"
+    names = task_metrics.metric_names(first, chosen.get(first.name))
+    preferred = "mae" if first.kind == "regression" else "accuracy"
+    return f"val/{first.name}/{preferred if preferred in names else names[0]}"
+
+
+def _check_monitor(monitor: str, tasks, chosen: dict) -> None:
+    """Fail before training, not after the first epoch, when train.monitor names no metric."""
+    valid = [
+        f"val/{t.name}/{m}" for t in tasks for m in task_metrics.metric_names(t, chosen.get(t.name))
+    ]
+    if monitor not in valid:
+        raise UserError(
+            f"train.monitor: {monitor!r} is not a validation metric of this run.{did_you_mean(monitor, valid)} Metrics: {', '.join(valid)}"
+        )
 
 
 def _update_best(state: dict, record: dict, monitor: str, mode: str, early) -> bool:
     """Track the best value of the monitored metric; True when this epoch is the new best."""
-    value = record.get(monitor)
-    if value is None or math.isnan(value):
+    value = record[monitor]
+    if math.isnan(value):
         return state["best"] is None and state["epoch"] < 0  # keep a model even without a metric
-    mode = (
-        "min"
-        if monitor.endswith(("/mae", "/rmse", "/loss"))
-        and mode == "max"
-        and monitor.split("/")[-1] != "r2"
-        else mode
-    )
+    if monitor.rsplit("/", 1)[-1] in LOWER_IS_BETTER:
+        mode = "min"  # errors improve downwards whatever train.monitor_mode says
     delta = early.min_delta if early else 0.0
     better = state["best"] is None or (
         value > state["best"] + delta if mode == "max" else value < state["best"] - delta
@@ -322,15 +340,29 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep:
 
 @torch.no_grad()
 def evaluate(
-    model, loader, tasks: dict, accelerator: Accelerator, prefix: str = "val"
+    model,
+    loader,
+    tasks: dict,
+    accelerator: Accelerator,
+    prefix: str = "val",
+    metric_names: dict[str, list[str] | None] | None = None,
 ) -> dict[str, float]:
-    """Per-task metrics over a loader; every sample counted once across processes."""
+    """Per-task metrics over a loader; every sample counted once across processes.
+
+    `metric_names` picks metrics per task (a recipe's `tasks.NAME.metrics`); default: all.
+    """
     model.eval()
-    collections = {name: task_metrics.task_metrics(task) for name, task in tasks.items()}
+    metric_names = metric_names or {}
+    collections = {
+        name: task_metrics.task_metrics(task, metric_names.get(name))
+        for name, task in tasks.items()
+    }
     for batch in loader:
         outputs = model(batch["image"])
         outputs = {k: v for k, v in outputs.items() if k in tasks}
-        outputs, targets, masks = accelerator.gather_for_metrics((outputs, batch["targets"], batch["mask"]))
+        outputs, targets, masks = accelerator.gather_for_metrics(
+            (outputs, batch["targets"], batch["mask"])
+        )
         for name, task in tasks.items():
             task_metrics.update(
                 collections[name], task, outputs[name].cpu(), targets[name].cpu(), masks[name].cpu()
