@@ -186,3 +186,30 @@ def test_two_processes_match_one_across_an_unfreeze(workdir):
     assert unfrozen and all(not torch.equal(first[k], finals[2][k]) for k in unfrozen)
     for key, value in finals[1].items():
         assert torch.allclose(value, finals[2][key], rtol=0, atol=1e-6), key
+
+
+def test_unreadable_images_are_skipped_and_listed(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    folder = workdir / "corrupt"
+    shutil.copytree(workdir / "data" / "digits" / "source", folder, dirs_exist_ok=True)
+    images = sorted((folder / "images").iterdir())
+    images[0].write_bytes(b"not an image")
+    images[1].write_bytes(images[2].read_bytes()[:60])  # a truncated PNG
+    recipe = load_recipe(
+        ROOT / "recipes/digits_source.yaml",
+        [
+            *QUICK,
+            "data.max_samples=null",
+            f"data.path={folder / 'manifest.csv'}",
+            "train.max_steps=1",
+            "train.epochs=1",
+        ],
+    )
+    run_dir = train(recipe, output=str(workdir / "runs" / "corrupt"))
+    listed = (run_dir / "skipped_images.txt").read_text().split()
+    assert len(listed) == 2 and {images[0].name, images[1].name} <= {
+        p.split("/")[-1] for p in listed
+    }
+    recipe.data.bad_images = "error"
+    with pytest.raises(transferkit.UserError, match=images[0].name):
+        train(recipe, output=str(workdir / "runs" / "corrupt_error"))
