@@ -55,6 +55,14 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def epoch_end_weights(run_dir: Path, index: int = -1) -> dict[str, torch.Tensor]:
+    """Model weights of an epoch-end checkpoint (-1: the newest kept one)."""
+    from safetensors.torch import load_file
+
+    ends = sorted((Path(run_dir) / "checkpoints").glob("step_*_end"))
+    return load_file(str(ends[index] / "model.safetensors"))
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """A folder with the digits data, as `make demo` writes it; engine tests run inside it."""

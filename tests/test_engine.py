@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT
+from conftest import QUICK, ROOT, epoch_end_weights
 from conftest import records as _records
 from safetensors.torch import load_file
 
 import transferkit
 from transferkit.cli import main
 from transferkit.engine import train
+from transferkit.engine.checkpoint import list_checkpoints
 from transferkit.recipes import load_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -72,9 +73,7 @@ def test_transfer_run_folder_eval_predict_and_load(workdir, source_run, monkeypa
     } <= records[-1].keys()
     # The stem stayed frozen through both phases, BatchNorm statistics included.
     source = load_file(str(source_run / "model.safetensors"))
-    final = load_file(
-        str(run_dir / "checkpoints" / "epoch_2" / "model.safetensors")
-    )  # the last epoch
+    final = epoch_end_weights(run_dir)  # the last epoch
     stem = [
         k
         for k in final
@@ -113,7 +112,10 @@ def test_resume_lands_in_the_right_phase(workdir, source_run, monkeypatch):
     train(load_recipe(recipe, [*base, "train.epochs=3"]), resume=str(run_dir))
     records = _records(run_dir)
     assert [r["epoch"] for r in records] == [0, 1, 2] and [r["phase"] for r in records] == [0, 1, 1]
-    assert len(list((run_dir / "checkpoints").glob("epoch_*"))) == 2  # keep_checkpoints
+    kept = [p.name for p in list_checkpoints(run_dir)]
+    state = json.loads((run_dir / "checkpoints" / kept[-1] / "trainer_state.json").read_text())
+    assert kept[-2:] == ["step_00000006_end", "step_00000009_end"]  # keep_checkpoints: 2
+    assert set(kept) == {"step_00000006_end", "step_00000009_end", state["best_checkpoint"]}
 
 
 @pytest.mark.parametrize(
@@ -175,11 +177,9 @@ def test_two_processes_match_one_across_an_unfreeze(workdir):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         logs[procs] = result.stdout
-        finals[procs] = load_file(
-            str(workdir / f"ddp_{procs}" / "checkpoints" / "epoch_1" / "model.safetensors")
-        )
+        finals[procs] = epoch_end_weights(workdir / f"ddp_{procs}")
     assert logs[2].count("epoch 1: phase 1") == 1  # printed by the main process only: 2 real ranks
-    first = load_file(str(workdir / "ddp_2" / "checkpoints" / "epoch_0" / "model.safetensors"))
+    first = epoch_end_weights(workdir / "ddp_2", 0)
     unfrozen = [
         k for k in finals[2] if k.startswith("backbone.model.blocks.3.") and k.endswith("weight")
     ]

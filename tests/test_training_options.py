@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, records
-from safetensors.torch import load_file
+from conftest import QUICK, ROOT, epoch_end_weights, records
 
 from transferkit.cli import main
 from transferkit.engine import train
@@ -41,19 +40,9 @@ def test_gradient_clipping_bounds_the_update(workdir, monkeypatch):
         "train.weight_decay=0",
         "train.scheduler=constant",
     ]
-    start = load_file(
-        str(
-            run(workdir, "noop", "train.epochs=1", "train.lr=1e-30")
-            / "checkpoints/epoch_0/model.safetensors"
-        )
-    )
-    free = load_file(str(run(workdir, "free", *common) / "checkpoints/epoch_0/model.safetensors"))
-    clipped = load_file(
-        str(
-            run(workdir, "clipped", *common, "train.clip_grad=1e-4")
-            / "checkpoints/epoch_0/model.safetensors"
-        )
-    )
+    start = epoch_end_weights(run(workdir, "noop", "train.epochs=1", "train.lr=1e-30"))
+    free = epoch_end_weights(run(workdir, "free", *common))
+    clipped = epoch_end_weights(run(workdir, "clipped", *common, "train.clip_grad=1e-4"))
 
     def moved(state):
         return torch.sqrt(

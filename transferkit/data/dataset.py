@@ -17,6 +17,7 @@ import torch
 from transferkit.data.images import image_id, open_image
 from transferkit.errors import UserError
 from transferkit.models.heads import TaskSpec
+from transferkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class TaskImageDataset(torch.utils.data.Dataset):
         transform: Callable,
         image_column: str = "image",
         bad_images: str = "skip",
+        seed: int | None = None,
     ) -> None:
         if bad_images not in ("skip", "error"):
             raise UserError(f"data.bad_images must be skip or error, got {bad_images!r}")
@@ -87,6 +89,10 @@ class TaskImageDataset(torch.utils.data.Dataset):
         for task in self.tasks:
             self.targets[task.name], self.masks[task.name] = _targets(task, split[task.name][:])
         self._warned: set[int] = set()
+        # With a seed, each sample's augmentation depends on (seed, epoch, row) only: the same
+        # in any worker process and after a resume. The trainer sets `epoch` before each epoch.
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -109,6 +115,8 @@ class TaskImageDataset(torch.utils.data.Dataset):
                         "skipping unreadable image %s (%s: %s)", name, type(err).__name__, err
                     )
                 continue
+            if self.seed is not None:
+                torch.manual_seed(derive_seed(self.seed, self.epoch, row))
             return {
                 "image": self.transform(image),
                 "targets": {t: self.targets[t][row] for t in self.targets},

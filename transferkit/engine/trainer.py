@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,12 @@ from tqdm.auto import tqdm
 
 from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
 from transferkit.engine import metrics as task_metrics
+from transferkit.engine.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.run import model_info, save_model
@@ -42,6 +47,7 @@ from transferkit.engine.schedule import FreezeSchedule
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
 from transferkit.recipes import Recipe, save_recipe
+from transferkit.seeding import derive_seed
 
 logger = logging.getLogger("transferkit")
 LOWER_IS_BETTER = ("mae", "rmse", "loss")
@@ -50,8 +56,10 @@ LOWER_IS_BETTER = ("mae", "rmse", "loss")
 def _prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> Path:
     if resume:
         run_dir = Path(resume)
-        if not _checkpoints(run_dir):
-            raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
+        if not list_checkpoints(run_dir):
+            raise UserError(
+                f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}"
+            )
         return run_dir
     run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
     try:
@@ -64,15 +72,6 @@ def _prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> 
             f"cannot write the run folder {run_dir}: {err.strerror}; choose another with --output"
         ) from None
     return run_dir
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once its state file exists)."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    done = [p for p in folder.glob("epoch_*") if (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
 def train(recipe: Recipe, output: str | None = None, resume: str | None = None) -> Path:
@@ -134,6 +133,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         data.tasks,
         build_transforms(backbone.data_config, True, recipe.data.augment, size),
         bad_images=recipe.data.bad_images,
+        seed=recipe.seed,
     )
     eval_transform = build_transforms(backbone.data_config, False, "none", size)
     val_set = TaskImageDataset(
@@ -163,88 +163,52 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     accelerator.register_for_checkpointing(schedule)
     accelerator.init_trackers("tensorboard")
 
-    state = {"epoch": -1, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0}
+    state = {"epoch": 0, "batches": 0, "epoch_done": False, "step": 0, "best": None,
+             "best_epoch": None, "best_checkpoint": None, "bad_epochs": 0, "skipped_steps": 0}  # fmt: skip
     if resume:
-        last = _checkpoints(run_dir)[-1]
-        accelerator.load_state(str(last))
-        state = json.loads((last / "trainer_state.json").read_text())
+        path, state = load_checkpoint(accelerator, run_dir)
         if main:
-            print(f"resumed from {last} (epoch {state['epoch']} done, step {state['step']})")
+            _truncate_metrics(run_dir, state)
+            print(f"resumed from {path} (epoch {state['epoch']}, step {state['step']})")
+    first_epoch = state["epoch"] + 1 if state["epoch_done"] else state["epoch"]
+    resume_batches = 0 if state["epoch_done"] else state["batches"]
+    fit = _Fit(
+        accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, recipe.seed, run_dir
+    )
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         phase = schedule.apply(epoch)
         if main:
             trainable = schedule.phases[phase][1].trainable_groups(backbone)
             print(
                 f"epoch {epoch}: phase {phase} ({schedule.phases[phase][1]}), trainable groups: {', '.join(trainable) or 'heads only'}"
             )
-        model.train()
+        state.update(epoch=epoch, epoch_done=False)
+        train_set.epoch = epoch
         train_loader.set_epoch(epoch)
-        start, seen, running = time.perf_counter(), 0, 0.0
-        # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch}",
-            disable=not main or not sys.stderr.isatty(),
-            leave=False,
-        )
-        for batch in bar:
-            with accelerator.accumulate(model):
-                outputs = model(batch["image"])
-                loss, losses = multitask_loss(
-                    outputs, batch["targets"], batch["mask"], tasks, weights
-                )
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-                    raise UserError(
-                        f"non-finite loss at epoch {epoch}, step {state['step']} (tasks: {', '.join(bad) or 'total'}); "
-                        "lower train.lr or check the labels. The last good checkpoint is kept."
-                    )
-                accelerator.backward(loss)
-                if cfg.clip_grad and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                state["step"] += 1
-            seen += batch["image"].shape[0] * accelerator.num_processes
-            running = 0.9 * running + 0.1 * loss.item() if running else loss.item()
-            bar.set_postfix(
-                loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
-            )
-            if state["step"] % cfg.log_every == 0 and accelerator.sync_gradients:
-                accelerator.log(
-                    {
-                        "train/loss": loss.item(),
-                        **{f"train/loss_{k}": v.item() for k, v in losses.items()},
-                    },
-                    step=state["step"],
-                )
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
-                break
-        epoch_time = time.perf_counter() - start
+        loader = train_loader
+        if epoch == first_epoch and resume_batches:
+            state["batches"] = resume_batches  # mid-epoch resume: skip what was already trained
+            loader = accelerator.skip_first_batches(train_loader, resume_batches)
+        else:
+            state["batches"] = 0
+        stats = fit.epoch(loader, state)
         values = evaluate(model, val_loader, tasks, accelerator, "val", chosen_metrics)
-        record = {
-            "epoch": epoch,
-            "step": state["step"],
-            "phase": phase,
-            "train/loss": running,
-            "epoch_time_s": round(epoch_time, 3),
-            "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
-            **values,
-        }
+        record = {"epoch": epoch, "step": state["step"], "phase": phase, **stats, **values,
+                  "skipped_steps": state["skipped_steps"]}  # fmt: skip
         record["lr"] = {g["group"]: g["lr"] for g in optimizer.param_groups if "group" in g}
         accelerator.log(
             {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["step"]
         )
         improved = _update_best(state, record, monitor, cfg.monitor_mode, cfg.early_stopping)
-        state["epoch"] = epoch
+        state["epoch_done"] = True
+        if improved:
+            state["best_checkpoint"] = checkpoint_name(state["step"], True)
         if main:
             with (run_dir / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(_summary(record, monitor))
-        _save_checkpoint(accelerator, run_dir, state, cfg.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, state, cfg.keep_checkpoints)
         if improved and main:
             save_model(accelerator.unwrap_model(model), _info(model, recipe, accelerator), run_dir)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
@@ -260,6 +224,104 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+class _Fit:
+    """The training steps of one epoch, with step checkpoints and the non-finite-loss policy."""
+
+    def __init__(
+        self, accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, seed, run_dir
+    ) -> None:
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.lr_scheduler, self.tasks, self.weights = lr_scheduler, tasks, weights
+        self.cfg, self.seed, self.run_dir = cfg, seed, run_dir
+
+    def epoch(self, loader, state: dict) -> dict:
+        """Train over `loader`; `state` (epoch, batches, step, ...) is updated as it goes."""
+        acc, cfg = self.accelerator, self.cfg
+        self.model.train()
+        start, seen, running = time.perf_counter(), 0, None
+        # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
+        bar = tqdm(loader, desc=f"epoch {state['epoch']}", leave=False,
+                   disable=not acc.is_main_process or not sys.stderr.isatty())  # fmt: skip
+        for batch in bar:
+            # Dropout and other in-model randomness depend on the position only, so a run
+            # resumed at any step replays them exactly (saved RNG states would not survive the
+            # draws that creating a data iterator makes).
+            torch.manual_seed(
+                derive_seed(self.seed, state["epoch"], state["batches"], acc.process_index)
+            )
+            state["batches"] += 1
+            with acc.accumulate(self.model):
+                outputs = self.model(batch["image"])
+                loss, losses = multitask_loss(
+                    outputs, batch["targets"], batch["mask"], self.tasks, self.weights
+                )
+                if not self._finite(loss):
+                    self._nonfinite(losses, state)
+                    continue
+                acc.backward(loss)
+                if cfg.clip_grad and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            seen += batch["image"].shape[0] * acc.num_processes
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            bar.set_postfix(
+                loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
+            )
+            if not acc.sync_gradients:
+                continue
+            state["step"] += 1
+            if state["step"] % cfg.log_every == 0:
+                acc.log(
+                    {
+                        "train/loss": loss.item(),
+                        **{f"train/loss_{k}": v.item() for k, v in losses.items()},
+                    },
+                    step=state["step"],
+                )
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                save_checkpoint(acc, self.run_dir, state, cfg.keep_checkpoints)
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        elapsed = time.perf_counter() - start
+        return {
+            "train/loss": running,
+            "epoch_time_s": round(elapsed, 3),
+            "images_per_s": round(seen / max(elapsed, 1e-9), 1),
+        }
+
+    def _finite(self, loss) -> bool:
+        # Every process must take the same decision, or DDP's all-reduce would hang.
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(
+            self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes
+        )
+
+    def _nonfinite(self, losses: dict, state: dict) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
+        where = f"epoch {state['epoch']}, step {state['step'] + 1} (batch {state['batches']})"
+        if self.cfg.nonfinite == "stop":
+            raise UserError(
+                f"non-finite loss for task {', '.join(bad)} at {where}; lower train.lr, check that "
+                "task's labels, or set train.nonfinite: skip. The last good checkpoint is kept."
+            )
+        state["skipped_steps"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.is_main_process:
+            print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")
+
+
+def _truncate_metrics(run_dir: Path, state: dict) -> None:
+    """Drop metrics.jsonl records written after the checkpoint being resumed from."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    last = state["epoch"] if state["epoch_done"] else state["epoch"] - 1
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= last]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _info(model, recipe: Recipe, accelerator: Accelerator) -> dict:
@@ -317,25 +379,6 @@ def _summary(record: dict, monitor: str) -> str:
         f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val/") and isinstance(v, float)
     ]
     return " | ".join(parts)
-
-
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> None:
-    """Write to a temporary folder, rename when complete, then delete the oldest ones."""
-    folder = run_dir / "checkpoints"
-    final = folder / f"epoch_{state['epoch']}"
-    tmp = folder / f".tmp_epoch_{state['epoch']}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in _checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 @torch.no_grad()

@@ -130,6 +130,8 @@ class TrainSection:
     monitor: str | None = None
     monitor_mode: Literal["max", "min"] = "max"
     keep_checkpoints: int = _field(2, ge=1)
+    checkpoint_every: int | None = _field(None, ge=1)
+    nonfinite: Literal["stop", "skip"] = "stop"
     log_every: int = _field(10, ge=1)
 
 

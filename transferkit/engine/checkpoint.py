@@ -1,0 +1,106 @@
+"""Atomic, safely loaded training checkpoints on top of Accelerate's `save_state`/`load_state`.
+
+- Atomic: a checkpoint is written to `.tmp_NAME`, completed with `trainer_state.json`, and only
+  then renamed to `NAME`; a kill during a save leaves the previous checkpoints untouched, and
+  old ones are deleted only after the new one is complete. Accelerate's own folders are written
+  in place (with `total_limit=1` a kill during the second save can leave none complete).
+- Safe: Accelerate loads registered custom objects with `weights_only=False`, so a checkpoint
+  received from someone else could run code. Every pickle-based file is first opened with
+  a `weights_only=True` loader, which refuses code, before Accelerate touches it.
+- Complete: a missing or unreadable file (random states included) is an error, never a
+  silently inexact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils.other import load as safe_load
+
+from transferkit.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+_REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl")
+
+
+def checkpoint_name(step: int, epoch_end: bool) -> str:
+    """Names sort in training order: step_00000012 < step_00000012_end < step_00000013."""
+    return f"step_{step:08d}" + ("_end" if epoch_end else "")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).is_file())
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
+    """Save everything needed to resume; keep the newest `keep` plus `state['best_checkpoint']`."""
+    folder = Path(run_dir) / "checkpoints"
+    name = checkpoint_name(state["step"], state["epoch_done"])
+    final, tmp = folder / name, folder / f".tmp_{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        protected = {state.get("best_checkpoint")}
+        older = [p for p in list_checkpoints(run_dir)[:-keep] if p.name not in protected]
+        for old in older:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _verify(path: Path, num_processes: int) -> dict:
+    required = [*_REQUIRED, *(f"random_states_{i}.pkl" for i in range(num_processes)), STATE_FILE]
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} is incomplete (missing {', '.join(missing)}); resuming from it "
+            "would not be exact. Delete it to resume from the previous one."
+        )
+    for file in path.glob("*.pkl"):
+        try:
+            # Accelerate's loader, with weights_only=True: tensors, containers and the numpy
+            # types of RNG states are allowed; any other global (code) is refused.
+            safe_load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+            raise UserError(
+                f"checkpoint file {file} cannot be loaded safely ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:160]}); it may be corrupt or contain code, "
+                "which transferkit never runs"
+            ) from None
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path}: unreadable {STATE_FILE} ({err})") from None
+
+
+def load_checkpoint(accelerator: Accelerator, run_dir: Path) -> tuple[Path, dict]:
+    """Load the newest complete checkpoint of a run; returns its path and trainer state."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UserError(
+            f"--resume {run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoints'}"
+        )
+    path = checkpoints[-1]
+    state = _verify(path, accelerator.num_processes)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # noqa: BLE001 - a mismatched recipe surfaces as a size mismatch
+        raise UserError(
+            f"cannot resume from {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
+            "Was the recipe (tasks, classes, backbone) changed since the run started?"
+        ) from None
+    return path, state
