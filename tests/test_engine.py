@@ -186,6 +186,10 @@ def test_two_processes_match_one_across_an_unfreeze(workdir):
     assert unfrozen and all(not torch.equal(first[k], finals[2][k]) for k in unfrozen)
     for key, value in finals[1].items():
         assert torch.allclose(value, finals[2][key], rtol=0, atol=1e-6), key
+    # Validation counts every sample exactly once, though 2 ranks pad the last uneven batch.
+    one, two = _records(workdir / "ddp_1")[-1], _records(workdir / "ddp_2")[-1]
+    assert one["val/digit/count"] == two["val/digit/count"] == 180
+    assert two["val/digit/accuracy"] == pytest.approx(one["val/digit/accuracy"], abs=1e-6)
 
 
 def test_unreadable_images_are_skipped_and_listed(workdir, monkeypatch):

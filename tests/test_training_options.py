@@ -118,7 +118,7 @@ def test_schedules_and_warmup():
 def test_chosen_metrics_and_monitor(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     out = records(run(workdir, "metrics", "train.epochs=1", "tasks.digit.metrics=[f1]"))
-    assert [k for k in out[0] if k.startswith("val/")] == ["val/digit/f1"]
+    assert [k for k in out[0] if k.startswith("val/")] == ["val/digit/f1", "val/digit/count"]
     with pytest.raises(UserError, match="Did you mean: val/digit/accuracy"):
         run(workdir, "typo", "train.monitor=val/digit/acuracy")
 
@@ -143,5 +143,11 @@ def test_tensorboard_and_eval_on_other_data(workdir, monkeypatch, capsys):
         == 0
     )
     values = json.loads(capsys.readouterr().out)
-    assert set(values) == {"train/digit/accuracy", "train/digit/f1", "train/digit/auroc"}
+    assert set(values) == {
+        "train/digit/accuracy",
+        "train/digit/f1",
+        "train/digit/auroc",
+        "train/digit/count",
+    }
+    assert values["train/digit/count"] == 48  # the split of the other data, capped by max_samples
     assert main(["eval", str(run_dir), "--split", "test"]) == 2

@@ -400,6 +400,7 @@ def evaluate(
         name: task_metrics.task_metrics(task, metric_names.get(name))
         for name, task in tasks.items()
     }
+    counts = dict.fromkeys(tasks, 0)  # labelled rows seen: proof that each is counted once
     for batch in loader:
         outputs = model(batch["image"])
         outputs = {k: v for k, v in outputs.items() if k in tasks}
@@ -410,8 +411,10 @@ def evaluate(
             task_metrics.update(
                 collections[name], task, outputs[name].cpu(), targets[name].cpu(), masks[name].cpu()
             )
+            counts[name] += int(masks[name].sum())
     values = {}
     for name, collection in collections.items():
         for metric, value in task_metrics.compute(collection).items():
             values[f"{prefix}/{name}/{metric}"] = value
+        values[f"{prefix}/{name}/count"] = counts[name]
     return values
