@@ -39,9 +39,17 @@ def evaluate_run(
         raise UserError(f"--split {split}: the data has splits {', '.join(loaded.splits)}")
     specs = {t.name: t for t in loaded.tasks}
     for name, task in run.tasks.items():
-        if name not in specs or specs[name].num_outputs != task.num_outputs:
+        found = specs.get(name)
+        same = found and (found.kind, found.num_outputs, found.class_names) == (
+            task.kind,
+            task.num_outputs,
+            task.class_names,
+        )
+        if not same:
+            seen = f"{found.kind}, classes {found.class_names}" if found else "absent"
             raise UserError(
-                f"task {name!r} of {run_dir} does not match the data ({specs.get(name)})"
+                f"task {name!r} of {run_dir} ({task.kind}, classes {task.class_names}) does not "
+                f"match the data ({seen}); evaluate on data with the same tasks and classes"
             )
     dataset = TaskImageDataset(
         loaded.splits[split],

@@ -372,7 +372,8 @@ def _update_best(state: dict, record: dict, monitor: str, mode: str, early) -> b
 def _summary(record: dict, monitor: str) -> str:
     parts = [
         f"epoch {record['epoch']}",
-        f"loss {record['train/loss']:.4f}",
+        # No loss when a resumed epoch had no batch left to train.
+        f"loss {record['train/loss']:.4f}" if record["train/loss"] is not None else "loss -",
         f"{record['images_per_s']:.0f} img/s",
     ]
     parts += [

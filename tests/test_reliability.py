@@ -1,0 +1,222 @@
+"""Reliability: exact resume after SIGKILL, atomic and safe checkpoints, non-finite losses,
+mismatched run folders and unwritable outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICK, ROOT, epoch_end_weights, records
+
+from transferkit.engine import load_run, train
+from transferkit.engine.checkpoint import list_checkpoints
+from transferkit.errors import UserError
+from transferkit.recipes import load_recipe
+
+CLI = str(Path(sys.executable).parent / "transferkit")
+
+# Everything that makes resuming hard at once: dropout in the heads, strong augmentation in two
+# worker processes, a phase change at epoch 1 (10 steps per epoch), a checkpoint every step.
+RESUME_RECIPE = """
+name: resume
+seed: 3
+model: {backbone: "timm:test_resnet"}
+tasks:
+  digit: {kind: multiclass, dropout: 0.3}
+  ink: {kind: regression, hidden: 16, dropout: 0.2}
+data: {source: manifest, path: data/digits/transfer/manifest.csv, val_split: null, image_size: 32,
+       augment: strong, max_samples: 160, num_workers: 2}
+schedule:
+  phases:
+    - {from_epoch: 0, freeze: "up_to:layer2"}
+    - {from_epoch: 1, freeze: "up_to:stem"}
+train: {epochs: 3, batch_size: 16, lr: 0.003, checkpoint_every: 1, keep_checkpoints: 2}
+"""
+
+
+def _newest_step(run_dir: Path) -> int:
+    checkpoints = list_checkpoints(run_dir)
+    return int(checkpoints[-1].name.split("_")[1]) if checkpoints else -1
+
+
+@pytest.fixture(scope="module")
+def resume_recipe(workdir):
+    path = workdir / "resume.yaml"
+    path.write_text(RESUME_RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, resume_recipe):
+    run_dir = workdir / "resume_full"
+    subprocess.run(
+        [CLI, "train", str(resume_recipe), "--output", str(run_dir)],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+    )
+    return epoch_end_weights(run_dir)
+
+
+@pytest.mark.parametrize("kill_after_step", [4, 10, 17])
+def test_sigkill_then_resume_is_bit_identical(
+    workdir, resume_recipe, uninterrupted, kill_after_step
+):
+    """Kill a real training process (mid-epoch, at and across the unfreeze boundary; it may be
+    in the middle of writing a checkpoint), resume, and get exactly the uninterrupted weights."""
+    run_dir = workdir / f"resume_killed_{kill_after_step}"
+    process = subprocess.Popen([CLI, "train", str(resume_recipe), "--output", str(run_dir)], cwd=workdir,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while (
+        _newest_step(run_dir) < kill_after_step
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = _newest_step(run_dir)
+    assert kill_after_step <= killed_at < 30, "the run finished before it could be killed"
+    result = subprocess.run(
+        [CLI, "train", "--resume", str(run_dir)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"step {killed_at})" in result.stdout  # it resumed from the newest complete checkpoint
+    resumed = epoch_end_weights(run_dir)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert [r["epoch"] for r in records(run_dir)] == [0, 1, 2]
+
+
+@pytest.fixture
+def short_run(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    recipe = load_recipe(ROOT / "recipes/digits_source.yaml", [*QUICK, "train.checkpoint_every=1"])
+    run_dir = workdir / "runs" / f"short_{time.monotonic_ns()}"
+    train(recipe, output=str(run_dir))
+    return run_dir
+
+
+def test_resume_ignores_a_half_written_checkpoint(short_run):
+    newest = list_checkpoints(short_run)[-1]
+    partial = short_run / "checkpoints" / ".tmp_step_00000099"
+    shutil.copytree(newest, partial)
+    (partial / "trainer_state.json").unlink()  # a save killed before completing
+    assert list_checkpoints(short_run)[-1] == newest
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_missing_or_corrupt_random_state_is_an_error(short_run, damage):
+    rng = list_checkpoints(short_run)[-1] / "random_states_0.pkl"
+    if damage == "missing":
+        rng.unlink()
+    else:
+        rng.write_bytes(rng.read_bytes()[:40])
+    with pytest.raises(
+        UserError, match="incomplete" if damage == "missing" else "cannot be loaded safely"
+    ):
+        train(load_recipe(short_run / "recipe.yaml"), resume=str(short_run))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['TRANSFERKIT_PWNED']}",))
+
+
+def test_planted_pickle_in_a_checkpoint_never_runs(short_run, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TRANSFERKIT_PWNED", str(marker))
+    newest = list_checkpoints(short_run)[-1]
+    torch.save({"epoch": 1, "payload": _Exploit()}, newest / "custom_checkpoint_0.pkl")
+    with pytest.raises(UserError, match="never runs"):
+        train(load_recipe(short_run / "recipe.yaml"), resume=str(short_run))
+    assert not marker.exists()
+
+
+def test_resume_with_changed_tasks_is_clear(short_run):
+    recipe = load_recipe(short_run / "recipe.yaml", ["tasks.digit.kind=regression"])
+    with pytest.raises(UserError, match="recipe .* changed"):
+        train(recipe, resume=str(short_run))
+
+
+def _poisoned_manifest(workdir: Path) -> Path:
+    """The transfer manifest with one regression label whose squared error overflows."""
+    source = workdir / "data" / "digits" / "transfer"
+    rows = list(csv.DictReader((source / "manifest.csv").open()))
+    for row in rows[5:8]:
+        row["ink"] = "1e30"  # finite, but its squared error overflows float32
+    path = source / "poisoned.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _poisoned_recipe(workdir: Path, *extra: str):
+    overrides = [f"data.path={_poisoned_manifest(workdir)}", "data.max_samples=null", "data.val_fraction=0.1",
+                 "train.epochs=1", "train.checkpoint_every=1", "model.weights=none", "schedule.phases.1.from_epoch=5", *extra]  # fmt: skip
+    return load_recipe(ROOT / "recipes/digits_transfer.yaml", overrides)
+
+
+def test_nonfinite_loss_stops_naming_task_and_step_and_keeps_checkpoints(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    run_dir = workdir / "runs" / "nan_stop"
+    with pytest.raises(
+        UserError, match=r"non-finite loss for task ink at epoch 0, step \d+"
+    ) as info:
+        train(_poisoned_recipe(workdir), output=str(run_dir))
+    step = int(str(info.value).split("step ")[1].split(" ")[0])
+    if step > 1:  # the poisoned row was not in the very first batch: earlier steps are kept
+        assert _newest_step(run_dir) == step - 1
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    run_dir = train(
+        _poisoned_recipe(workdir, "train.nonfinite=skip"), output=str(workdir / "runs" / "nan_skip")
+    )
+    assert 1 <= records(run_dir)[-1]["skipped_steps"] <= 3  # the batches holding a poisoned row
+    assert all(
+        torch.isfinite(v).all()
+        for v in epoch_end_weights(run_dir).values()
+        if v.is_floating_point()
+    )
+
+
+def test_run_folder_with_other_tasks_is_clear(short_run, workdir, monkeypatch):
+    info = json.loads((short_run / "model.json").read_text())
+    info["tasks"][0]["num_outputs"] = 7
+    info["tasks"][0]["class_names"] = None
+    tampered = workdir / "runs" / "tampered"
+    shutil.copytree(short_run, tampered, dirs_exist_ok=True)
+    (tampered / "model.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="does not match"):
+        load_run(tampered)
+    monkeypatch.chdir(workdir)
+    with pytest.raises(UserError, match="does not match the data"):
+        from transferkit.engine.evaluate import evaluate_run
+
+        evaluate_run(short_run, data="data/digits/transfer/manifest.csv")
+
+
+def test_unwritable_output_folder(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    blocker = workdir / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write the run folder"):
+        train(load_recipe(ROOT / "recipes/digits_source.yaml", QUICK), output=str(blocker / "run"))
