@@ -220,3 +220,29 @@ def test_unwritable_output_folder(workdir, monkeypatch):
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot write the run folder"):
         train(load_recipe(ROOT / "recipes/digits_source.yaml", QUICK), output=str(blocker / "run"))
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_hub_datasets_run_remote_code_only_when_the_recipe_asks(monkeypatch, opt_in):
+    import datasets
+
+    from transferkit.data.sources import read_source
+
+    seen = {}
+
+    def fake_load_dataset(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return datasets.Dataset.from_dict({"image": [], "label": []})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_recipe(
+        ROOT / "recipes/digits_source.yaml",
+        [
+            "data.source=hub",
+            "data.path=someone/dataset",
+            f"data.trust_remote_code={str(opt_in).lower()}",
+        ],
+    ).data
+    read_source(data)
+    assert seen["name"] == "someone/dataset"
+    assert seen.get("trust_remote_code", False) is opt_in
