@@ -13,11 +13,14 @@ are unused on every rank, keep `grad=None`, and the optimizer skips them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
+from transferkit.engine import feature_cache
 from transferkit.engine import metrics as task_metrics
 from transferkit.engine.checkpoint import (
     checkpoint_name,
@@ -139,7 +143,15 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     val_set = TaskImageDataset(
         data.splits["validation"], data.tasks, eval_transform, bad_images=recipe.data.bad_images
     )
-    loader_args = {"collate_fn": collate, "num_workers": recipe.data.num_workers}
+    if cfg.auto_batch_size:
+        cfg = _auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
+    workers = _num_workers(recipe.data.num_workers)
+    # No persistent workers: each epoch's workers must see the dataset's new `epoch` (seeds).
+    loader_args = {
+        "collate_fn": collate,
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+    }
     train_loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
@@ -151,6 +163,8 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, **loader_args
     )
 
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = max(
         math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes)), 1
@@ -175,6 +189,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     fit = _Fit(
         accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, recipe.seed, run_dir
     )
+    current_phase = None
 
     for epoch in range(first_epoch, cfg.epochs):
         phase = schedule.apply(epoch)
@@ -184,16 +199,42 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
                 f"epoch {epoch}: phase {phase} ({schedule.phases[phase][1]}), trainable groups: {', '.join(trainable) or 'heads only'}"
             )
         state.update(epoch=epoch, epoch_done=False)
+        use_cache, why = feature_cache.decide(
+            cfg.feature_cache, backbone, recipe.data.augment, bool(aux), phase
+        )
+        if phase != current_phase:
+            if main:
+                print(why)
+            if cfg.compile:
+                # A compiled graph keeps the requires_grad it was traced with, so a group unfrozen
+                # later would silently not train (pytorch #139476): compile again for each phase.
+                torch._dynamo.reset()
+                fit.forward_module = torch.compile(model, backend=cfg.compile_backend)
+            loaders = (train_loader, val_loader)
+            if use_cache:
+                loaders = _cached_loaders(
+                    accelerator,
+                    backbone,
+                    train_set,
+                    val_set,
+                    cfg,
+                    workers,
+                    run_dir / "feature_cache",
+                )
+            current_phase = phase
+        epoch_train_loader, epoch_val_loader = loaders
         train_set.epoch = epoch
-        train_loader.set_epoch(epoch)
-        loader = train_loader
+        epoch_train_loader.set_epoch(epoch)
+        loader = epoch_train_loader
         if epoch == first_epoch and resume_batches:
             state["batches"] = resume_batches  # mid-epoch resume: skip what was already trained
-            loader = accelerator.skip_first_batches(train_loader, resume_batches)
+            loader = accelerator.skip_first_batches(epoch_train_loader, resume_batches)
         else:
             state["batches"] = 0
         stats = fit.epoch(loader, state)
-        values = evaluate(model, val_loader, tasks, accelerator, "val", chosen_metrics)
+        values = evaluate(
+            fit.forward_module, epoch_val_loader, tasks, accelerator, "val", chosen_metrics
+        )
         record = {"epoch": epoch, "step": state["step"], "phase": phase, **stats, **values,
                   "skipped_steps": state["skipped_steps"]}  # fmt: skip
         record["lr"] = {g["group"]: g["lr"] for g in optimizer.param_groups if "group" in g}
@@ -235,6 +276,7 @@ class _Fit:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.weights = lr_scheduler, tasks, weights
         self.cfg, self.seed, self.run_dir = cfg, seed, run_dir
+        self.forward_module = model  # the compiled model when train.compile is on
 
     def epoch(self, loader, state: dict) -> dict:
         """Train over `loader`; `state` (epoch, batches, step, ...) is updated as it goes."""
@@ -253,7 +295,7 @@ class _Fit:
             )
             state["batches"] += 1
             with acc.accumulate(self.model):
-                outputs = self.model(batch["image"])
+                outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
                 loss, losses = multitask_loss(
                     outputs, batch["targets"], batch["mask"], self.tasks, self.weights
                 )
@@ -266,7 +308,7 @@ class _Fit:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            seen += batch["image"].shape[0] * acc.num_processes
+            seen += batch["index"].shape[0] * acc.num_processes
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(
                 loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
@@ -312,6 +354,66 @@ class _Fit:
         self.optimizer.zero_grad(set_to_none=True)
         if self.accelerator.is_main_process:
             print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")
+
+
+def model_outputs(model, batch: dict, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """The model's outputs for a batch of images, or of cached features."""
+    if "features" in batch:
+        return model(features=batch["features"])
+    images = batch["image"]
+    return model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+
+
+def _auto_batch_size(model, cfg, input_size, accelerator: Accelerator):
+    """Halve the per-device batch until a training step fits in memory; accumulate gradients to
+    keep the global batch. The probe's effects on weights and statistics are undone."""
+    from accelerate.utils import find_executable_batch_size
+
+    model.to(accelerator.device)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @find_executable_batch_size(starting_batch_size=cfg.batch_size)
+    def probe(batch_size: int) -> int:
+        model.zero_grad(set_to_none=True)
+        outputs = model(torch.randn(batch_size, *input_size, device=accelerator.device))
+        sum(out.float().mean() for out in outputs.values()).backward()
+        return batch_size
+
+    try:
+        fitted = probe()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+    accumulation = cfg.grad_accum * math.ceil(cfg.batch_size / fitted)
+    accelerator.gradient_accumulation_steps = accumulation
+    if accelerator.is_main_process:
+        print(
+            f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size})"
+        )
+    return dataclasses.replace(cfg, batch_size=fitted, grad_accum=accumulation)
+
+
+def _num_workers(requested: int | None) -> int:
+    """data.num_workers, or by default one worker per spare core (at most 8)."""
+    return requested if requested is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _cached_loaders(accelerator, backbone, train_set, val_set, cfg, workers: int, disk_dir: Path):
+    """Loaders over backbone features computed once, batched and shuffled like the image ones."""
+    device = accelerator.device
+    build = partial(feature_cache.build_cache, backbone, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                    num_workers=workers, device=device, max_gb=cfg.feature_cache_max_gb)  # fmt: skip
+    train_cache = build(train_set, disk_dir=disk_dir / "train")
+    val_cache = build(val_set, disk_dir=disk_dir / "validation")
+    collate = feature_cache.collate_cached
+    train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=True,
+                              drop_last=len(train_cache) > cfg.batch_size, collate_fn=collate)  # fmt: skip
+    val_loader = DataLoader(
+        val_cache, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate
+    )
+    return accelerator.prepare_data_loader(train_loader), accelerator.prepare_data_loader(
+        val_loader
+    )
 
 
 def _truncate_metrics(run_dir: Path, state: dict) -> None:
@@ -403,7 +505,7 @@ def evaluate(
     }
     counts = dict.fromkeys(tasks, 0)  # labelled rows seen: proof that each is counted once
     for batch in loader:
-        outputs = model(batch["image"])
+        outputs = model_outputs(model, batch)
         outputs = {k: v for k, v in outputs.items() if k in tasks}
         outputs, targets, masks = accelerator.gather_for_metrics(
             (outputs, batch["targets"], batch["mask"])

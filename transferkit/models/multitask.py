@@ -85,8 +85,16 @@ class MultiTaskModel(nn.Module):
             self.backbone.train(was_training)
         return {name: maps[name].shape for name in group_names}
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`[B, 3, H, W]` images -> `{task or "task@group": output}`."""
+    def forward(
+        self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`[B, 3, H, W]` images -> `{task or "task@group": output}`.
+
+        `features=` takes pooled backbone features `[B, num_features]` instead of images (the
+        feature cache); auxiliary heads then have no feature maps and are left out.
+        """
+        if features is not None:
+            return {name: head(features) for name, head in self.heads.items()}
         if self.aux_specs:
             features, maps = self.backbone.forward_with_maps(
                 images, [s.group for s in self.aux_specs]

@@ -85,7 +85,7 @@ class DataSection:
     image_size: int | None = _field(None, ge=8)
     augment: Literal["none", "light", "strong"] = "light"
     bad_images: Literal["skip", "error"] = "skip"
-    num_workers: int = _field(0, ge=0)
+    num_workers: int | None = _field(None, ge=0)
     trust_remote_code: bool = False
     max_samples: int | None = _field(None, ge=1)
 
@@ -132,6 +132,12 @@ class TrainSection:
     keep_checkpoints: int = _field(2, ge=1)
     checkpoint_every: int | None = _field(None, ge=1)
     nonfinite: Literal["stop", "skip"] = "stop"
+    feature_cache: Literal["auto", "force", "forbid"] = "auto"
+    feature_cache_max_gb: float = _field(4.0, ge=0)
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    auto_batch_size: bool = False
     log_every: int = _field(10, ge=1)
 
 
