@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-zoo lint clean
+.PHONY: setup demo test test-zoo bench lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -30,3 +30,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: setup
+	$(BIN)/python -m bench.run

@@ -186,7 +186,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             print(f"resumed from {path} (epoch {state['epoch']}, step {state['step']})")
     first_epoch = state["epoch"] + 1 if state["epoch_done"] else state["epoch"]
     resume_batches = 0 if state["epoch_done"] else state["batches"]
-    fit = _Fit(
+    fit = TrainLoop(
         accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, recipe.seed, run_dir
     )
     current_phase = None
@@ -267,8 +267,9 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     return run_dir
 
 
-class _Fit:
-    """The training steps of one epoch, with step checkpoints and the non-finite-loss policy."""
+class TrainLoop:
+    """The training steps of one epoch, with step checkpoints and the non-finite-loss policy
+    (public for the benchmarks, which time it against a hand-written loop)."""
 
     def __init__(
         self, accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, seed, run_dir
