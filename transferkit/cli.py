@@ -112,6 +112,14 @@ def _short(value: dict) -> str:
     return ",".join(map(str, value.get("labels", [])))
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from transferkit.sweep import parse_grid, sweep
+
+    root = sweep(args.recipe, parse_grid(args.grid), args.output, args.set or [])
+    print(f"sweep folder: {root} (report.md, report.csv, report_*.png)")
+    return 0
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
@@ -154,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
     )
     train.set_defaults(func=_train)
+
+    sweep = sub.add_parser("sweep", help="train every combination of a grid and report the results")
+    sweep.add_argument("recipe")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a recipe key and its values (repeatable)",
+    )
+    sweep.add_argument(
+        "--set", action="append", metavar="KEY.PATH=VALUE", help="a fixed override for every run"
+    )
+    sweep.add_argument("--output", help="the sweep folder (default: OUTPUT_DIR/NAME_sweep)")
+    sweep.set_defaults(func=_sweep)
 
     evaluate = sub.add_parser(
         "eval", help="per-task metrics of a run's model on a split or other data"

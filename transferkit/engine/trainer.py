@@ -236,7 +236,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             fit.forward_module, epoch_val_loader, tasks, accelerator, "val", chosen_metrics
         )
         record = {"epoch": epoch, "step": state["step"], "phase": phase, **stats, **values,
-                  "skipped_steps": state["skipped_steps"]}  # fmt: skip
+                  "skipped_steps": state["skipped_steps"], **_footprint(backbone, model)}  # fmt: skip
         record["lr"] = {g["group"]: g["lr"] for g in optimizer.param_groups if "group" in g}
         accelerator.log(
             {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["step"]
@@ -392,6 +392,22 @@ def _auto_batch_size(model, cfg, input_size, accelerator: Accelerator):
             f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size})"
         )
     return dataclasses.replace(cfg, batch_size=fitted, grad_accum=accumulation)
+
+
+def _footprint(backbone, model) -> dict:
+    """What this phase trains and the peak memory so far (CUDA allocator, else process RSS)."""
+    import resource
+
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    trainable = [g["name"] for g in backbone.group_summary() if g["trainable"]]
+    return {
+        "trainable_groups": len(trainable),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_memory_mb": round(peak_mb, 1),
+    }
 
 
 def _num_workers(requested: int | None) -> int:
