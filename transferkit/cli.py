@@ -120,6 +120,38 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensemble(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transferkit import ensemble
+
+    if args.predict:
+        from transferkit.data import decode_prediction_inputs
+
+        inputs = decode_prediction_inputs(args.predict)
+        results = [
+            {"image": name, **p}
+            for (name, _), p in zip(
+                inputs, ensemble.predict_ensemble(args.runs, [i for _, i in inputs])
+            )
+        ]
+        print(
+            json.dumps(results, indent=2)
+            if args.json
+            else "\n".join(
+                f"{r['image']}  "
+                + "  ".join(f"{k}={_short(v)}" for k, v in r.items() if k != "image")
+                for r in results
+            )
+        )
+        return 0
+    results = ensemble.evaluate_ensemble(args.runs, args.split, args.data, args.soup)
+    if args.output:
+        ensemble.write_report(results, Path(args.output))
+    print(json.dumps(results, indent=2) if args.json else ensemble.report(results))
+    return 0
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
@@ -177,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--output", help="the sweep folder (default: OUTPUT_DIR/NAME_sweep)")
     sweep.set_defaults(func=_sweep)
+
+    ens = sub.add_parser(
+        "ensemble",
+        help="average the predictions of runs with the same tasks (and their weights: --soup)",
+    )
+    ens.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    mode = ens.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--eval", action="store_true", help="compare each member with the ensemble on a split"
+    )
+    mode.add_argument(
+        "--predict", nargs="+", metavar="IMAGE_OR_FOLDER", help="predict with the ensemble"
+    )
+    ens.add_argument("--split", default="validation")
+    ens.add_argument("--data", help="other data with the same columns")
+    ens.add_argument(
+        "--soup", action="store_true", help="also evaluate the average of the members' weights"
+    )
+    ens.add_argument("--output", help="folder for ensemble_report.md and .json")
+    ens.add_argument("--json", action="store_true")
+    ens.set_defaults(func=_ensemble)
 
     evaluate = sub.add_parser(
         "eval", help="per-task metrics of a run's model on a split or other data"

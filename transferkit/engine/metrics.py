@@ -48,12 +48,20 @@ def prediction(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:
     return output.float()
 
 
-def update(collection: tm.MetricCollection, task: TaskSpec, output, target, mask) -> None:
-    """Add the labelled rows of a batch."""
+def update(
+    collection: tm.MetricCollection,
+    task: TaskSpec,
+    output,
+    target,
+    mask,
+    probabilities: bool = False,
+) -> None:
+    """Add the labelled rows of a batch (`output`: logits, or probabilities when so flagged)."""
     if bool(mask.any()):
         target = target[mask]
         target = target.long() if task.kind != "regression" else target.float()
-        collection.update(prediction(task, output[mask]), target)
+        output = output[mask]
+        collection.update(output.float() if probabilities else prediction(task, output), target)
 
 
 def compute(collection: tm.MetricCollection) -> dict[str, float]:

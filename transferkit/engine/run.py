@@ -63,11 +63,12 @@ class Run:
         for name, task in self.tasks.items():
             probs = prediction(task, outputs[name])
             for i, p in enumerate(probs):
-                results[i][name] = _describe(task, p)
+                results[i][name] = describe_prediction(task, p)
         return results
 
 
-def _describe(task: TaskSpec, p: torch.Tensor) -> dict:
+def describe_prediction(task: TaskSpec, p: torch.Tensor) -> dict:
+    """A task's probabilities or values for one image, as `predict` prints them."""
     names = task.class_names
     if task.kind == "multiclass":
         index = int(p.argmax())
