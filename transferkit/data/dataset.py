@@ -129,11 +129,13 @@ class TaskImageDataset(torch.utils.data.Dataset):
 def collate(batch: list[dict]) -> dict:
     """Stack samples into a batch.
 
-    image `[B, 3, H, W]`, targets `{task: [B, ...]}`, mask `{task: bool [B]}`, index int64 `[B]`.
+    image `[B, 3, H, W]` (or cached backbone `features` `[B, D]`), targets `{task: [B, ...]}`,
+    mask `{task: bool [B]}`, index int64 `[B]`.
     """
     first = batch[0]
+    inputs = "features" if "features" in first else "image"
     return {
-        "image": torch.stack([s["image"] for s in batch]),
+        inputs: torch.stack([s[inputs] for s in batch]),
         "targets": {t: torch.stack([s["targets"][t] for s in batch]) for t in first["targets"]},
         "mask": {t: torch.stack([s["mask"][t] for s in batch]) for t in first["mask"]},
         "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),

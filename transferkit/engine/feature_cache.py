@@ -89,17 +89,6 @@ class CachedFeatures(Dataset):
         }
 
 
-def collate_cached(batch: list[dict]) -> dict:
-    """Stack cached samples like `transferkit.data.collate` stacks images."""
-    first = batch[0]
-    return {
-        "features": torch.stack([s["features"] for s in batch]),
-        "targets": {t: torch.stack([s["targets"][t] for s in batch]) for t in first["targets"]},
-        "mask": {t: torch.stack([s["mask"][t] for s in batch]) for t in first["mask"]},
-        "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),
-    }
-
-
 @torch.no_grad()
 def build_cache(
     backbone: Backbone,

@@ -422,7 +422,6 @@ def _cached_loaders(accelerator, backbone, train_set, val_set, cfg, workers: int
                     num_workers=workers, device=device, max_gb=cfg.feature_cache_max_gb)  # fmt: skip
     train_cache = build(train_set, disk_dir=disk_dir / "train")
     val_cache = build(val_set, disk_dir=disk_dir / "validation")
-    collate = feature_cache.collate_cached
     train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=True,
                               drop_last=len(train_cache) > cfg.batch_size, collate_fn=collate)  # fmt: skip
     val_loader = DataLoader(
