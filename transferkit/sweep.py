@@ -194,10 +194,8 @@ def _cell(value) -> str:
 
 
 def _plots(root: Path, rows: list[dict], grid: dict[str, list]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure draws without pyplot, so a notebook's plotting backend is left alone.
+    from matplotlib.figure import Figure
 
     metrics = [
         k
@@ -207,7 +205,8 @@ def _plots(root: Path, rows: list[dict], grid: dict[str, list]) -> None:
     # One line per setting of the keys other than the freeze spec, which sets the x axis.
     others = [k for k in grid if not k.endswith(".freeze")]
     for metric in metrics:
-        figure, axis = plt.subplots(figsize=(6, 4))
+        figure = Figure(figsize=(6, 4))
+        axis = figure.subplots()
         lines: dict[str, list] = {}
         for row in rows:
             label = ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in others) or "runs"
@@ -222,4 +221,3 @@ def _plots(root: Path, rows: list[dict], grid: dict[str, list]) -> None:
         axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(root / f"report_{metric.replace('/', '_')}.png", dpi=100)
-        plt.close(figure)
