@@ -121,17 +121,14 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             f"skipped {len(data.skipped_images)} unreadable images (listed in {run_dir / 'skipped_images.txt'})"
         )
     aux = [AuxHeadSpec(a.task, a.group, a.hidden, a.dropout) for a in recipe.model.aux_heads]
-    if recipe.data.image_size:
-        size = recipe.data.image_size
-        backbone.data_config = type(backbone.data_config)(
-            **{**backbone.data_config.to_dict(), "input_size": (3, size, size)}
-        )
+    size = recipe.data.image_size
+    if size:
+        backbone.data_config = dataclasses.replace(backbone.data_config, input_size=(3, size, size))
     model = MultiTaskModel(backbone, data.tasks, aux)
     tasks = {t.name: t for t in data.tasks}
     weights = {name: section.weight for name, section in recipe.tasks.items()}
     schedule = FreezeSchedule(backbone, recipe.schedule.phases, recipe.schedule.layer_decay)
 
-    size = recipe.data.image_size
     train_set = TaskImageDataset(
         data.splits["train"],
         data.tasks,
