@@ -58,7 +58,7 @@ class FreezeSchedule:
     def lr_factor(self, group: str) -> float:
         """The multiplier of `group` in the current phase, times layer-wise decay."""
         multiplier = self.phases[self.phase_index(self.epoch)][2].get(group, 1.0)
-        if self.layer_decay and group != HEADS:
+        if self.layer_decay and group in self.backbone.group_names:
             depth_from_top = len(self.backbone.group_names) - self.backbone.group_names.index(group)
             multiplier *= self.layer_decay**depth_from_top
         return multiplier

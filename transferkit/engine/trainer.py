@@ -13,6 +13,7 @@ are unused on every rank, keep `grad=None`, and the optimizer skips them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,6 +36,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from transferkit.balancing import Balancer, objective_gradients, write_direction
 from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
 from transferkit.engine import feature_cache
 from transferkit.engine import metrics as task_metrics
@@ -162,7 +164,18 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    balancer = None
+    if recipe.multitask.method != "sum":  # plain sum: the loss path has no balancer
+        balancer = Balancer(recipe.multitask.method, model.output_keys, recipe.multitask.options,
+                            recipe.seed)  # fmt: skip
+        balancer.impl.to(accelerator.device)
+        if accelerator.num_processes > 1 and balancer.kind == "loss":
+            balancer.impl.reduce = partial(accelerator.reduce, reduction="mean")
     optimizer = build_optimizer(model, cfg)
+    if balancer is not None and balancer.kind == "loss" and balancer.impl.learnable:
+        # UW and IMTL-L learn their weights by gradient descent with the model.
+        optimizer.add_param_group({"params": list(balancer.impl.parameters()), "weight_decay": 0.0,
+                                   "lr": recipe.multitask.lr or cfg.lr, "group": "loss_weights"})  # fmt: skip
     steps_per_epoch = max(
         math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes)), 1
     )
@@ -172,6 +185,8 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         model, optimizer, train_loader, val_loader, lr_scheduler
     )
     accelerator.register_for_checkpointing(schedule)
+    if balancer is not None:
+        accelerator.register_for_checkpointing(balancer)
     accelerator.init_trackers("tensorboard")
 
     state = {"epoch": 0, "batches": 0, "epoch_done": False, "step": 0, "best": None,
@@ -183,9 +198,8 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             print(f"resumed from {path} (epoch {state['epoch']}, step {state['step']})")
     first_epoch = state["epoch"] + 1 if state["epoch_done"] else state["epoch"]
     resume_batches = 0 if state["epoch_done"] else state["batches"]
-    fit = TrainLoop(
-        accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, recipe.seed, run_dir
-    )
+    fit = TrainLoop(accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, recipe.seed,
+                    run_dir, balancer)  # fmt: skip
     current_phase = None
 
     for epoch in range(first_epoch, cfg.epochs):
@@ -269,18 +283,24 @@ class TrainLoop:
     (public for the benchmarks, which time it against a hand-written loop)."""
 
     def __init__(
-        self, accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, seed, run_dir
-    ) -> None:
+        self, accelerator, model, optimizer, lr_scheduler, tasks, weights, cfg, seed, run_dir,
+        balancer: Balancer | None = None,
+    ) -> None:  # fmt: skip
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.weights = lr_scheduler, tasks, weights
         self.cfg, self.seed, self.run_dir = cfg, seed, run_dir
         self.forward_module = model  # the compiled model when train.compile is on
+        self.balancer = balancer
+        self.gradient_based = balancer is not None and balancer.kind == "gradient"
+        self._window: dict | None = None  # Jacobians accumulated over micro-batches
 
     def epoch(self, loader, state: dict) -> dict:
         """Train over `loader`; `state` (epoch, batches, step, ...) is updated as it goes."""
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
         start, seen, running = time.perf_counter(), 0, None
+        totals: dict[str, float] = {}  # per-task weights and gradient cosines, epoch means
+        counts: dict[str, int] = {}
         # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
         bar = tqdm(loader, desc=f"epoch {state['epoch']}", leave=False,
                    disable=not acc.is_main_process or not sys.stderr.isatty())  # fmt: skip
@@ -293,19 +313,35 @@ class TrainLoop:
             )
             state["batches"] += 1
             with acc.accumulate(self.model):
-                outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
+                # Gradient-based methods write gradients themselves: DDP must not all-reduce.
+                with acc.no_sync(self.model) if self.gradient_based else contextlib.nullcontext():
+                    outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
                 loss, losses = multitask_loss(
                     outputs, batch["targets"], batch["mask"], self.tasks, self.weights
                 )
+                if self.balancer is not None and not self.gradient_based:
+                    vector, present = self.balancer.stack(losses)
+                    loss = self.balancer.combine(
+                        vector, self._present(batch, present), state["epoch"], state["batches"]
+                    )
                 if not self._finite(loss):
                     self._nonfinite(losses, state)
                     continue
-                acc.backward(loss)
+                if self.gradient_based:
+                    self._jacobian_backward(losses, batch)
+                    if acc.sync_gradients:
+                        self._aggregate(state)
+                else:
+                    acc.backward(loss)
+                    if acc.sync_gradients and self.balancer is not None:
+                        self._sync_loss_weight_grads()
                 if cfg.clip_grad and acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients and self.balancer is not None:
+                    self._after_step(batch)
             seen += batch["index"].shape[0] * acc.num_processes
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(
@@ -314,11 +350,16 @@ class TrainLoop:
             if not acc.sync_gradients:
                 continue
             state["step"] += 1
+            balance = self._balance_values()
+            for key, value in balance.items():
+                totals[key] = totals.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
             if state["step"] % cfg.log_every == 0:
                 acc.log(
                     {
                         "train/loss": loss.item(),
                         **{f"train/loss_{k}": v.item() for k, v in losses.items()},
+                        **{f"train/{k}": v for k, v in balance.items()},
                     },
                     step=state["step"],
                 )
@@ -327,11 +368,121 @@ class TrainLoop:
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         elapsed = time.perf_counter() - start
+        if self.balancer is not None:
+            self.balancer.impl.end_epoch()
         return {
             "train/loss": running,
             "epoch_time_s": round(elapsed, 3),
             "images_per_s": round(seen / max(elapsed, 1e-9), 1),
+            **{k: round(v / counts[k], 6) for k, v in totals.items()},
         }
+
+    # ---- multi-task balancing (see transferkit.balancing)
+    def _present(self, batch: dict, local: torch.Tensor) -> torch.Tensor:
+        """Which objectives have a label anywhere in the global batch (the same on every rank)."""
+        masks = batch["mask"]
+        flags = torch.tensor(
+            [bool(p) and bool(masks[MultiTaskModel.task_of(k)].any())
+             for k, p in zip(self.balancer.objectives, local.tolist())],
+            dtype=torch.float32, device=self.accelerator.device,
+        )  # fmt: skip
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        return flags > 0
+
+    def _shared_and_heads(self):
+        model = self.accelerator.unwrap_model(self.model)
+        shared = [p for p in model.backbone.parameters() if p.requires_grad]
+        return model, shared
+
+    def _jacobian_backward(self, losses: dict, batch: dict) -> None:
+        """Add this micro-batch's per-objective gradients to the accumulation window."""
+        acc, balancer = self.accelerator, self.balancer
+        model, shared = self._shared_and_heads()
+        keys = [k for k in balancer.objectives if k in losses]
+        scaler = acc.scaler
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        # As `accelerator.backward` does: divide by the accumulation steps.
+        factor = scale / acc.gradient_accumulation_steps
+        own = [list(model.head_of(k).parameters()) for k in keys]
+        rows, own_grads = objective_gradients([losses[k] for k in keys], shared, own, factor)
+        jacobian = rows.new_zeros(len(balancer.objectives), rows.shape[1])
+        index = torch.tensor([balancer.objectives.index(k) for k in keys], device=rows.device)
+        jacobian[index] = rows
+        for params, grads in zip(own, own_grads):
+            for param, grad in zip(params, grads):
+                param.grad = grad if param.grad is None else param.grad + grad
+        vector, present = balancer.stack(losses)
+        labelled = self._present(batch, present).float()
+        window = self._window
+        if window is None:
+            self._window = {"jacobian": jacobian, "losses": vector.detach(), "labelled": labelled,
+                            "micro": 1, "scale": scale}  # fmt: skip
+        else:
+            window["jacobian"] += jacobian
+            window["losses"] += vector.detach()
+            window["labelled"] += labelled
+            window["micro"] += 1
+
+    def _aggregate(self, state: dict) -> None:
+        """End of an accumulation window: average over processes, aggregate, write `.grad`."""
+        acc, window, self._window = self.accelerator, self._window, None
+        model, shared = self._shared_and_heads()
+        jacobian, scale = window["jacobian"], window["scale"]
+        losses = window["losses"] / window["micro"]
+        if acc.num_processes > 1:
+            # Every rank must aggregate the same global Jacobian: a nonlinear aggregator of
+            # per-rank Jacobians, averaged afterwards, is not the aggregator of the average.
+            jacobian = acc.reduce(jacobian, reduction="mean")
+            losses = acc.reduce(losses, reduction="mean")
+            shared_ids = {id(p) for p in shared}
+            heads = [
+                p for p in model.parameters() if p.grad is not None and id(p) not in shared_ids
+            ]
+            flat = acc.reduce(torch.cat([p.grad.reshape(-1) for p in heads]), reduction="mean")
+            offset = 0
+            for param in heads:
+                param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
+        present = window["labelled"] > 0
+        if not shared:
+            return  # a linear probe: heads have their gradients, nothing is shared
+        direction = self.balancer.scaled_direction(
+            jacobian, losses, present, scale, state["epoch"], state["batches"]
+        )
+        write_direction(direction, shared)
+
+    def _sync_loss_weight_grads(self) -> None:
+        """UW / IMTL-L parameters live outside the DDP model: average their gradients here."""
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self.balancer.impl.parameters():
+            if param.grad is not None:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def _after_step(self, batch: dict) -> None:
+        """FAMO: the same batch's losses after the update (no gradient; BatchNorm statistics
+        and the random stream are restored, so the extra forward changes nothing else)."""
+        if not getattr(self.balancer.impl, "needs_losses_after_step", False):
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            outputs = model_outputs(model, batch, self.cfg.channels_last)
+            _, losses = multitask_loss(
+                outputs, batch["targets"], batch["mask"], self.tasks, self.weights
+            )
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        vector, present = self.balancer.stack(losses)
+        self.balancer.impl.after_step(vector, self._present(batch, present))
+
+    def _balance_values(self) -> dict[str, float]:
+        if self.balancer is None:
+            return {}
+        values = {f"mtl/weight/{k}": v for k, v in self.balancer.weights_dict().items()}
+        values.update({f"mtl/cos/{k}": v for k, v in self.balancer.cosines_dict().items()})
+        return values
 
     def _finite(self, loss) -> bool:
         # Every process must take the same decision, or DDP's all-reduce would hang.

@@ -106,6 +106,17 @@ class MultiTaskModel(nn.Module):
             outputs[spec.key] = self.aux_heads[_module_key(spec)](maps[spec.group])
         return outputs
 
+    @property
+    def output_keys(self) -> list[str]:
+        """Every output this model returns from images: tasks, then auxiliary heads."""
+        return [*self.heads.keys(), *(spec.key for spec in self.aux_specs)]
+
+    def head_of(self, output_key: str) -> nn.Module:
+        """The head module that produces `output_key` (a task or an auxiliary head)."""
+        if output_key in self.heads:
+            return self.heads[output_key]
+        return self.aux_heads[output_key.replace(".", "_")]
+
     @staticmethod
     def task_of(output_key: str) -> str:
         """The task an output key belongs to ('digit@layer2' -> 'digit')."""

@@ -142,6 +142,13 @@ class TrainSection:
 
 
 @dataclass(kw_only=True)
+class MultitaskSection:
+    method: str = "sum"
+    options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = _field(None, gt=0)
+
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str = ""
     output_dir: str = "runs"
@@ -151,6 +158,7 @@ class Recipe:
     data: DataSection
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    multitask: MultitaskSection = field(default_factory=MultitaskSection)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +387,31 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         for group, mult in phase.lr_mult.items():
             if mult < 0:
                 errors.append(f"{where}.lr_mult.{group}: must be >= 0, got {mult}")
+    errors += _check_multitask(recipe)
     return errors
+
+
+def _check_multitask(recipe: Recipe) -> list[str]:
+    from transferkit.balancing import METHODS, build_method  # torchjd: only when checking
+
+    method = recipe.multitask.method
+    if method not in ("sum", "mean"):
+        weighted = [name for name, task in recipe.tasks.items() if task.weight != 1.0]
+        if weighted:
+            return [
+                f"recipe key tasks.{weighted[0]}.weight: static weights apply with "
+                f"multitask.method sum or mean; {method} sets its own, so remove the weight"
+            ]
+    if recipe.multitask.lr is not None and method not in ("uw", "imtl_l"):
+        return ["recipe key multitask.lr: only uw and imtl_l learn weights with the optimizer"]
+    try:
+        if method in METHODS:  # options are checked by building the method once
+            build_method(method, max(len(recipe.tasks), 1), recipe.multitask.options)
+        else:
+            build_method(method, 1)
+    except UserError as err:
+        return [f"recipe key {err}"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""Multi-task balancing: how the losses of several tasks become one update.
+
+Two small interfaces, composed rather than inherited:
+- `LossCombiner(losses, present) -> scalar`: loss-based methods, one backward pass;
+- `GradientAggregator(jacobian, losses, present) -> direction`: gradient-based methods, over
+  the per-task gradients of the trainable shared parameters.
+
+`Balancer` wraps either one for the trainer: it names the objectives (task heads and auxiliary
+heads, `dict[str, Tensor]` in), keeps the per-task weights of the last step for logging, draws
+randomness identically on every process, and is checkpointed with the run through
+`state_dict`/`load_state_dict` (tensors and numbers only, so `weights_only` loading reads it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from transferkit.balancing.gradients import DBMTL, GradientAggregator, GradNorm, TorchJDAggregator
+from transferkit.balancing.jacobian import cosine_similarities, objective_gradients, write_direction
+from transferkit.balancing.losses import LossCombiner
+from transferkit.balancing.methods import METHODS, Method, option_names
+from transferkit.errors import UserError, did_you_mean
+from transferkit.seeding import derive_seed
+
+__all__ = [
+    "METHODS",
+    "Balancer",
+    "DBMTL",
+    "GradNorm",
+    "GradientAggregator",
+    "LossCombiner",
+    "Method",
+    "TorchJDAggregator",
+    "build_method",
+    "cosine_similarities",
+    "objective_gradients",
+    "write_direction",
+]
+
+_RNG_STREAM = 0xBA1A  # keeps the balancing draws apart from dropout's
+
+
+def build_method(name: str, num_objectives: int, options: dict | None = None):
+    """The combiner or aggregator called `name`, with options checked; errors name the key."""
+    if name not in METHODS:
+        raise UserError(
+            f"multitask.method: unknown method {name!r}.{did_you_mean(name, METHODS)} "
+            f"Methods: {', '.join(METHODS)}"
+        )
+    method = METHODS[name]
+    options = dict(options or {})
+    allowed = option_names(method)
+    for key in options:
+        if key not in allowed:
+            hint = f"its options: {', '.join(allowed)}" if allowed else "it takes no options"
+            raise UserError(
+                f"multitask.options.{key}: not an option of {name}{did_you_mean(key, allowed)}; "
+                + hint
+            )
+    try:
+        return method.build(num_objectives, options)
+    except ImportError as err:
+        raise UserError(
+            f"multitask.method {name} needs an optional solver: {err}. "
+            "Install transferkit with its dependencies (`make setup`, or pip install 'torchjd[full]')"
+        ) from None
+    except (TypeError, ValueError) as err:
+        raise UserError(f"multitask.options for {name}: {err}") from None
+
+
+class Balancer:
+    """The method of a run, over named objectives; see the module docstring."""
+
+    def __init__(
+        self, method: str, objectives: list[str], options: dict | None = None, seed: int = 0
+    ) -> None:
+        self.name = method
+        self.objectives = list(objectives)
+        self.impl = build_method(method, len(self.objectives), options)  # checks the name
+        self.info: Method = METHODS[method]
+        self.kind = self.info.kind
+        self.seed = seed
+        self.last_weights: Tensor | None = None
+        self.last_cosines: Tensor | None = None
+
+    # ---- shared helpers
+    def stack(self, losses: dict[str, Tensor], device=None) -> tuple[Tensor, Tensor]:
+        """`(losses [K], present [K])` in objective order; a missing output is absent."""
+        some = next(iter(losses.values()))
+        values = [losses.get(k, some.new_zeros(())) for k in self.objectives]
+        present = torch.tensor([k in losses for k in self.objectives], device=some.device)
+        return torch.stack([v.float() for v in values]), present
+
+    def weights_dict(self) -> dict[str, float]:
+        if self.last_weights is None:
+            return {}
+        return {
+            k: float(w) for k, w in zip(self.objectives, self.last_weights) if torch.isfinite(w)
+        }
+
+    def cosines_dict(self) -> dict[str, float]:
+        if self.last_cosines is None:
+            return {}
+        out = {}
+        for i, a in enumerate(self.objectives):
+            for j in range(i + 1, len(self.objectives)):
+                value = self.last_cosines[i, j]
+                if torch.isfinite(value):
+                    out[f"{a}|{self.objectives[j]}"] = float(value)
+        return out
+
+    # ---- loss-based
+    def combine(self, losses: Tensor, present: Tensor, *position: int) -> Tensor:
+        """The scalar to backpropagate (`losses` as from `stack`); records each task's effective
+        weight d(combined)/d(loss_k), read off the small graph between them."""
+        assert isinstance(self.impl, LossCombiner)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, _RNG_STREAM, *position))
+            combined = self.impl(losses, present)
+        if losses.requires_grad:
+            (grad,) = torch.autograd.grad(combined, losses, retain_graph=True, allow_unused=True)
+            weights = torch.zeros_like(losses) if grad is None else grad.detach()
+            self.last_weights = torch.where(present, weights, float("nan")).cpu()
+        return combined
+
+    # ---- gradient-based
+    def aggregate(
+        self, jacobian: Tensor, losses: Tensor, present: Tensor, *position: int
+    ) -> Tensor:
+        """The update direction of the shared parameters; records weights and cosines."""
+        assert isinstance(self.impl, GradientAggregator)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, _RNG_STREAM, *position))
+            direction = self.impl(jacobian, losses, present)
+        self.last_weights = self.impl.last_weights
+        cos = torch.full((len(self.objectives),) * 2, float("nan"))
+        rows = present.nonzero().squeeze(1).cpu()
+        if jacobian.shape[1]:
+            sub = cosine_similarities(jacobian[present].float()).cpu()
+            cos[rows[:, None], rows[None, :]] = sub
+        self.last_cosines = cos
+        return direction
+
+    def scaled_direction(
+        self, jacobian: Tensor, losses: Tensor, present: Tensor, scale: float, *position: int
+    ) -> Tensor:
+        """The direction for a Jacobian of fp16-scaled losses, scaled back the same way.
+
+        The method sees the true (unscaled) Jacobian, since most are not scale-invariant
+        (Nash-MTL, GradNorm, DB-MTL). On overflow the non-finite sum is returned, so the
+        gradient scaler skips the step and lowers the scale as with plain losses, and the
+        method's state is left untouched.
+        """
+        unscaled = jacobian / scale
+        if not bool(torch.isfinite(unscaled).all()):
+            return jacobian.sum(dim=0)
+        return self.aggregate(unscaled, losses, present, *position) * scale
+
+    # ---- checkpointing (Accelerate's register_for_checkpointing)
+    def state_dict(self) -> dict:
+        return {"module": self.impl.state_dict(), "extra": self.impl.state_dict_extra()}
+
+    def load_state_dict(self, state: dict) -> None:
+        module_state = state["module"]
+        expected = self.impl.state_dict()
+        for key, value in module_state.items():
+            if key not in expected:
+                # torchjd registers some state buffers at their first call: register them now.
+                path, _, name = key.rpartition(".")
+                self.impl.get_submodule(path).register_buffer(name, value.clone())
+        self.impl.load_state_dict(module_state)
+        self.impl.load_state_dict_extra(state["extra"])
