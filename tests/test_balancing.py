@@ -428,3 +428,26 @@ def test_fp16_scaled_jacobian_gives_the_unscaled_direction_scaled():
 def test_bad_method_or_options_name_the_key(name, options, message):
     with pytest.raises(UserError, match=message):
         build_method(name, 3, options)
+
+
+def test_delta_m_is_signed_so_lower_is_better():
+    from transferkit.balancing.compare import delta_m
+
+    single = {"digit/accuracy": 0.8, "ink/mae": 0.5}
+    # accuracy +10% relative (better: -10), MAE +20% relative (worse: +20): mean +5
+    assert delta_m({"digit/accuracy": 0.88, "ink/mae": 0.6}, single) == pytest.approx(5.0)
+    assert delta_m(single, single) == 0.0
+    with pytest.raises(ValueError):
+        delta_m({}, {})
+
+
+def test_seconds_per_step_skips_the_first_epoch(tmp_path):
+    import json
+
+    from transferkit.balancing.compare import seconds_per_step
+
+    lines = [{"epoch": 0, "step": 4, "epoch_time_s": 100.0},
+             {"epoch": 1, "step": 8, "epoch_time_s": 2.0},
+             {"epoch": 2, "step": 12, "epoch_time_s": 2.0}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert seconds_per_step(tmp_path) == pytest.approx(0.5)
