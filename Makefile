@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-zoo bench lint clean
+.PHONY: setup demo test test-zoo bench bench-multitask lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -33,3 +33,6 @@ clean:
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+bench-multitask: setup
+	$(BIN)/python -m bench.multitask

@@ -28,3 +28,32 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
     )  # freezing saves memory
     assert depths[-1]["trainable_params"] < depths[0]["trainable_params"]
     assert "| (a) step time" in (tmp_path / "results.md").read_text()
+
+
+def test_multitask_bench_quick_reports_delta_m_and_step_time(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.multitask import main
+
+    main(["--quick", "--out", str(tmp_path), "--methods", "sum,upgrad"])
+    report = json.loads((tmp_path / "multitask.json").read_text())
+    runs = [r for r in report["runs"] if r["error"] is None]
+    assert {r["dataset"] for r in runs} == {"quickstart", "overlaid"}
+    upgrad = [r for r in runs if r["method"] == "upgrad"]
+    assert upgrad and all(r["delta_m"] is not None and r["step_vs_ew"] > 0 for r in upgrad)
+    singles = [r for r in runs if r["kind"] == "single-task"]
+    assert len(singles) == 5  # digit, parity, ink; left, right
+    assert "| upgrad | gradient |" in (tmp_path / "multitask.md").read_text()
+
+
+def test_overlaid_digits_are_deterministic_with_two_labels(tmp_path):
+    import csv
+
+    from transferkit.digits import write_overlaid_digits
+
+    first = write_overlaid_digits(tmp_path / "a", n=20, seed=1)
+    second = write_overlaid_digits(tmp_path / "b", n=20, seed=1)
+    rows = list(csv.DictReader((first / "manifest.csv").open()))
+    assert len(rows) == 20 and set(rows[0]) == {"image", "left", "right"}
+    assert all(r["left"] in "0123456789" and r["right"] in "0123456789" for r in rows)
+    image = rows[3]["image"]
+    assert (first / image).read_bytes() == (second / image).read_bytes()

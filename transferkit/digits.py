@@ -5,6 +5,10 @@
 - `transfer/`: digits 5-9, three tasks: `digit` (5-9), `parity` (even/odd) and `ink` (how much
   of the image is ink, standardized: a regression target), with a fifth of the parity and ink
   labels missing, as in real multi-task data.
+
+`write_overlaid_digits(root)` writes a Multi-MNIST-like set: two digits overlaid in each image,
+one shifted left and one shifted right, with two tasks (`left`, `right`) that compete for the
+same pixels (a standard benchmark for conflicting tasks).
 """
 
 from __future__ import annotations
@@ -50,6 +54,59 @@ def write_digits(root: str | Path, size: int = 32) -> Path:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(folder / "manifest.csv")
+    return root
+
+
+def write_overlaid_digits(root: str | Path, size: int = 32, n: int = 2000, seed: int = 0) -> Path:
+    """Write `n` images of two overlaid digits under `root` (skipped if already there).
+
+    A Multi-MNIST-like set (Sener & Koltun, 2018) from scikit-learn's digits, all ten classes:
+    each image overlays two different digit images drawn at random (so their labels are
+    independent and may coincide), one shifted to the left and one to the right, both upscaled
+    to about two thirds of the canvas and jittered by a few pixels, combined with a pixelwise
+    max. Their strokes overlap, so the two tasks, `left` and `right` (labels '0'-'9'),
+    compete for the same pixels and features: a standard conflicting multi-task benchmark.
+
+    Writes `root/images/NNNNN.png` (grayscale, `size` px) and `root/manifest.csv` with columns
+    `image,left,right`; deterministic given `seed`. Returns `root`.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    if (root / "manifest.csv").is_file():
+        return root
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    side = max(round(size * 0.65), 8)  # each digit covers about 2/3 of the canvas width
+    spare = size - side  # the horizontal room: left digit near 0, right digit near `spare`
+    jitter = max(size // 16, 1)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        first, second = rng.choice(len(digits.images), size=2, replace=False)
+        canvas = np.zeros((size, size), dtype=np.uint8)
+        for index, x in ((first, 0), (second, spare)):
+            x = int(np.clip(x + rng.integers(-jitter, jitter + 1), 0, spare))
+            y = int(rng.integers(max(spare // 2 - jitter, 0), min(spare // 2 + jitter, spare) + 1))
+            pixels = (digits.images[index] / 16.0 * 255).astype(np.uint8)
+            glyph = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR))
+            region = canvas[y : y + side, x : x + side]
+            np.maximum(region, glyph, out=region)
+        path = f"images/{i:05d}.png"
+        Image.fromarray(canvas).save(root / path)
+        rows.append(
+            {
+                "image": path,
+                "left": str(digits.target[first]),
+                "right": str(digits.target[second]),
+            }
+        )
+    tmp = root / "manifest.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "left", "right"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(root / "manifest.csv")
     return root
 
 
