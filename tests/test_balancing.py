@@ -451,3 +451,11 @@ def test_seconds_per_step_skips_the_first_epoch(tmp_path):
              {"epoch": 2, "step": 12, "epoch_time_s": 2.0}]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert seconds_per_step(tmp_path) == pytest.approx(0.5)
+
+
+def test_docs_list_every_method_as_the_registry_does():
+    from conftest import ROOT
+
+    from transferkit.balancing.methods import methods_markdown
+
+    assert methods_markdown() in (ROOT / "docs/multitask.md").read_text()

@@ -92,7 +92,8 @@ METHODS: dict[str, Method] = {
             stateful=True, randomized=True),
         _jd("excess_mtl", "multi-objective", "ExcessMTL (He et al., 2024)",
             aggregation.ExcessMTL, stateful=True),
-        _jd("pcd", "projection", "PCD", aggregation.PCD, stateful=True),
+        _jd("pcd", "projection", "PCD: the first task is the primary one", aggregation.PCD,
+            stateful=True),
         Method("gradnorm", "gradient", "gradient norms", "GradNorm (Chen et al., 2018)",
                lambda k, o: GradNorm(k, **o), GradNorm, stateful=True),
         Method("db_mtl", "gradient", "gradient norms", "DB-MTL (Lin et al., 2023)",
@@ -106,4 +107,37 @@ def option_names(method: Method) -> list[str]:
     if method.signature is None:
         return []
     params = inspect.signature(method.signature).parameters
-    return [n for n in params if n not in ("self", "num_objectives", "n_tasks")]
+    return [n for n in params if n not in _NOT_FROM_YAML]
+
+
+# Constructor arguments a recipe cannot express (tensors, callables, solver objects) or that
+# transferkit fills in itself (the number of tasks).
+_NOT_FROM_YAML = ("self", "num_objectives", "n_tasks", "pref_vector", "projector", "f", "leak")
+
+
+def methods_markdown() -> str:
+    """The table of methods in docs/multitask.md (a test keeps the two identical)."""
+    lines = [
+        "| method | kind | family | | options (defaults) | state |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METHODS.values():
+        options = ", ".join(
+            f"{name}={_default(m, name)}" if _default(m, name) is not None else name
+            for name in option_names(m)
+        )
+        notes = [n for n, on in (("checkpointed", m.stateful), ("random", m.randomized)) if on]
+        if m.nonconflicting:
+            notes.append("non-conflicting")
+        lines.append(f"| `{m.name}` | {m.kind} | {m.family} | {m.title} | {options or '-'} | "
+                     f"{', '.join(notes) or '-'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _default(method: Method, name: str):
+    if name in method.defaults:
+        return method.defaults[name]
+    param = inspect.signature(method.signature).parameters[name]
+    if param.default is inspect.Parameter.empty or callable(param.default):
+        return None
+    return param.default
