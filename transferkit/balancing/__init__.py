@@ -93,6 +93,7 @@ class Balancer:
         return torch.stack([v.float() for v in values]), present
 
     def weights_dict(self) -> dict[str, float]:
+        """The last step's weight per objective (absent ones left out)."""
         if self.last_weights is None:
             return {}
         return {
@@ -100,6 +101,7 @@ class Balancer:
         }
 
     def cosines_dict(self) -> dict[str, float]:
+        """The last step's gradient cosine per pair `"a|b"` (gradient-based methods only)."""
         if self.last_cosines is None:
             return {}
         out = {}
@@ -159,9 +161,11 @@ class Balancer:
 
     # ---- checkpointing (Accelerate's register_for_checkpointing)
     def state_dict(self) -> dict:
+        """The method's state: its module state and the attributes torchjd keeps outside it."""
         return {"module": self.impl.state_dict(), "extra": self.impl.state_dict_extra()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned, into a freshly built method."""
         module_state = state["module"]
         expected = self.impl.state_dict()
         for key, value in module_state.items():

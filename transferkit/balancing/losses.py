@@ -36,6 +36,9 @@ class LossCombiner(nn.Module):
     """
 
     needs_losses_after_step = False
+    # Methods whose state is built from loss values (DWA's epoch averages, FAMO's loss changes)
+    # see the mean over processes, so every rank holds the same state and takes the same weights.
+    uses_global_values = False
 
     def __init__(self, scalarizer: nn.Module, num_objectives: int) -> None:
         super().__init__()
@@ -59,7 +62,11 @@ class LossCombiner(nn.Module):
     def forward(self, losses: Tensor, present: Tensor | None = None) -> Tensor:
         if present is None:
             present = torch.ones_like(losses, dtype=torch.bool)
-        return self.scalarizer(self.impute(losses, present))
+        filled = self.impute(losses, present)
+        if self.uses_global_values:
+            # local + (global - local).detach(): the global value with the local gradient.
+            filled = filled + (self.reduce(filled.detach()) - filled.detach())
+        return self.scalarizer(filled)
 
     def end_epoch(self) -> None:
         """Called once at the end of every epoch."""
@@ -75,17 +82,9 @@ class LossCombiner(nn.Module):
 
 
 class DWACombiner(LossCombiner):
-    """DWA sums batch losses into epoch averages: feed it process-averaged losses so every rank
-    derives the same weights, and roll its history at each epoch end."""
+    """DWA sums batch losses into epoch averages and rolls its history at each epoch end."""
 
-    def forward(self, losses: Tensor, present: Tensor | None = None) -> Tensor:
-        if present is None:
-            present = torch.ones_like(losses, dtype=torch.bool)
-        filled = self.impute(losses, present)
-        # DWA accumulates `values.detach()`; give it the global mean while keeping the local
-        # graph: local + (global - local).detach() has the local gradient and the global value.
-        shared = self.reduce(filled.detach())
-        return self.scalarizer(filled + (shared - filled.detach()))
+    uses_global_values = True
 
     def end_epoch(self) -> None:
         self.scalarizer.step()
@@ -96,13 +95,7 @@ class FAMOCombiner(LossCombiner):
     needs the batch's losses again after `optimizer.step()` (one extra forward, no backward)."""
 
     needs_losses_after_step = True
-
-    def forward(self, losses: Tensor, present: Tensor | None = None) -> Tensor:
-        if present is None:
-            present = torch.ones_like(losses, dtype=torch.bool)
-        filled = self.impute(losses, present)
-        shared = self.reduce(filled.detach())
-        return self.scalarizer(filled + (shared - filled.detach()))
+    uses_global_values = True
 
     def after_step(self, new_losses: Tensor, present: Tensor) -> None:
         # Absent tasks get the value they were imputed with before the step: a zero change.
