@@ -10,6 +10,7 @@ no gradient this step, and its row is left out.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,7 @@ from torchjd import aggregation
 from transferkit.balancing import state as foreign_state
 
 
-class GradientAggregator(nn.Module):
+class GradientAggregator(nn.Module, ABC):
     """`aggregator(jacobian, losses, present) -> direction`; `last_weights` holds the per-task
     weights of the last call when the method has them (NaN for absent tasks), else None."""
 
@@ -26,8 +27,9 @@ class GradientAggregator(nn.Module):
         super().__init__()
         self.last_weights: Tensor | None = None
 
+    @abstractmethod
     def forward(self, jacobian: Tensor, losses: Tensor, present: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The update direction `[n]` from the Jacobian `[K, n]`, losses `[K]`, present `[K]`."""
 
     def end_epoch(self) -> None:
         """Called once at the end of every epoch."""

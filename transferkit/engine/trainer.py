@@ -390,7 +390,7 @@ class TrainLoop:
             flags = self.accelerator.reduce(flags, reduction="sum")
         return flags > 0
 
-    def _shared_and_heads(self):
+    def _model_and_shared(self):
         model = self.accelerator.unwrap_model(self.model)
         shared = [p for p in model.backbone.parameters() if p.requires_grad]
         return model, shared
@@ -398,7 +398,7 @@ class TrainLoop:
     def _jacobian_backward(self, losses: dict, batch: dict) -> None:
         """Add this micro-batch's per-objective gradients to the accumulation window."""
         acc, balancer = self.accelerator, self.balancer
-        model, shared = self._shared_and_heads()
+        model, shared = self._model_and_shared()
         keys = [k for k in balancer.objectives if k in losses]
         scaler = acc.scaler
         scale = scaler.get_scale() if scaler is not None else 1.0
@@ -427,7 +427,7 @@ class TrainLoop:
     def _aggregate(self, state: dict) -> None:
         """End of an accumulation window: average over processes, aggregate, write `.grad`."""
         acc, window, self._window = self.accelerator, self._window, None
-        model, shared = self._shared_and_heads()
+        model, shared = self._model_and_shared()
         jacobian, scale = window["jacobian"], window["scale"]
         losses = window["losses"] / window["micro"]
         if acc.num_processes > 1:
