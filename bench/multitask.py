@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from transferkit.balancing.compare import delta_m, seconds_per_step
+from transferkit.compare import delta_m, seconds_per_step
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = "timm:test_resnet"
@@ -172,6 +172,7 @@ def _finite(value) -> float | None:
 def _train_one(run: dict, path: str, cfg: dict, workdir: Path) -> dict:
     """Train one run (its output silenced) and read its last epoch; errors are recorded."""
     from transferkit.engine import train
+    from transferkit.run_dir import RunDir
 
     result = {
         k: run[k]
@@ -183,8 +184,7 @@ def _train_one(run: dict, path: str, cfg: dict, workdir: Path) -> dict:
     try:
         with contextlib.redirect_stdout(output):
             train(_recipe(run, path, cfg), output=str(run_dir))
-        text = (run_dir / "metrics.jsonl").read_text()
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = RunDir(run_dir).records()
         last = records[-1]
         result.update(
             error=None,
@@ -207,7 +207,7 @@ def _train_one(run: dict, path: str, cfg: dict, workdir: Path) -> dict:
 
 
 def _delta_m(metrics: dict, baselines: dict, dataset: str) -> float | None:
-    """Δm% against the single-task runs (see `transferkit.balancing.compare.delta_m`)."""
+    """Δm% against the single-task runs (see `transferkit.compare.delta_m`)."""
     if not metrics or any(metrics[t] is None or not baselines.get(t) for t in metrics):
         return None
 

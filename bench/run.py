@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.engine import train
+from transferkit.engine.loop import TrainLoop
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.schedule import FreezeSchedule
-from transferkit.engine.trainer import TrainLoop, train
+from transferkit.engine.strategies import PlainSum
 from transferkit.models import MultiTaskModel, TaskSpec, create_backbone
 from transferkit.recipes import parse_recipe
 from transferkit.recipes.schema import PhaseSection
@@ -78,14 +80,13 @@ def _transferkit_steps(cfg: dict, tasks: list[str], loader_items: int) -> float:
     )
     lr = build_lr_scheduler(optimizer, train_cfg, schedule, len(loader))
     model, optimizer, loader, lr = accelerator.prepare(model, optimizer, loader, lr)
-    with tempfile.TemporaryDirectory() as tmp:
-        loop = TrainLoop(accelerator, model, optimizer, lr, {t: TaskSpec(t, "multiclass", 10) for t in tasks},
-                         dict.fromkeys(tasks, 1.0), train_cfg, 0, Path(tmp))  # fmt: skip
-        loop.epoch(loader, {"epoch": 0, "batches": 0, "step": 0, "skipped_steps": 0})  # warm-up
-        state = {"epoch": 1, "batches": 0, "step": 0, "skipped_steps": 0}
-        start = time.perf_counter()
-        loop.epoch(loader, state)
-        return (time.perf_counter() - start) / state["step"]
+    loop = TrainLoop(accelerator, model, optimizer, lr, {t: TaskSpec(t, "multiclass", 10) for t in tasks},
+                     train_cfg, 0, PlainSum(accelerator, dict.fromkeys(tasks, 1.0)))  # fmt: skip
+    loop.epoch(loader, {"epoch": 0, "batches": 0, "step": 0, "skipped_steps": 0})  # warm-up
+    state = {"epoch": 1, "batches": 0, "step": 0, "skipped_steps": 0}
+    start = time.perf_counter()
+    loop.epoch(loader, state)
+    return (time.perf_counter() - start) / state["step"]
 
 
 def _handwritten_steps(cfg: dict, tasks: list[str], loader_items: int) -> float:
@@ -199,7 +200,7 @@ def bench_data_pipeline(cfg: dict, workdir: Path) -> dict:
     """(e) Images/s the data pipeline delivers against images/s a training step consumes."""
     from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
     from transferkit.digits import write_digits
-    from transferkit.engine.trainer import _num_workers
+    from transferkit.engine.setup import num_workers
 
     write_digits(workdir / "digits")
     recipe = parse_recipe({"model": {"backbone": cfg["backbone"]}, "tasks": {"digit": {"kind": "multiclass"}},
@@ -211,7 +212,7 @@ def bench_data_pipeline(cfg: dict, workdir: Path) -> dict:
         data.tasks,
         build_transforms(backbone.data_config, True, "light", cfg["size"]),
     )
-    workers = _num_workers(None)
+    workers = num_workers(None)
     loader = DataLoader(dataset, batch_size=cfg["batch"], num_workers=workers, collate_fn=collate)
     start, seen = time.perf_counter(), 0
     for batch in loader:

@@ -431,7 +431,7 @@ def test_bad_method_or_options_name_the_key(name, options, message):
 
 
 def test_delta_m_is_signed_so_lower_is_better():
-    from transferkit.balancing.compare import delta_m
+    from transferkit.compare import delta_m
 
     single = {"digit/accuracy": 0.8, "ink/mae": 0.5}
     # accuracy +10% relative (better: -10), MAE +20% relative (worse: +20): mean +5
@@ -444,7 +444,7 @@ def test_delta_m_is_signed_so_lower_is_better():
 def test_seconds_per_step_skips_the_first_epoch(tmp_path):
     import json
 
-    from transferkit.balancing.compare import seconds_per_step
+    from transferkit.compare import seconds_per_step
 
     lines = [{"epoch": 0, "step": 4, "epoch_time_s": 100.0},
              {"epoch": 1, "step": 8, "epoch_time_s": 2.0},

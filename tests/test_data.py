@@ -12,7 +12,6 @@ import math
 import re
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -30,9 +29,11 @@ from transferkit.data import (
     decode_prediction_inputs,
     load_data,
 )
+from transferkit.data.config import DataSection, TaskSection
 from transferkit.errors import UserError
 from transferkit.models.backbone import DataConfig
 from transferkit.models.heads import TaskSpec
+from transferkit.recipes import parse_recipe
 
 DIGITS = load_digits()
 DC = DataConfig(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0)
@@ -60,22 +61,13 @@ def truncated_jpeg(path: Path) -> Path:
     return path
 
 
-def data_ns(source: str, path: Path | str, **overrides) -> SimpleNamespace:
-    """A recipe data section with the schema's defaults."""
-    values = dict(
-        source=source, path=str(path), image_column="image", train_split="train",
-        val_split="validation", test_split=None, val_fraction=0.2, image_size=None,
-        augment="light", bad_images="skip", num_workers=0, trust_remote_code=False,
-        max_samples=None,
-    )  # fmt: skip
-    values.update(overrides)
-    return SimpleNamespace(**values)
+def data_ns(source: str, path: Path | str, **overrides) -> DataSection:
+    """The data layer's typed data section, with its defaults."""
+    return DataSection(source=source, path=str(path), **{"num_workers": 0, **overrides})
 
 
-def task(kind: str, column=None, classes=None) -> SimpleNamespace:
-    return SimpleNamespace(
-        kind=kind, column=column, classes=classes, hidden=None, dropout=0.0, weight=1.0
-    )
+def task(kind: str, column=None, classes=None) -> TaskSection:
+    return TaskSection(kind=kind, column=column, classes=classes)
 
 
 def image_paths(split: datasets.Dataset) -> list[str]:
@@ -482,8 +474,10 @@ def test_train_transforms_by_augment_level():
     torch.manual_seed(0)
     strong = build_transforms(DC, train=True, augment="strong")
     assert not all(torch.equal(strong(image), strong(image)) for _ in range(3))  # random each call
+    # The choice is validated once, by the recipe schema, from the data layer's own list.
     with pytest.raises(UserError, match=r"data\.augment.*Did you mean: strong"):
-        build_transforms(DC, train=True, augment="strng")
+        parse_recipe({"model": {"backbone": "timm:test_resnet"}, "tasks": {"a": {"kind": "binary"}},
+                      "data": {"source": "disk", "path": "x", "augment": "strng"}})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ predict inputs

@@ -17,9 +17,10 @@ import pytest
 import torch
 from conftest import QUICK, ROOT, epoch_end_weights, records
 
-from transferkit.engine import load_run, train
+from transferkit.engine import train
 from transferkit.engine.checkpoint import list_checkpoints
 from transferkit.errors import UserError
+from transferkit.inference import load as load_run
 from transferkit.recipes import load_recipe
 
 CLI = str(Path(sys.executable).parent / "transferkit")

@@ -1,4 +1,9 @@
-"""transferkit: fine-tune timm and torchvision backbones with frozen layers and multi-task heads."""
+"""transferkit: fine-tune timm and torchvision backbones with frozen layers and multi-task heads.
+
+The Python API (see `transferkit.api`): `fine_tune(recipe, data=...)` trains and returns a
+`FineTuneResult`; `load(run_dir)` gives a run's model back for `predict`; `RunDir(path)` reads a
+run folder (records, best and final metrics, checkpoints).
+"""
 
 from transferkit.errors import UserError
 from transferkit.models import (
@@ -10,25 +15,44 @@ from transferkit.models import (
     TaskSpec,
     create_backbone,
 )
+from transferkit.run_dir import RunDir
 
 __version__ = "0.1.0"
 __all__ = [
     "AuxHeadSpec",
     "Backbone",
     "DataConfig",
+    "FineTuneResult",
     "FreezeSpec",
     "MultiTaskModel",
+    "Run",
+    "RunDir",
     "TaskSpec",
     "UserError",
     "create_backbone",
+    "evaluate_run",
+    "fine_tune",
+    "load",
+    "load_recipe",
+    "train",
 ]
+
+# Names that pull in Accelerate, datasets or torchjd are imported on first use, so
+# `import transferkit` stays light.
+_LAZY = {
+    "fine_tune": "transferkit.api",
+    "FineTuneResult": "transferkit.api",
+    "load": "transferkit.inference",
+    "Run": "transferkit.inference",
+    "train": "transferkit.engine",
+    "evaluate_run": "transferkit.engine.evaluate",
+    "load_recipe": "transferkit.recipes",
+}
 
 
 def __getattr__(name: str):
-    # `transferkit.load(run_dir)` and `transferkit.train(recipe)` pull in Accelerate and
-    # datasets; import them on first use so `import transferkit` stays light.
-    if name in ("load", "train"):
-        from transferkit import engine
+    if name in _LAZY:
+        import importlib
 
-        return getattr(engine, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

@@ -61,12 +61,15 @@ def _inspect(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from transferkit.engine import train
     from transferkit.recipes import load_recipe
+    from transferkit.run_dir import RunDir
 
     # --resume alone continues with the run's own resolved recipe.
-    recipe_path = f"{args.resume}/recipe.yaml" if args.resume and not args.recipe else args.recipe
-    if not recipe_path:
+    if args.resume and not args.recipe:
+        recipe = RunDir(args.resume).recipe(args.set or [])
+    elif args.recipe:
+        recipe = load_recipe(args.recipe, args.set or [])
+    else:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
-    recipe = load_recipe(recipe_path, args.set or [])
     run_dir = train(recipe, output=args.output, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0
@@ -75,7 +78,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from transferkit.engine.evaluate import evaluate_run
 
-    values = evaluate_run(args.run_dir, split=args.split, data=args.data)
+    values = evaluate_run(
+        args.run_dir, split=args.split, data=args.data, device=args.device,
+        batch_size=args.batch_size,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(values, indent=2))
     else:
@@ -85,16 +91,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from transferkit.data import decode_prediction_inputs
-    from transferkit.engine import load_run
+    from transferkit.inference import load
 
-    run = load_run(args.run_dir)
-    inputs = decode_prediction_inputs(args.images)
-    results = []
-    for start in range(0, len(inputs), 64):
-        chunk = inputs[start : start + 64]
-        for (name, _), prediction in zip(chunk, run.predict([image for _, image in chunk])):
-            results.append({"image": name, **prediction})
+    run = load(args.run_dir)
+    results = run.predict_named(args.images, device=args.device, batch_size=args.batch_size or 64)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -156,6 +156,18 @@ def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
+def _device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch (default: 64, or the recipe's)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -181,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune as a YAML recipe says")
     train.add_argument(
-        "recipe", nargs="?", help="the recipe YAML (optional with --resume: the run's own recipe)"
+        "recipe",
+        nargs="?",
+        help="a recipe YAML, or a shipped recipe's name such as digits_transfer "
+        "(optional with --resume: the run's own recipe)",
     )
     train.add_argument(
         "--set",
@@ -242,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="another data source: a manifest file, image folder or saved dataset"
     )
     evaluate.add_argument("--json", action="store_true")
+    _device_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
     predict = sub.add_parser("predict", help="predict every task for images or folders of images")
     predict.add_argument("run_dir")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--json", action="store_true")
+    _device_options(predict)
     predict.set_defaults(func=_predict)
     return parser
 

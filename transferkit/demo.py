@@ -10,36 +10,31 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from transferkit.digits import write_digits
 from transferkit.engine import train
 from transferkit.recipes import load_recipe
+from transferkit.run_dir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _final_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+def _final_metrics(run_dir) -> dict:
+    return RunDir(run_dir).final()
 
 
 def main(output: str = "runs/demo") -> dict[str, dict]:
     """Run the chain under `output`; returns the last validation metrics of each transfer run."""
     start = time.perf_counter()
     write_digits("data/digits")
-    source = train(
-        load_recipe(ROOT / "recipes/digits_source.yaml"), output=f"{output}/digits_source"
-    )
+    source = train(load_recipe("digits_source"), output=f"{output}/digits_source")
     weights = f"model.weights={source / 'model.safetensors'}"
     transfer = train(
-        load_recipe(ROOT / "recipes/digits_transfer.yaml", [weights]),
+        load_recipe("digits_transfer", [weights]),
         output=f"{output}/digits_transfer",
     )
     scratch = train(
         load_recipe(
-            ROOT / "recipes/digits_transfer.yaml",
+            "digits_transfer",
             [
                 "model.weights=none",
                 "schedule.phases.0.freeze=none",

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import metrics as task_metrics
 from transferkit.engine.evaluate import check_tasks, eval_split
-from transferkit.engine.run import Run, describe_prediction, load_run
 from transferkit.errors import UserError
-from transferkit.recipes import load_recipe
+from transferkit.inference import Run, describe_prediction
+from transferkit.inference import load as load_run
+from transferkit.run_dir import RunDir
 
 
 def load_members(run_dirs: list[str | Path]) -> list[Run]:
@@ -38,7 +39,7 @@ def soup(run_dirs: list[str | Path], runs: list[Run]) -> Run:
     first = runs[0].info
     starts = []
     for run_dir in run_dirs:
-        recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+        recipe = RunDir(run_dir).recipe()
         # Runs from the same weights file start at the same point; from random weights, only
         # when the seed is the same too.
         starts.append((recipe.model.weights, recipe.seed if recipe.model.weights is None else None))
@@ -82,7 +83,7 @@ def evaluate_ensemble(
     members = {str(d): r for d, r in zip(run_dirs, runs)}
     if with_soup:
         members["soup"] = soup(run_dirs, runs)
-    recipe, rows, specs = eval_split(Path(run_dirs[0]), split, data)
+    recipe, rows, specs = eval_split(RunDir(run_dirs[0]), split, data)
     if data is None:
         _warn_if_splits_differ(run_dirs)
     tasks = runs[0].tasks
@@ -124,9 +125,9 @@ def evaluate_ensemble(
 
 def _warn_if_splits_differ(run_dirs: list[str]) -> None:
     """Members whose data or carving seed differ may have trained on this validation split."""
-    first = load_recipe(Path(run_dirs[0]) / "recipe.yaml")
+    first = RunDir(run_dirs[0]).recipe()
     for run_dir in run_dirs[1:]:
-        other = load_recipe(Path(run_dir) / "recipe.yaml")
+        other = RunDir(run_dir).recipe()
         carved = first.data.val_split is None
         if other.data != first.data or (carved and other.seed != first.seed):
             print(

@@ -3,8 +3,10 @@
 Each combination is one run folder under the sweep folder, trained in its own process (so each
 run's peak memory is its own). A run is claimed by creating `claim.json` exclusively, so several
 processes, or machines sharing the folder, never train the same combination twice; a finished
-run (its `model.json` exists) is not redone, and a run whose claimer died is resumed from its
-checkpoints. The report (`report.md`, `report.csv`, one PNG per task) is rewritten after every
+run is not redone, and a run whose claimer died is resumed from its
+checkpoints. A run counts as finished only once its completion marker is written
+(`RunDir.is_complete`): a run killed after its first epoch already has a model, and is resumed.
+The report (`report.md`, `report.csv`, one PNG per task) is rewritten after every
 run.
 """
 
@@ -24,6 +26,7 @@ import yaml
 
 from transferkit.errors import UserError
 from transferkit.recipes import load_recipe
+from transferkit.run_dir import RunDir
 
 CLAIM = "claim.json"
 
@@ -120,14 +123,14 @@ def sweep(
     bar = tqdm(list(enumerate(combos)), desc="sweep", unit="run")
     for index, combo in bar:
         run_dir = root / run_name(index, combo)
-        if (run_dir / "model.json").is_file():
+        if RunDir(run_dir).is_complete():
             continue
         if not _claim(run_dir):
             continue  # another process has it
         bar.set_postfix_str(run_dir.name)
         resume = (
             ["--resume", str(run_dir)]
-            if any((run_dir / "checkpoints").glob("step_*"))
+            if RunDir(run_dir).checkpoints()
             else ["--output", str(run_dir)]
         )
         cmd = [sys.executable, "-m", "transferkit.cli", "train", str(recipe_path), *resume]
@@ -151,13 +154,12 @@ def collect(root: Path, grid: dict[str, list]) -> list[dict]:
     """One row per finished run: its combination, final metrics, size, speed and memory."""
     rows = []
     for index, combo in enumerate(combinations(grid)):
-        run_dir = root / run_name(index, combo)
-        metrics = run_dir / "metrics.jsonl"
-        if not (run_dir / "model.json").is_file() or not metrics.is_file():
+        run_dir = RunDir(root / run_name(index, combo))
+        records = run_dir.records()
+        if not run_dir.is_complete() or not records:
             continue
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
         last = records[-1]
-        row = {"run": run_dir.name, **combo}
+        row = {"run": run_dir.path.name, **combo}
         row.update(
             {k: v for k, v in last.items() if k.startswith("val/") and not k.endswith("/count")}
         )

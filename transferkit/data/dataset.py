@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import datasets
 import torch
 
+from transferkit.data.config import BadImages
 from transferkit.data.images import image_id, open_image
 from transferkit.errors import UserError
 from transferkit.models.heads import TaskSpec
@@ -62,11 +63,9 @@ class TaskImageDataset(torch.utils.data.Dataset):
         tasks: Sequence[TaskSpec],
         transform: Callable,
         image_column: str = "image",
-        bad_images: str = "skip",
+        bad_images: BadImages = "skip",
         seed: int | None = None,
     ) -> None:
-        if bad_images not in ("skip", "error"):
-            raise UserError(f"data.bad_images must be skip or error, got {bad_images!r}")
         missing = [
             c for c in [image_column, *(t.name for t in tasks)] if c not in split.column_names
         ]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import datasets
 import numpy as np
 
+from transferkit.data.config import DataSection, TaskSection
 from transferkit.data.images import find_bad_images
 from transferkit.data.labels import column_values, encode_task, infer_task, known_classes
 from transferkit.data.sources import find_split, read_source
@@ -39,13 +39,19 @@ class LoadedData:
     skipped_images: list[str] = field(default_factory=list)
 
 
-def load_data(data: Any, tasks: dict, seed: int) -> LoadedData:
-    """Load, encode and check the recipe's data (see the module docstring)."""
+def load_data(
+    data: DataSection,
+    tasks: dict[str, TaskSection],
+    seed: int,
+    carve_validation: bool = True,
+) -> LoadedData:
+    """Load, encode and check the recipe's data (see the module docstring).
+
+    `carve_validation=False` keeps a source without a validation split whole (as "train"):
+    evaluating on other data must not carve or cap it.
+    """
     if not tasks:
         raise UserError("tasks: the recipe declares no task; add at least one under tasks")
-    bad_images = getattr(data, "bad_images", "skip")
-    if bad_images not in ("skip", "error"):
-        raise UserError(f"data.bad_images must be skip or error, got {bad_images!r}")
     if IMAGE in tasks:
         raise UserError(
             "tasks.image: the task name 'image' is reserved for the image column; rename the task"
@@ -65,17 +71,14 @@ def load_data(data: Any, tasks: dict, seed: int) -> LoadedData:
         specs.append(infer_task(name, cfg, cols, values, known))
     splits = {k: _encode(s, data.image_column, specs, columns, tasks) for k, s in splits.items()}
 
-    if "validation" not in splits:
-        splits["train"], splits["validation"] = _carve(
-            splits["train"], getattr(data, "val_fraction", 0.2), seed
-        )
-    max_samples = getattr(data, "max_samples", None)
-    if max_samples is not None:
-        splits = {k: _cap(s, int(max_samples), seed) for k, s in splits.items()}
+    if "validation" not in splits and carve_validation:
+        splits["train"], splits["validation"] = _carve(splits["train"], data.val_fraction, seed)
+    if data.max_samples is not None:
+        splits = {k: _cap(s, data.max_samples, seed) for k, s in splits.items()}
 
     skipped: list[str] = []
     for name in list(splits):
-        splits[name], bad = _drop_bad_images(splits[name], name, bad_images)
+        splits[name], bad = _drop_bad_images(splits[name], name, data.bad_images)
         skipped.extend(bad)
         if len(splits[name]) == 0:
             why = f" after skipping {len(bad)} unreadable image(s)" if bad else ""
@@ -109,14 +112,16 @@ def _drop_bad_images(
     return split.select(keep, keep_in_memory=True), [image for _, image, _ in bad]
 
 
-def _pick_splits(raw: dict[str, datasets.Dataset], data: Any) -> dict[str, datasets.Dataset]:
+def _pick_splits(
+    raw: dict[str, datasets.Dataset], data: DataSection
+) -> dict[str, datasets.Dataset]:
     """{"train", "validation" if present, "test" if asked for} from the source's splits."""
     available = ", ".join(raw)
     picked = {}
     wanted = [
-        ("train", "train_split", getattr(data, "train_split", "train")),
-        ("validation", "val_split", getattr(data, "val_split", "validation")),
-        ("test", "test_split", getattr(data, "test_split", None)),
+        ("train", "train_split", data.train_split),
+        ("validation", "val_split", data.val_split),
+        ("test", "test_split", data.test_split),
     ]
     for role, key, name in wanted:
         if name is None:
@@ -142,10 +147,14 @@ def _pick_splits(raw: dict[str, datasets.Dataset], data: Any) -> dict[str, datas
 
 
 def _task_columns(
-    name: str, cfg: Any, splits: dict[str, datasets.Dataset], data: Any, num_tasks: int
+    name: str,
+    cfg: TaskSection,
+    splits: dict[str, datasets.Dataset],
+    data: DataSection,
+    num_tasks: int,
 ) -> list[str]:
     """The source columns a task reads; a missing one is a UserError listing the columns."""
-    column = getattr(cfg, "column", None)
+    column = cfg.column
     columns = [name] if column is None else [column] if isinstance(column, str) else list(column)
     if not columns:
         raise UserError(f"tasks.{name}.column: an empty list names no column")
@@ -185,7 +194,7 @@ def _encode(
     encoded, features = {}, {}
     for spec in specs:
         cols = columns[spec.name]
-        zero_one = isinstance(getattr(cfgs[spec.name], "column", None), (list, tuple))
+        zero_one = isinstance(cfgs[spec.name].column, (list, tuple))
         values = [column_values(split, c) for c in cols]
         encoded[spec.name], features[spec.name] = encode_task(spec, cols, values, zero_one)
     labels = datasets.Dataset.from_dict(encoded, features=datasets.Features(features))

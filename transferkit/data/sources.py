@@ -10,16 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import datasets
 
+from transferkit.data.config import DataSection
 from transferkit.data.images import list_image_files
 from transferkit.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("imagefolder", "manifest", "disk", "hub")
 # Split names as folders, manifest values or recipe keys may spell them.
 SPLIT_ALIASES = {
     "train": ("train", "training"),
@@ -48,14 +47,9 @@ def find_split(splits: dict[str, datasets.Dataset], name: str) -> str | None:
     return None
 
 
-def read_source(data: Any) -> dict[str, datasets.Dataset]:
+def read_source(data: DataSection) -> dict[str, datasets.Dataset]:
     """Load every split of the recipe's data source (`data.source`, `data.path`)."""
     source = data.source
-    if source not in SOURCES:
-        raise UserError(
-            f"data.source must be one of {', '.join(SOURCES)}, got {source!r}."
-            f"{did_you_mean(str(source), SOURCES)}"
-        )
     if source == "hub":
         return _prepare_images(_read_hub(data), data, bases=[])
     path = Path(data.path).expanduser()
@@ -69,7 +63,7 @@ def read_source(data: Any) -> dict[str, datasets.Dataset]:
 
 
 # ------------------------------------------------------------------------------------ sources
-def _read_imagefolder(root: Path, data: Any) -> dict[str, datasets.Dataset]:
+def _read_imagefolder(root: Path, data: DataSection) -> dict[str, datasets.Dataset]:
     """root/CLASS/*.jpg, or root/SPLIT/CLASS/*.jpg when every sub-folder is a split name."""
     if not root.is_dir():
         raise UserError(f"data.path: {root} is not a folder (data.source: imagefolder)")
@@ -176,7 +170,7 @@ def _is_offline() -> bool:
     )
 
 
-def _read_hub(data: Any) -> dict[str, datasets.Dataset]:
+def _read_hub(data: DataSection) -> dict[str, datasets.Dataset]:
     """`datasets.load_dataset(data.path)`; a clear error when it is neither cached nor reachable."""
     # Only pass trust_remote_code when the recipe opts in: it runs code from the dataset repo.
     kwargs = {"trust_remote_code": True} if getattr(data, "trust_remote_code", False) else {}
@@ -200,7 +194,7 @@ def _read_hub(data: Any) -> dict[str, datasets.Dataset]:
 
 # ------------------------------------------------------------------------------------ images
 def _prepare_images(
-    splits: dict[str, datasets.Dataset], data: Any, bases: list[Path]
+    splits: dict[str, datasets.Dataset], data: DataSection, bases: list[Path]
 ) -> dict[str, datasets.Dataset]:
     """Make the image column a decodable `Image` feature in every split."""
     column = data.image_column

@@ -12,10 +12,9 @@ import PIL.Image
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from transferkit.errors import UserError, did_you_mean
+from transferkit.data.config import Augment
 from transferkit.models.backbone import DataConfig
 
-AUGMENTS = ("none", "light", "strong")
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -27,7 +26,10 @@ _INTERPOLATIONS = {
 
 
 def build_transforms(
-    data_config: DataConfig, train: bool, augment: str = "light", image_size: int | None = None
+    data_config: DataConfig,
+    train: bool,
+    augment: Augment = "light",
+    image_size: int | None = None,
 ) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """PIL image -> normalized float tensor `[3, size, size]`, size = image_size or the config's.
 
@@ -35,11 +37,6 @@ def build_transforms(
     "light": RandomResizedCrop(scale 0.6-1) + horizontal flip; "strong": light + RandAugment +
     RandomErasing(p=0.25). Randomness comes from torch's global RNG.
     """
-    if augment not in AUGMENTS:
-        raise UserError(
-            f"data.augment must be one of {', '.join(AUGMENTS)}, got {augment!r}."
-            f"{did_you_mean(str(augment), AUGMENTS)}"
-        )
     size = int(image_size or data_config.input_size[1])
     # timm may name interpolations torchvision lacks ("random"); bilinear is timm's fallback too.
     interpolation = _INTERPOLATIONS.get(

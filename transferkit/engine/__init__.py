@@ -1,6 +1,5 @@
-"""The fine-tuning engine: freeze schedule, optimizer, losses, metrics, the Accelerate loop."""
+"""The fine-tuning engine: one training run (set-up, step loop, strategies, evaluation)."""
 
-from transferkit.engine.run import load, load_run
 from transferkit.engine.trainer import train
 
-__all__ = ["load", "load_run", "train"]
+__all__ = ["train"]

@@ -21,27 +21,14 @@ from accelerate import Accelerator
 from accelerate.utils.other import load as safe_load
 
 from transferkit.errors import UserError
+from transferkit.run_dir import CHECKPOINT_STATE, RunDir, checkpoint_name
 
-STATE_FILE = "trainer_state.json"
 _REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl")
 
 
-def checkpoint_name(step: int, epoch_end: bool) -> str:
-    """Names sort in training order: step_00000012 < step_00000012_end < step_00000013."""
-    return f"step_{step:08d}" + ("_end" if epoch_end else "")
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).is_file())
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict, keep: int) -> Path:
     """Save everything needed to resume; keep the newest `keep` plus `state['best_checkpoint']`."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = run_dir.checkpoints_dir
     name = checkpoint_name(state["step"], state["epoch_done"])
     final, tmp = folder / name, folder / f".tmp_{name}"
     if accelerator.is_main_process:
@@ -51,11 +38,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         protected = {state.get("best_checkpoint")}
-        older = [p for p in list_checkpoints(run_dir)[:-keep] if p.name not in protected]
+        older = [p for p in run_dir.checkpoints()[:-keep] if p.name not in protected]
         for old in older:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -63,7 +50,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: 
 
 
 def _verify(path: Path, num_processes: int) -> dict:
-    required = [*_REQUIRED, *(f"random_states_{i}.pkl" for i in range(num_processes)), STATE_FILE]
+    required = [
+        *_REQUIRED,
+        *(f"random_states_{i}.pkl" for i in range(num_processes)),
+        CHECKPOINT_STATE,
+    ]
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise UserError(
@@ -82,17 +73,17 @@ def _verify(path: Path, num_processes: int) -> dict:
                 "which transferkit never runs"
             ) from None
     try:
-        return json.loads((path / STATE_FILE).read_text())
+        return json.loads((path / CHECKPOINT_STATE).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {path}: unreadable {STATE_FILE} ({err})") from None
+        raise UserError(f"checkpoint {path}: unreadable {CHECKPOINT_STATE} ({err})") from None
 
 
-def load_checkpoint(accelerator: Accelerator, run_dir: Path) -> tuple[Path, dict]:
+def load_checkpoint(accelerator: Accelerator, run_dir: RunDir) -> tuple[Path, dict]:
     """Load the newest complete checkpoint of a run; returns its path and trainer state."""
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = run_dir.checkpoints()
     if not checkpoints:
         raise UserError(
-            f"--resume {run_dir}: no complete checkpoint in {Path(run_dir) / 'checkpoints'}"
+            f"--resume {run_dir.path}: no complete checkpoint in {run_dir.checkpoints_dir}"
         )
     path = checkpoints[-1]
     state = _verify(path, accelerator.num_processes)
@@ -104,3 +95,8 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path) -> tuple[Path, dict
             "Was the recipe (tasks, classes, backbone) changed since the run started?"
         ) from None
     return path, state
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first (`RunDir(run_dir).checkpoints()`)."""
+    return RunDir(run_dir).checkpoints()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 import torchmetrics as tm
 
 from transferkit.models.heads import TaskSpec
-from transferkit.recipes.schema import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from transferkit.models.task_outputs import (
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+)
+from transferkit.models.task_outputs import probabilities as prediction
 
 
 def metric_names(task: TaskSpec, names: list[str] | None = None) -> list[str]:
@@ -37,15 +40,6 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
             "auroc": lambda: tm.AUROC(task=kind, **kwargs, **average),
         }
     return tm.MetricCollection({n: available[n]() for n in metric_names(task, names)})
-
-
-def prediction(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:
-    """Probabilities for classification, values for regression."""
-    if task.kind == "multiclass":
-        return output.float().softmax(-1)
-    if task.kind in ("binary", "multilabel"):
-        return output.float().sigmoid()
-    return output.float()
 
 
 def update(

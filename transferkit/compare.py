@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-LOWER_IS_BETTER = ("mae", "rmse", "loss")
+from transferkit.models.task_outputs import LOWER_IS_BETTER
+from transferkit.run_dir import RunDir
 
 
 def delta_m(metrics: dict[str, float], single_task: dict[str, float]) -> float:
@@ -26,9 +26,7 @@ def delta_m(metrics: dict[str, float], single_task: dict[str, float]) -> float:
 def seconds_per_step(run_dir: str | Path, skip_epochs: int = 1) -> float:
     """Training seconds per optimizer step from a run's metrics.jsonl, leaving out the first
     `skip_epochs` epochs (start-up, and a linear-probe phase that costs less)."""
-    records = [
-        json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = RunDir(run_dir).records()
     kept = records[skip_epochs:] or records
     first_step = (
         records[skip_epochs - 1]["step"] if skip_epochs and len(records) > skip_epochs else 0

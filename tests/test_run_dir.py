@@ -1,0 +1,95 @@
+"""The run-folder contract (`RunDir`), and the defects that came from reading files by hand:
+sweeps that took a half-finished run for a finished one, `eval --data` that capped and carved
+the other data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import QUICK, ROOT
+
+from transferkit.engine import train
+from transferkit.engine.evaluate import evaluate_run
+from transferkit.errors import UserError
+from transferkit.recipes import load_recipe
+from transferkit.run_dir import COMPLETE, MODEL_INFO, RunDir, checkpoint_name
+from transferkit.sweep import parse_grid, run_name, sweep
+
+
+def test_a_finished_run_reads_through_rundir(source_run):
+    run = RunDir(source_run)
+    assert run.is_complete() and run.has_model()
+    records = run.records()
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert run.final() == records[-1]
+    summary = run.summary()
+    assert summary["stopped"] == "finished" and summary["epochs"] == 2
+    best = run.best()
+    assert best["epoch"] == summary["best_epoch"] == run.info()["epoch"]
+    assert best[summary["monitor"]] == max(r[summary["monitor"]] for r in records)
+    history = run.history()
+    assert list(history["epoch"]) == [0, 1] and "lr/heads" in history.columns
+    checkpoints = run.checkpoints()
+    assert checkpoints and checkpoints[-1].name == checkpoint_name(records[-1]["step"], True)
+    assert run.recipe().name == "digits_source"
+
+
+def test_an_unfinished_folder_says_so(tmp_path):
+    run = RunDir(tmp_path)
+    assert not run.is_complete() and not run.has_model() and run.records() == []
+    with pytest.raises(UserError, match="not a finished run"):
+        run.summary()
+    with pytest.raises(UserError, match="no model"):
+        run.info()
+    with pytest.raises(UserError, match="no finished epoch"):
+        run.final()
+    with pytest.raises(UserError, match="not a run folder"):
+        run.recipe()
+
+
+def test_a_sweep_resumes_a_run_killed_after_its_first_best_epoch(workdir, monkeypatch):
+    """Before the completion marker, a sweep took any folder with model.json as finished: a run
+    killed after its first epoch (which always writes the best model so far) was never resumed."""
+    monkeypatch.chdir(workdir)
+    recipe = str(ROOT / "recipes/digits_source.yaml")
+    fixed = [*QUICK, "data.num_workers=0"]
+    grid = parse_grid(["train.epochs=2"])
+    root = workdir / "killed_sweep"
+    folder = root / run_name(0, {"train.epochs": 2})
+    # As if killed after epoch 0: model.json and an epoch-end checkpoint, no marker.
+    train(load_recipe(recipe, [*fixed, "train.epochs=1"]), output=str(folder))
+    (folder / COMPLETE).unlink()
+    assert (folder / MODEL_INFO).is_file()
+
+    sweep(recipe, grid, str(root), fixed)
+
+    run = RunDir(folder)
+    assert run.is_complete()
+    assert [r["epoch"] for r in run.records()] == [0, 1]  # resumed, not skipped
+    assert "resumed from" in (folder / "train.log").read_text()
+
+
+def test_eval_on_other_data_uses_all_of_it(source_run, workdir, monkeypatch):
+    """`eval --data X` must not apply the run's max_samples or validation carving to X."""
+    monkeypatch.chdir(workdir)
+    manifest = workdir / "data/digits/source/manifest.csv"
+    rows = len(manifest.read_text().splitlines()) - 1
+    assert load_recipe(RunDir(source_run).recipe_path).data.max_samples == 48
+    values = evaluate_run(source_run, data=str(manifest))
+    assert values["validation/digit/count"] == rows
+    # Its own validation split is still the carved and capped one.
+    assert evaluate_run(source_run)["validation/digit/count"] <= 48
+
+
+def test_resume_clears_the_marker_until_the_run_ends_again(source_run, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(source_run.parent.parent)
+    copy = tmp_path / "copy"
+    shutil.copytree(source_run, copy)
+    recipe = RunDir(copy).recipe(["train.epochs=3"])
+    train(recipe, resume=str(copy))
+    run = RunDir(copy)
+    assert run.is_complete() and [r["epoch"] for r in run.records()] == [0, 1, 2]
+    assert json.loads((copy / COMPLETE).read_text())["epochs"] == 3

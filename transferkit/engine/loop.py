@@ -1,0 +1,147 @@
+"""The step loop of one epoch: forward -> task losses -> strategy.backward -> optimizer step.
+
+One path for every method (see `strategies.py`). Around it, small hooks: a step checkpoint
+every `train.checkpoint_every` steps, step logging, and the non-finite-loss policy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from transferkit.engine.losses import multitask_loss
+from transferkit.engine.strategies import PlainSum
+from transferkit.errors import UserError
+from transferkit.seeding import derive_seed
+
+
+def model_outputs(model, batch: dict, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """The model's outputs for a batch of images, or of cached features."""
+    if "features" in batch:
+        return model(features=batch["features"])
+    images = batch["image"]
+    return model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+
+
+class TrainLoop:
+    """The training steps of one epoch (public for the benchmarks, which time it against a
+    hand-written loop). `state` (epoch, batches, step, skipped_steps) is updated as it goes."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        tasks: dict,
+        cfg,
+        seed: int,
+        strategy=None,
+        checkpoint: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
+        self.strategy = strategy or PlainSum(accelerator, {})
+        self.checkpoint = checkpoint
+        self.forward_module = model  # the compiled model when train.compile is on
+
+    def epoch(self, loader, state: dict) -> dict:
+        acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
+        self.model.train()
+        start, seen, running = time.perf_counter(), 0, None
+        totals: dict[str, float] = {}  # per-task weights and gradient cosines, epoch means
+        counts: dict[str, int] = {}
+        # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
+        bar = tqdm(loader, desc=f"epoch {state['epoch']}", leave=False,
+                   disable=not acc.is_main_process or not sys.stderr.isatty())  # fmt: skip
+        for batch in bar:
+            # Dropout and other in-model randomness depend on the position only, so a run
+            # resumed at any step replays them exactly (saved RNG states would not survive the
+            # draws that creating a data iterator makes).
+            torch.manual_seed(
+                derive_seed(self.seed, state["epoch"], state["batches"], acc.process_index)
+            )
+            state["batches"] += 1
+            position = (state["epoch"], state["batches"])
+            with acc.accumulate(self.model):
+                with strategy.forward_context(self.model):
+                    outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
+                _, losses = multitask_loss(
+                    outputs, batch["targets"], batch["mask"], self.tasks, strategy.weights
+                )
+                loss = strategy.loss(losses, batch, position)
+                if not self._finite(loss):
+                    self._nonfinite(losses, state)
+                    continue
+                strategy.backward(loss, losses, batch, position)
+                if cfg.clip_grad and acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    strategy.after_step(self.model, batch, self.tasks, cfg.channels_last)
+            seen += batch["index"].shape[0] * acc.num_processes
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            bar.set_postfix(
+                loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
+            )
+            if not acc.sync_gradients:
+                continue
+            state["step"] += 1
+            balance = strategy.log_values()
+            for key, value in balance.items():
+                totals[key] = totals.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            if state["step"] % cfg.log_every == 0:
+                acc.log(
+                    {
+                        "train/loss": loss.item(),
+                        **{f"train/loss_{k}": v.item() for k, v in losses.items()},
+                        **{f"train/{k}": v for k, v in balance.items()},
+                    },
+                    step=state["step"],
+                )
+            if (
+                self.checkpoint
+                and cfg.checkpoint_every
+                and state["step"] % cfg.checkpoint_every == 0
+            ):
+                self.checkpoint(state)
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        elapsed = time.perf_counter() - start
+        strategy.end_epoch()
+        return {
+            "train/loss": running,
+            "epoch_time_s": round(elapsed, 3),
+            "images_per_s": round(seen / max(elapsed, 1e-9), 1),
+            **{k: round(v / counts[k], 6) for k, v in totals.items()},
+        }
+
+    def _finite(self, loss) -> bool:
+        # Every process must take the same decision, or DDP's all-reduce would hang.
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(
+            self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes
+        )
+
+    def _nonfinite(self, losses: dict, state: dict) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
+        where = f"epoch {state['epoch']}, step {state['step'] + 1} (batch {state['batches']})"
+        if self.cfg.nonfinite == "stop":
+            raise UserError(
+                f"non-finite loss for task {', '.join(bad)} at {where}; lower train.lr, check that "
+                "task's labels, or set train.nonfinite: skip. The last good checkpoint is kept."
+            )
+        state["skipped_steps"] += 1
+        # The whole accumulation window is dropped: the gradients, and any strategy state.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.discard()
+        if self.accelerator.is_main_process:
+            print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")

@@ -1,0 +1,255 @@
+"""From a recipe to everything a run needs: folder, Accelerator, model, data, loaders, optimizer,
+schedule and strategy. No training happens here (the loop is `loop.py`, epochs `trainer.py`).
+
+Distributed unfreezing: DDP registers only parameters that require grad when it wraps the
+model (Lightning #20340). The model is prepared with every parameter trainable, before the
+first phase freezes anything, and DDP runs with `find_unused_parameters=True`, so a group
+unfrozen mid-run is already registered and its gradients are all-reduced; frozen parameters
+are unused on every rank, keep `grad=None`, and the optimizer skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch.utils.data import DataLoader
+
+from transferkit.balancing import Balancer
+from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
+from transferkit.engine import metrics as task_metrics
+from transferkit.engine.optim import build_lr_scheduler, build_optimizer
+from transferkit.engine.schedule import FreezeSchedule
+from transferkit.engine.strategies import build_strategy
+from transferkit.errors import UserError, did_you_mean
+from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
+from transferkit.recipes import Recipe, save_recipe
+from transferkit.run_dir import RunDir
+
+
+@dataclass
+class RunSetup:
+    """Everything `train` uses; the model, optimizer, loaders and scheduler are prepared."""
+
+    recipe: Recipe
+    cfg: Any  # the recipe's train section (batch size and accumulation after auto_batch_size)
+    run_dir: RunDir
+    accelerator: Accelerator
+    backbone: Any
+    model: Any
+    tasks: dict
+    metric_names: dict
+    monitor: str
+    schedule: FreezeSchedule
+    train_set: TaskImageDataset
+    val_set: TaskImageDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    strategy: Any
+    balancer: Balancer | None
+    workers: int
+
+
+def prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
+    """The run folder: the one to resume (it must have a checkpoint), or a new writable one."""
+    if resume:
+        run_dir = RunDir(resume)
+        if not run_dir.checkpoints():
+            raise UserError(
+                f"--resume {run_dir.path}: no complete checkpoint in {run_dir.checkpoints_dir}"
+            )
+        return run_dir
+    run_dir = RunDir(output if output else f"{recipe.output_dir}/{recipe.name}")
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        probe = run_dir.path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write the run folder {run_dir.path}: {err.strerror}; choose another with --output"
+        ) from None
+    return run_dir
+
+
+def make_accelerator(recipe: Recipe, run_dir: RunDir) -> Accelerator:
+    cfg = recipe.train
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate silently trains in fp32 then: say so instead.
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    # Accelerate keeps one global state per process; a second run in the same process (a
+    # notebook, a sweep) with other settings (mixed precision) must start from a clean one.
+    AcceleratorState._reset_state()
+    return Accelerator(
+        # Without a GPU, Accelerate only sets up multi-process (gloo) training under torchrun
+        # when told it runs on the CPU; otherwise each process would train alone.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir.path), logging_dir=str(run_dir.tensorboard_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None) -> RunSetup:
+    """Build the run the recipe describes (see the module docstring)."""
+    cfg = recipe.train
+    run_dir = prepare_run_dir(recipe, output, resume)
+    accelerator = make_accelerator(recipe, run_dir)
+    set_seed(recipe.seed)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.clear_complete()
+        save_recipe(recipe, run_dir.recipe_path)
+
+    # ---- model and data
+    backbone = create_backbone(recipe.model.backbone, recipe.model.weights, **recipe.model.kwargs)
+    if backbone.load_report and main:
+        print(f"backbone weights: {backbone.load_report}")
+    with accelerator.main_process_first():
+        data = load_data(recipe.data, recipe.tasks, recipe.seed)
+    metric_names = {name: section.metrics for name, section in recipe.tasks.items()}
+    monitor = cfg.monitor or default_monitor(data.tasks, metric_names)
+    check_monitor(monitor, data.tasks, metric_names)
+    if data.skipped_images and main:
+        run_dir.write_skipped_images(data.skipped_images)
+        print(
+            f"skipped {len(data.skipped_images)} unreadable images (listed in {run_dir.skipped_images_path})"
+        )
+    aux = [AuxHeadSpec(a.task, a.group, a.hidden, a.dropout) for a in recipe.model.aux_heads]
+    size = recipe.data.image_size
+    if size:
+        backbone.data_config = dataclasses.replace(backbone.data_config, input_size=(3, size, size))
+    model = MultiTaskModel(backbone, data.tasks, aux)
+    tasks = {t.name: t for t in data.tasks}
+    weights = {name: section.weight for name, section in recipe.tasks.items()}
+    schedule = FreezeSchedule(backbone, recipe.schedule.phases, recipe.schedule.layer_decay)
+
+    train_set = TaskImageDataset(
+        data.splits["train"],
+        data.tasks,
+        build_transforms(backbone.data_config, True, recipe.data.augment, size),
+        bad_images=recipe.data.bad_images,
+        seed=recipe.seed,
+    )
+    eval_transform = build_transforms(backbone.data_config, False, "none", size)
+    val_set = TaskImageDataset(
+        data.splits["validation"], data.tasks, eval_transform, bad_images=recipe.data.bad_images
+    )
+    if cfg.auto_batch_size:
+        cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
+    workers = num_workers(recipe.data.num_workers)
+    train_loader, val_loader = make_loaders(train_set, val_set, cfg, workers)
+
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    balancer = None
+    if recipe.multitask.method != "sum":  # plain sum: the loss path has no balancer
+        balancer = Balancer(recipe.multitask.method, model.output_keys, recipe.multitask.options,
+                            recipe.seed)  # fmt: skip
+        balancer.impl.to(accelerator.device)
+    optimizer = build_optimizer(model, cfg)
+    if balancer is not None and balancer.kind == "loss" and balancer.impl.learnable:
+        # UW and IMTL-L learn their weights by gradient descent with the model.
+        optimizer.add_param_group({"params": list(balancer.impl.parameters()), "weight_decay": 0.0,
+                                   "lr": recipe.multitask.lr or cfg.lr, "group": "loss_weights"})  # fmt: skip
+    steps_per_epoch = max(
+        math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes)), 1
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, cfg, schedule, steps_per_epoch)
+    # Prepared while every parameter requires grad, so DDP registers all of them (see module doc).
+    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, lr_scheduler
+    )
+    accelerator.register_for_checkpointing(schedule)
+    if balancer is not None:
+        accelerator.register_for_checkpointing(balancer)
+    strategy = build_strategy(accelerator, model, weights, balancer)
+    return RunSetup(recipe, cfg, run_dir, accelerator, backbone, model, tasks, metric_names,
+                    monitor, schedule, train_set, val_set, train_loader, val_loader, optimizer,
+                    lr_scheduler, strategy, balancer, workers)  # fmt: skip
+
+
+def make_loaders(train_set, val_set, cfg, workers: int) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training batches and ordered validation batches (images or cached features)."""
+    # No persistent workers: each epoch's workers must see the dataset's new `epoch` (seeds).
+    args = {"collate_fn": collate, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    train_loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.batch_size,
+        **args,
+    )
+    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, **args)
+    return train_loader, val_loader
+
+
+def auto_batch_size(model, cfg, input_size, accelerator: Accelerator):
+    """Halve the per-device batch until a training step fits in memory; accumulate gradients to
+    keep the global batch. The probe's effects on weights and statistics are undone."""
+    from accelerate.utils import find_executable_batch_size
+
+    model.to(accelerator.device)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @find_executable_batch_size(starting_batch_size=cfg.batch_size)
+    def probe(batch_size: int) -> int:
+        model.zero_grad(set_to_none=True)
+        outputs = model(torch.randn(batch_size, *input_size, device=accelerator.device))
+        sum(out.float().mean() for out in outputs.values()).backward()
+        return batch_size
+
+    try:
+        fitted = probe()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+    accumulation = cfg.grad_accum * math.ceil(cfg.batch_size / fitted)
+    accelerator.gradient_accumulation_steps = accumulation
+    if accelerator.is_main_process:
+        print(
+            f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size})"
+        )
+    return dataclasses.replace(cfg, batch_size=fitted, grad_accum=accumulation)
+
+
+def num_workers(requested: int | None) -> int:
+    """data.num_workers, or by default one worker per spare core (at most 8)."""
+    return requested if requested is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def default_monitor(tasks, chosen: dict) -> str:
+    first = tasks[0]
+    names = task_metrics.metric_names(first, chosen.get(first.name))
+    preferred = "mae" if first.kind == "regression" else "accuracy"
+    return f"val/{first.name}/{preferred if preferred in names else names[0]}"
+
+
+def check_monitor(monitor: str, tasks, chosen: dict) -> None:
+    """Fail before training, not after the first epoch, when train.monitor names no metric."""
+    valid = [
+        f"val/{t.name}/{m}" for t in tasks for m in task_metrics.metric_names(t, chosen.get(t.name))
+    ]
+    if monitor not in valid:
+        raise UserError(
+            f"train.monitor: {monitor!r} is not a validation metric of this run.{did_you_mean(monitor, valid)} Metrics: {', '.join(valid)}"
+        )

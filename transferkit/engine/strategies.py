@@ -1,0 +1,213 @@
+"""How the task losses of a micro-batch become gradients: one strategy per kind of method.
+
+The step loop calls the same methods whatever the strategy, and never branches on its kind:
+
+    loss = strategy.loss(losses, batch, position)     # the scalar that is logged and checked
+    strategy.backward(loss, losses, batch, position)  # gradients into `.grad`
+    ... optimizer.step() ...
+    strategy.after_step(batch)                        # at the end of an accumulation window
+
+- `PlainSum`: the weighted sum of task losses, one `accelerator.backward`.
+- `CombinedLoss`: a loss-based balancer (UW, DWA, FAMO, ...) turns the loss vector into the
+  scalar; one `accelerator.backward`.
+- `JacobianAggregation`: a gradient-based balancer (MGDA, PCGrad, UPGrad, ...). Each micro-batch
+  adds its per-task gradients of the trainable backbone to a window; at the end of the window
+  the Jacobian is averaged over processes and aggregated into one direction. The forward runs
+  under DDP's `no_sync`, since this strategy writes the gradients itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from transferkit.balancing import Balancer, objective_gradients, write_direction
+from transferkit.engine.losses import multitask_loss
+from transferkit.models import MultiTaskModel
+
+
+class PlainSum:
+    """Static task weights (`tasks.NAME.weight`), summed."""
+
+    def __init__(self, accelerator: Accelerator, weights: dict[str, float]) -> None:
+        self.accelerator, self.weights = accelerator, weights
+
+    def forward_context(self, model):
+        return contextlib.nullcontext()
+
+    def loss(self, losses: dict[str, Tensor], batch: dict, position: tuple) -> Tensor:
+        return sum(self.weights.get(MultiTaskModel.task_of(k), 1.0) * v for k, v in losses.items())
+
+    def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
+        self.accelerator.backward(loss)
+
+    def discard(self) -> None:
+        """A skipped (non-finite) step: nothing is kept outside `.grad`."""
+
+    def after_step(self, model, batch: dict, tasks: dict, channels_last: bool) -> None:
+        """Nothing to do after the optimizer step."""
+
+    def end_epoch(self) -> None:
+        """No state across epochs."""
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+
+class _Balanced(PlainSum):
+    """What both balanced strategies share: the balancer and labelled-task flags."""
+
+    def __init__(self, accelerator: Accelerator, weights: dict, balancer: Balancer) -> None:
+        super().__init__(accelerator, weights)
+        self.balancer = balancer
+
+    def present(self, batch: dict, local: Tensor) -> Tensor:
+        """Which objectives have a label anywhere in the global batch (the same on every rank)."""
+        masks = batch["mask"]
+        flags = torch.tensor(
+            [bool(p) and bool(masks[MultiTaskModel.task_of(k)].any())
+             for k, p in zip(self.balancer.objectives, local.tolist())],
+            dtype=torch.float32, device=self.accelerator.device,
+        )  # fmt: skip
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        return flags > 0
+
+    def end_epoch(self) -> None:
+        self.balancer.impl.end_epoch()
+
+    def log_values(self) -> dict[str, float]:
+        values = {f"mtl/weight/{k}": v for k, v in self.balancer.weights_dict().items()}
+        values.update({f"mtl/cos/{k}": v for k, v in self.balancer.cosines_dict().items()})
+        return values
+
+
+class CombinedLoss(_Balanced):
+    """A loss combiner makes the scalar; one ordinary backward pass."""
+
+    def __init__(self, accelerator: Accelerator, weights: dict, balancer: Balancer) -> None:
+        super().__init__(accelerator, weights, balancer)
+        if accelerator.num_processes > 1:
+            balancer.impl.reduce = partial(accelerator.reduce, reduction="mean")
+
+    def loss(self, losses: dict[str, Tensor], batch: dict, position: tuple) -> Tensor:
+        vector, present = self.balancer.stack(losses)
+        return self.balancer.combine(vector, self.present(batch, present), *position)
+
+    def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
+            # UW / IMTL-L parameters live outside the DDP model: average their gradients here.
+            for param in self.balancer.impl.parameters():
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def after_step(self, model, batch: dict, tasks: dict, channels_last: bool) -> None:
+        """FAMO: the same batch's losses after the update (no gradient; BatchNorm statistics
+        and the random stream are restored, so the extra forward changes nothing else)."""
+        if not getattr(self.balancer.impl, "needs_losses_after_step", False):
+            return
+        from transferkit.engine.loop import model_outputs  # the loop imports this module
+
+        model = self.accelerator.unwrap_model(model)
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            outputs = model_outputs(model, batch, channels_last)
+            _, losses = multitask_loss(
+                outputs, batch["targets"], batch["mask"], tasks, self.weights
+            )
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        vector, present = self.balancer.stack(losses)
+        self.balancer.impl.after_step(vector, self.present(batch, present))
+
+
+class JacobianAggregation(_Balanced):
+    """Per-task gradients of the trainable backbone, aggregated at the end of each window."""
+
+    def __init__(self, accelerator: Accelerator, weights: dict, balancer: Balancer, model) -> None:
+        super().__init__(accelerator, weights, balancer)
+        self.model = model
+        self._window: dict | None = None  # Jacobians accumulated over micro-batches
+
+    def forward_context(self, model):
+        return self.accelerator.no_sync(model)  # gradients are written here, not by DDP
+
+    def discard(self) -> None:
+        """A skipped step drops the whole window, as `optimizer.zero_grad` drops `.grad`."""
+        self._window = None
+
+    def _shared(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model, [p for p in model.backbone.parameters() if p.requires_grad]
+
+    def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
+        self._accumulate(losses, batch)
+        if self.accelerator.sync_gradients:
+            self._aggregate(position)
+
+    def _accumulate(self, losses: dict, batch: dict) -> None:
+        """Add this micro-batch's per-objective gradients to the accumulation window."""
+        acc, balancer = self.accelerator, self.balancer
+        model, shared = self._shared()
+        keys = [k for k in balancer.objectives if k in losses]
+        scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+        # As `accelerator.backward` does: divide by the accumulation steps.
+        factor = scale / acc.gradient_accumulation_steps
+        own = [list(model.head_of(k).parameters()) for k in keys]
+        rows, own_grads = objective_gradients([losses[k] for k in keys], shared, own, factor)
+        jacobian = rows.new_zeros(len(balancer.objectives), rows.shape[1])
+        index = torch.tensor([balancer.objectives.index(k) for k in keys], device=rows.device)
+        jacobian[index] = rows
+        for params, grads in zip(own, own_grads):
+            for param, grad in zip(params, grads):
+                param.grad = grad if param.grad is None else param.grad + grad
+        vector, present = balancer.stack(losses)
+        labelled = self.present(batch, present).float()
+        if self._window is None:
+            self._window = {"jacobian": jacobian, "losses": vector.detach(), "labelled": labelled,
+                            "micro": 1, "scale": scale}  # fmt: skip
+        else:
+            self._window["jacobian"] += jacobian
+            self._window["losses"] += vector.detach()
+            self._window["labelled"] += labelled
+            self._window["micro"] += 1
+
+    def _aggregate(self, position: tuple) -> None:
+        """End of a window: average over processes, aggregate, write `.grad`."""
+        acc, window, self._window = self.accelerator, self._window, None
+        model, shared = self._shared()
+        jacobian, scale = window["jacobian"], window["scale"]
+        losses = window["losses"] / window["micro"]
+        if acc.num_processes > 1:
+            # Every rank must aggregate the same global Jacobian: a nonlinear aggregator of
+            # per-rank Jacobians, averaged afterwards, is not the aggregator of the average.
+            jacobian = acc.reduce(jacobian, reduction="mean")
+            losses = acc.reduce(losses, reduction="mean")
+            shared_ids = {id(p) for p in shared}
+            heads = [
+                p for p in model.parameters() if p.grad is not None and id(p) not in shared_ids
+            ]
+            flat = acc.reduce(torch.cat([p.grad.reshape(-1) for p in heads]), reduction="mean")
+            offset = 0
+            for param in heads:
+                param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
+        if not shared:
+            return  # a linear probe: heads have their gradients, nothing is shared
+        present = window["labelled"] > 0
+        direction = self.balancer.scaled_direction(jacobian, losses, present, scale, *position)
+        write_direction(direction, shared)
+
+
+def build_strategy(accelerator: Accelerator, model, weights: dict, balancer: Balancer | None):
+    """The strategy for a run: plain sum without a balancer, else by the method's kind."""
+    if balancer is None:
+        return PlainSum(accelerator, weights)
+    if balancer.kind == "gradient":
+        return JacobianAggregation(accelerator, weights, balancer, model)
+    return CombinedLoss(accelerator, weights, balancer)

@@ -1,0 +1,204 @@
+"""The run folder as a type: `RunDir` is the only code that knows the folder's file names.
+
+A run folder holds:
+
+    recipe.yaml            the resolved recipe, written first
+    metrics.jsonl          one JSON record per finished epoch (`records()`, `history()`)
+    checkpoints/step_N[_end]/   resumable training state (`checkpoints()`)
+    model.safetensors + model.json   the best model so far (the final model once complete)
+    complete.json          written last, once training has ended (`is_complete()`, `summary()`)
+    skipped_images.txt, tensorboard/, feature_cache/
+
+`model.json` appears after the first epoch and is replaced when the monitored metric improves,
+so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
+sweep, ensemble and the notebooks all read a run through this class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import UserError
+
+RECIPE = "recipe.yaml"
+METRICS = "metrics.jsonl"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INFO = "model.json"
+COMPLETE = "complete.json"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks it complete
+SKIPPED_IMAGES = "skipped_images.txt"
+TENSORBOARD = "tensorboard"
+FEATURE_CACHE = "feature_cache"
+
+
+def checkpoint_name(step: int, epoch_end: bool) -> str:
+    """Names sort in training order: step_00000012 < step_00000012_end < step_00000013."""
+    return f"step_{step:08d}" + ("_end" if epoch_end else "")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """One run folder; cheap to create, reads files only when asked."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ---- paths
+    @property
+    def recipe_path(self) -> Path:
+        return self.path / RECIPE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / MODEL_WEIGHTS
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / MODEL_INFO
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return self.path / FEATURE_CACHE
+
+    @property
+    def skipped_images_path(self) -> Path:
+        return self.path / SKIPPED_IMAGES
+
+    # ---- state
+    def has_model(self) -> bool:
+        """A model was saved (the best so far, or the final one once complete)."""
+        return self.weights_path.is_file() and self.info_path.is_file()
+
+    def is_complete(self) -> bool:
+        """Training ended (finished, stopped early or at max_steps): the marker written last."""
+        return (self.path / COMPLETE).is_file()
+
+    def summary(self) -> dict[str, Any]:
+        """What the completion marker records: why training ended, the best epoch and metric."""
+        if not self.is_complete():
+            raise UserError(f"{self.path} is not a finished run (no {COMPLETE})")
+        return json.loads((self.path / COMPLETE).read_text())
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        """Write the completion marker; call it after everything else is written."""
+        _write_atomic(self.path / COMPLETE, json.dumps(summary, indent=2))
+
+    def clear_complete(self) -> None:
+        """A resumed run is unfinished again until it writes the marker anew."""
+        (self.path / COMPLETE).unlink(missing_ok=True)
+
+    # ---- recipe and model
+    def recipe(self, overrides: list[str] | tuple[str, ...] = ()):
+        """The run's resolved recipe (with optional `key=value` overrides), validated."""
+        from transferkit.recipes import load_recipe
+
+        if not self.recipe_path.is_file():
+            raise UserError(f"{self.path} is not a run folder: it has no {RECIPE}")
+        return load_recipe(self.recipe_path, list(overrides))
+
+    def info(self) -> dict[str, Any]:
+        """model.json: what is needed to rebuild the model and its preprocessing."""
+        if not self.has_model():
+            raise UserError(
+                f"{self.path} has no model ({MODEL_INFO} and {MODEL_WEIGHTS}); "
+                "is it a run folder whose first epoch finished?"
+            )
+        return json.loads(self.info_path.read_text())
+
+    def save_model(self, model, info: dict[str, Any]) -> None:
+        """Write the model atomically (temporary names, then rename), weights before info."""
+        from safetensors.torch import save_model as save_safetensors
+
+        tmp_weights = self.path / (MODEL_WEIGHTS + ".tmp")
+        metadata = {
+            "format": "pt",
+            "transferkit.backbone": info["backbone"],
+            "transferkit.data_config": json.dumps(info["data_config"]),
+        }
+        save_safetensors(model, str(tmp_weights), metadata=metadata)
+        tmp_weights.replace(self.weights_path)
+        _write_atomic(self.info_path, json.dumps(info, indent=2))
+
+    # ---- metrics
+    def records(self) -> list[dict[str, Any]]:
+        """The per-epoch records of metrics.jsonl, oldest first ([] before the first epoch)."""
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def history(self):
+        """The records as a pandas DataFrame, one row per epoch; `lr` becomes `lr/<group>`."""
+        import pandas as pd
+
+        rows = []
+        for record in self.records():
+            row = {k: v for k, v in record.items() if k != "lr"}
+            row.update({f"lr/{g}": v for g, v in (record.get("lr") or {}).items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def append_record(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_records(self, last_epoch: int) -> None:
+        """Drop records after `last_epoch` (written after the checkpoint being resumed from)."""
+        if self.metrics_path.is_file():
+            kept = [r for r in self.records() if r["epoch"] <= last_epoch]
+            _write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def final(self) -> dict[str, Any]:
+        """The last epoch's record."""
+        records = self.records()
+        if not records:
+            raise UserError(f"{self.path} has no finished epoch ({METRICS} is empty or missing)")
+        return records[-1]
+
+    def best(self) -> dict[str, Any]:
+        """The record of the epoch whose model was kept (the best of the monitored metric)."""
+        records = self.records()
+        epoch = self.info().get("epoch") if self.has_model() else None
+        chosen = [r for r in records if r["epoch"] == epoch]
+        if not chosen:
+            raise UserError(f"{self.path} has no record of its saved model's epoch ({epoch})")
+        return chosen[-1]
+
+    def write_skipped_images(self, images: list[str]) -> None:
+        self.skipped_images_path.write_text("\n".join(images) + "\n")
+
+    # ---- checkpoints
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(
+            p for p in self.checkpoints_dir.glob("step_*") if (p / CHECKPOINT_STATE).is_file()
+        )
