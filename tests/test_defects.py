@@ -9,12 +9,70 @@ import torch
 import torch.nn.functional as F
 import torchmetrics as tm
 
+from transferkit.balancing import Balancer
 from transferkit.data.dataset import _targets
 from transferkit.data.labels import encode_task
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.metrics import compute, prediction, task_metrics, update
 from transferkit.engine.run import describe_prediction
+from transferkit.errors import UserError
 from transferkit.models import MultiTaskModel, TaskSpec, create_backbone
+
+# ---------------------------------------------------------------------------------------------
+# Static weights (`tasks.NAME.weight`) with `multitask.method: mean`
+
+OBJECTIVES = ["even", "size", "size@layer2"]  # an auxiliary head takes its task's weight
+WEIGHTS = {"even": 2.0, "size": 0.5}
+
+
+def _combine(balancer: Balancer, losses: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    return balancer.combine(losses.clone().requires_grad_(True) * 1.0, present, 0, 0)
+
+
+def test_mean_applies_static_weights_as_the_weighted_sum_over_k():
+    """`mean` is `sum` divided by the number of objectives K, static weights included; it used
+    to drop them, so a recipe's `tasks.NAME.weight` had no effect with `mean`."""
+    losses = torch.tensor([0.7, 1.3, 2.9])
+    present = torch.ones(3, dtype=torch.bool)
+    mean = Balancer("mean", OBJECTIVES, weights=WEIGHTS)
+    combined = _combine(mean, losses, present)
+    per_objective = torch.tensor([2.0, 0.5, 0.5])
+    assert combined.item() == pytest.approx(float((per_objective * losses).sum() / 3))
+    assert torch.allclose(mean.last_weights, per_objective / 3)  # what mtl/weight/* logs
+
+    # The same weighted sum the trainer's plain `sum` path computes, divided by K.
+    outputs = {"even": torch.tensor([0.3, -1.0]), "size": torch.tensor([1.0, 2.0]),
+               "size@layer2": torch.tensor([0.0, 0.5])}  # fmt: skip
+    targets = {"even": torch.tensor([1.0, 0.0]), "size": torch.tensor([1.5, 2.0])}
+    masks = {t: torch.ones(2, dtype=torch.bool) for t in targets}
+    specs = {"even": TaskSpec("even", "binary"), "size": TaskSpec("size", "regression")}
+    total, task_losses = multitask_loss(outputs, targets, masks, specs, WEIGHTS)
+    vector, present = mean.stack(task_losses)
+    assert mean.combine(vector, present, 0, 0).item() == pytest.approx(total.item() / 3)
+    summed = Balancer("sum", OBJECTIVES, weights=WEIGHTS)
+    assert summed.combine(vector, present, 0, 0).item() == pytest.approx(total.item())
+
+
+def test_mean_with_static_weights_keeps_k_when_a_task_is_unlabelled():
+    """An absent task is imputed with its last loss (no gradient), so the others keep their
+    scale w_k / K from step to step."""
+    mean = Balancer("mean", OBJECTIVES, weights=WEIGHTS)
+    _combine(mean, torch.tensor([0.7, 1.3, 2.9]), torch.ones(3, dtype=torch.bool))
+    combined = _combine(mean, torch.tensor([5.0, 1.0, 2.0]), torch.tensor([False, True, True]))
+    assert combined.item() == pytest.approx((2.0 * 0.7 + 0.5 * 1.0 + 0.5 * 2.0) / 3)
+    assert mean.weights_dict() == pytest.approx({"size": 0.5 / 3, "size@layer2": 0.5 / 3})
+
+
+def test_static_weights_are_refused_where_a_method_sets_its_own():
+    with pytest.raises(UserError, match="tasks.size.weight"):
+        Balancer("upgrad", OBJECTIVES, weights={"size": 0.5})
+    with pytest.raises(UserError, match="tasks.even.weight"):
+        Balancer("uw", OBJECTIVES, weights={"even": 2.0})
+    with pytest.raises(UserError, match="tasks.colour.weight"):
+        Balancer("mean", OBJECTIVES, weights={"colour": 2.0})  # no such task
+    # Weights of 1 (every recipe's default) are accepted by every method.
+    Balancer("upgrad", OBJECTIVES, weights=dict.fromkeys(WEIGHTS, 1.0))
+
 
 # ---------------------------------------------------------------------------------------------
 # A multilabel task with a single label
