@@ -4,6 +4,10 @@ memory while it is built."""
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,7 @@ import torchmetrics as tm
 from transferkit.balancing import Balancer
 from transferkit.data.dataset import _targets
 from transferkit.data.labels import encode_task
+from transferkit.engine.feature_cache import CachedFeatures, build_cache
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.metrics import compute, prediction, task_metrics, update
 from transferkit.engine.run import describe_prediction
@@ -120,3 +125,74 @@ def test_one_label_multilabel_task_trains_evaluates_and_predicts():
     described = describe_prediction(task, probabilities[0])
     score = float(probabilities[0, 0])
     assert described == {"labels": ["spot"] if score >= 0.5 else [], "scores": [round(score, 4)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature cache on disk is built in chunks
+
+
+class _Images(torch.utils.data.Dataset):
+    """What `build_cache` reads of a `TaskImageDataset`: samples, and `targets`/`masks`."""
+
+    def __init__(self, count: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(count, 3, 32, 32, generator=generator)
+        self.targets = {"size": torch.arange(count, dtype=torch.float32)}
+        self.masks = {"size": torch.arange(count) % 3 != 0}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "image": self.images[index],
+            "targets": {t: v[index] for t, v in self.targets.items()},
+            "mask": {t: v[index] for t, v in self.masks.items()},
+            "index": index,
+        }
+
+
+def _all_rows(cache: CachedFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = [cache[i] for i in range(len(cache))]
+    return (
+        torch.stack([r["features"] for r in rows]),
+        torch.stack([r["targets"]["size"] for r in rows]),
+        torch.stack([r["mask"]["size"] for r in rows]),
+    )
+
+
+def test_feature_cache_on_disk_streams_chunks_and_matches_memory(tmp_path: Path, monkeypatch):
+    """Above `max_gb` the cache goes to disk; it used to compute every feature into one tensor in
+    RAM first, so the limit bounded nothing. Live backbone outputs are counted through weak
+    references: each is a chunk of `batch_size` rows, and all of them stayed alive before."""
+    count, batch_size = 24, 4
+    dataset = _Images(count)
+    backbone = create_backbone("timm:test_resnet").eval()
+    original = backbone.forward
+    live = {"rows": 0, "peak": 0}
+
+    def release(rows: int) -> None:
+        live["rows"] -= rows
+
+    def counted(images: torch.Tensor) -> torch.Tensor:
+        out = original(images)
+        live["rows"] += out.shape[0]
+        live["peak"] = max(live["peak"], live["rows"])
+        weakref.finalize(out, release, out.shape[0])
+        return out
+
+    monkeypatch.setattr(backbone, "forward", counted)
+    args = {"batch_size": batch_size, "num_workers": 0, "device": torch.device("cpu")}
+    disk = build_cache(backbone, dataset, **args, max_gb=0.0, disk_dir=tmp_path / "train")
+    assert live["peak"] <= batch_size < count  # one chunk at a time, not the whole split
+    # The features are read back from the Arrow file (memory-mapped), not held in RAM.
+    assert isinstance(disk.features, datasets.Dataset)
+    files = [Path(f["filename"]) for f in disk.features.cache_files]
+    assert files and all(f.parent == tmp_path / "train" for f in files)
+
+    memory = build_cache(backbone, dataset, **args, max_gb=1.0, disk_dir=tmp_path / "unused")
+    assert isinstance(memory.features, torch.Tensor) and not (tmp_path / "unused").exists()
+    assert len(disk) == len(memory) == count
+    for on_disk, in_memory in zip(_all_rows(disk), _all_rows(memory)):
+        assert torch.equal(on_disk, in_memory)
+    assert torch.equal(_all_rows(memory)[1], dataset.targets["size"])  # sample k at position k
