@@ -64,7 +64,7 @@ def test_cache_on_disk_gives_the_same_heads(workdir, source_run, monkeypatch):
     probe = ["schedule.phases.1.from_epoch=10"]
     memory = transfer(workdir, source_run, "memory", *probe)
     disk = transfer(workdir, source_run, "disk", *probe, "train.feature_cache_max_gb=0")
-    assert (disk / "feature_cache" / "train" / "dataset_info.json").is_file()
+    assert (disk / "feature_cache" / "train" / "features.arrow").is_file()
     a, b = heads(epoch_end_weights(memory)), heads(epoch_end_weights(disk))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

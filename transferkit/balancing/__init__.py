@@ -6,12 +6,16 @@ Two small interfaces, composed rather than inherited:
   the per-task gradients of the trainable shared parameters.
 
 `Balancer` wraps either one for the trainer: it names the objectives (task heads and auxiliary
-heads, `dict[str, Tensor]` in), keeps the per-task weights of the last step for logging, draws
-randomness identically on every process, and is checkpointed with the run through
-`state_dict`/`load_state_dict` (tensors and numbers only, so `weights_only` loading reads it).
+heads, `dict[str, Tensor]` in), applies the static weights of `sum` and `mean`, keeps the
+per-task weights of the last step for logging, draws randomness identically on every process,
+and is checkpointed with the run through `state_dict`/`load_state_dict` (tensors and numbers
+only, so `weights_only` loading reads it).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -21,6 +25,7 @@ from transferkit.balancing.jacobian import cosine_similarities, objective_gradie
 from transferkit.balancing.losses import LossCombiner
 from transferkit.balancing.methods import METHODS, Method, option_names
 from transferkit.errors import UserError, did_you_mean
+from transferkit.models.multitask import MultiTaskModel
 from transferkit.seeding import derive_seed
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
 ]
 
 _RNG_STREAM = 0xBA1A  # keeps the balancing draws apart from dropout's
+STATIC_WEIGHT_METHODS = ("sum", "mean")  # the others set their own weights
 
 
 def build_method(name: str, num_objectives: int, options: dict | None = None):
@@ -70,10 +76,23 @@ def build_method(name: str, num_objectives: int, options: dict | None = None):
 
 
 class Balancer:
-    """The method of a run, over named objectives; see the module docstring."""
+    """The method of a run, over named objectives; see the module docstring.
+
+    `weights` maps a task name to its static weight (`tasks.NAME.weight`, default 1); an
+    auxiliary-head objective `"task@group"` takes its task's weight, as in `multitask_loss`.
+    With `sum` the combined loss is `sum_k w_k L_k`; with `mean` it is `sum_k w_k L_k / K`,
+    K the number of objectives (absent ones are imputed, so K does not change from step to step).
+    Other methods set their own weights and refuse any static weight other than 1.
+    """
 
     def __init__(
-        self, method: str, objectives: list[str], options: dict | None = None, seed: int = 0
+        self,
+        method: str,
+        objectives: list[str],
+        options: dict | None = None,
+        seed: int = 0,
+        *,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.name = method
         self.objectives = list(objectives)
@@ -83,6 +102,29 @@ class Balancer:
         self.seed = seed
         self.last_weights: Tensor | None = None
         self.last_cosines: Tensor | None = None
+        self.static_weights = self._static_weights(dict(weights or {}))
+        if isinstance(self.impl, LossCombiner):
+            self.impl.static_weights.copy_(self.static_weights)
+
+    def _static_weights(self, weights: dict[str, float]) -> Tensor:
+        """`[K]` weights in objective order, each objective taking its task's weight."""
+        tasks = {MultiTaskModel.task_of(k) for k in self.objectives}
+        for task, weight in weights.items():
+            if task not in tasks:
+                raise UserError(
+                    f"tasks.{task}.weight: no objective of task {task!r} "
+                    f"(objectives: {', '.join(self.objectives)})"
+                )
+            if not math.isfinite(weight) or weight < 0:
+                raise UserError(f"tasks.{task}.weight: must be finite and >= 0, got {weight}")
+            if weight != 1.0 and self.name not in STATIC_WEIGHT_METHODS:
+                raise UserError(
+                    f"tasks.{task}.weight: static weights apply with multitask.method sum or "
+                    f"mean; {self.name} sets its own, so remove the weight"
+                )
+        return torch.tensor(
+            [float(weights.get(MultiTaskModel.task_of(k), 1.0)) for k in self.objectives]
+        )
 
     # ---- shared helpers
     def stack(self, losses: dict[str, Tensor], device=None) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,10 @@ Two rules the adapters add to torchjd:
   changes, GLS's product) see a steady value instead of a zero.
 - State that must agree across processes (DWA's epoch averages, FAMO's loss changes) is computed
   from losses averaged over processes (`reduce`), so every rank takes the same weights.
+
+Static weights (`tasks.NAME.weight`) multiply the filled losses before the scalarizer; only
+`sum` and `mean` take them (the `Balancer` refuses them elsewhere), so `mean` is
+`sum_k w_k L_k / K`: the weighted `sum` divided by the number of objectives K.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class LossCombiner(nn.Module):
         super().__init__()
         self.scalarizer = scalarizer
         self.register_buffer("last_losses", torch.ones(num_objectives))
+        # Static weights come from the recipe, not the checkpoint: not persistent, so a
+        # checkpoint's state is the same with or without them.
+        self.register_buffer("static_weights", torch.ones(num_objectives), persistent=False)
         self.reduce: Reduce = _identity
 
     @property
@@ -66,7 +73,7 @@ class LossCombiner(nn.Module):
         if self.uses_global_values:
             # local + (global - local).detach(): the global value with the local gradient.
             filled = filled + (self.reduce(filled.detach()) - filled.detach())
-        return self.scalarizer(filled)
+        return self.scalarizer(filled * self.static_weights.to(filled))
 
     def end_epoch(self) -> None:
         """Called once at the end of every epoch."""

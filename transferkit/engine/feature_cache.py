@@ -5,15 +5,18 @@ A phase qualifies when no backbone parameter trains, normalization statistics ar
 train transforms are deterministic (`data.augment: none`), the backbone has no active dropout or
 drop-path, and there are no auxiliary heads (they need feature maps). `train.feature_cache`:
 `auto` caches where a phase qualifies, `force` also demands it of every frozen phase (an error
-says why one does not qualify), `forbid` never caches. Features are kept in memory, or written to disk as
-an Arrow dataset (`datasets`) when larger than `train.feature_cache_max_gb`.
+says why one does not qualify), `forbid` never caches. Features are kept in memory, or, when
+their estimated size exceeds `train.feature_cache_max_gb`, written to disk batch by batch as they
+are computed (an Arrow file that `datasets` memory-maps), so RAM holds one batch of them at once.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -89,6 +92,50 @@ class CachedFeatures(Dataset):
         }
 
 
+class _MemoryStore:
+    """Features in one preallocated `[N, D]` tensor (no second copy from concatenating)."""
+
+    def __init__(self, count: int, width: int) -> None:
+        self.features = torch.empty(count, width)
+        self.filled = 0
+
+    def append(self, chunk: torch.Tensor) -> None:
+        self.features[self.filled : self.filled + len(chunk)] = chunk
+        self.filled += len(chunk)
+
+    def finish(self) -> torch.Tensor:
+        return self.features[: self.filled]
+
+
+class _ArrowStore:
+    """Features streamed to `disk_dir/features.arrow`, one record batch per chunk.
+
+    The file is written under a name of this process's own and renamed when complete: another
+    process building the same cache, or a dataset of an earlier phase still mapping the old
+    file, never sees a partial one.
+    """
+
+    FILE = "features.arrow"
+
+    def __init__(self, disk_dir: Path, width: int) -> None:
+        disk_dir.mkdir(parents=True, exist_ok=True)
+        self.path = disk_dir / self.FILE
+        self.partial = disk_dir / f".{self.FILE}.{os.getpid()}.partial"
+        self.width = width
+        self.schema = pa.schema([pa.field("features", pa.list_(pa.float32(), width))])
+        self.writer = pa.ipc.new_stream(str(self.partial), self.schema)  # what `datasets` reads
+
+    def append(self, chunk: torch.Tensor) -> None:
+        values = pa.array(chunk.numpy().reshape(-1))
+        column = pa.FixedSizeListArray.from_arrays(values, self.width)
+        self.writer.write_batch(pa.record_batch([column], schema=self.schema))
+
+    def finish(self) -> datasets.Dataset:
+        self.writer.close()
+        os.replace(self.partial, self.path)
+        return datasets.Dataset.from_file(str(self.path)).with_format("torch")
+
+
 @torch.no_grad()
 def build_cache(
     backbone: Backbone,
@@ -99,26 +146,26 @@ def build_cache(
     max_gb: float,
     disk_dir: Path,
 ) -> CachedFeatures:
-    """Run the (frozen) backbone once over `dataset`, a `TaskImageDataset`, in its current mode."""
+    """Run the (frozen) backbone once over `dataset`, a `TaskImageDataset`, in its current mode.
+
+    Features stay in memory when their estimated size is at most `max_gb`; otherwise each
+    batch's features go to `disk_dir` as soon as they are computed, and the cache reads them
+    back from there (memory-mapped).
+    """
     from transferkit.data import collate
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    size_gb = len(dataset) * backbone.num_features * 4 / 1e9
-    on_disk = size_gb > max_gb
-    chunks, order = [], []
+    count, width = len(dataset), backbone.num_features
+    on_disk = count * width * 4 / 1e9 > max_gb
+    store = _ArrowStore(disk_dir, width) if on_disk else _MemoryStore(count, width)
+    order = []
     for batch in loader:
-        chunks.append(backbone(batch["image"].to(device)).float().cpu())
+        # Not bound to a name: the chunk is freed once stored, before the next one is computed.
+        store.append(backbone(batch["image"].to(device)).float().cpu())
         order.append(batch["index"])
-    features = torch.cat(chunks)
     # Position k holds sample k; its row differs only when an unreadable image was replaced by
     # the next readable one, whose targets then go with it, as on the image path.
-    rows = torch.cat(order)
-    if on_disk:
-        disk_dir.mkdir(parents=True, exist_ok=True)
-        table = datasets.Dataset.from_dict({"features": features.numpy()})
-        table.save_to_disk(str(disk_dir))
-        stored = datasets.load_from_disk(str(disk_dir)).with_format("torch")
-    else:
-        stored = features
+    rows = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    stored = store.finish()
     targets = {t: v[rows] for t, v in dataset.targets.items()}
     return CachedFeatures(stored, targets, {t: v[rows] for t, v in dataset.masks.items()})

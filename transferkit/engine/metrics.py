@@ -28,9 +28,7 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
             "r2": lambda: tm.R2Score(),
         }
     else:
-        kind = {"multiclass": "multiclass", "binary": "binary", "multilabel": "multilabel"}[
-            task.kind
-        ]
+        kind = _classification_kind(task)
         kwargs = {"num_classes": task.num_outputs} if kind == "multiclass" else {}
         kwargs.update({"num_labels": task.num_outputs} if kind == "multilabel" else {})
         average = {} if kind == "binary" else {"average": "macro"}
@@ -40,6 +38,17 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
             "auroc": lambda: tm.AUROC(task=kind, **kwargs, **average),
         }
     return tm.MetricCollection({n: available[n]() for n in metric_names(task, names)})
+
+
+def _classification_kind(task: TaskSpec) -> str:
+    """torchmetrics' `task=` for a classification task.
+
+    torchmetrics refuses `num_labels=1`, so a one-label multilabel task is scored as binary on
+    its single column (`update` flattens it); the macro average over one label is exactly that.
+    """
+    if task.kind == "multilabel" and task.num_outputs == 1:
+        return "binary"
+    return task.kind
 
 
 def update(
@@ -55,7 +64,10 @@ def update(
         target = target[mask]
         target = target.long() if task.kind != "regression" else target.float()
         output = output[mask]
-        collection.update(output.float() if probabilities else prediction(task, output), target)
+        output = output.float() if probabilities else prediction(task, output)
+        if task.kind == "multilabel" and _classification_kind(task) == "binary":
+            output, target = output.reshape(-1), target.reshape(-1)  # [N, 1] -> [N], binary
+        collection.update(output, target)
 
 
 def compute(collection: tm.MetricCollection) -> dict[str, float]:

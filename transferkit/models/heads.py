@@ -1,7 +1,8 @@
 """Task specs and the heads built from them.
 
 Output shapes, by task kind: multiclass `[B, C]` logits; binary `[B]` logits; multilabel `[B, L]`
-logits; regression `[B]` for one target, `[B, T]` for several.
+logits, `[B, 1]` for one label too (its targets are multi-hot rows); regression `[B]` for one
+target, `[B, T]` for several.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class Head(nn.Module):
             layers.append(nn.Dropout(spec.dropout))
         layers.append(nn.Linear(width, spec.num_outputs))
         self.net = nn.Sequential(*layers)
-        self._squeeze = spec.num_outputs == 1
+        # One output is squeezed where the targets are scalars (binary, one regression target);
+        # multilabel targets are rows of L labels even when L is 1.
+        self._squeeze = spec.num_outputs == 1 and spec.kind != "multilabel"
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """`[B, D]` features -> the task's output (see the module docstring for shapes)."""
