@@ -11,10 +11,12 @@ import contextlib
 import re
 import sys
 
+import torch
 from torch import nn
 
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup
+from transferkit.models.foreign import KeyMapping, convert_checkpoint, detect_mapping, get_mapping
 from transferkit.models.grouping import common_module_prefix, output_module_for
 from transferkit.models.weights import data_config_from_metadata, load_into, read_weights
 
@@ -35,8 +37,14 @@ def validate_name(name: str) -> None:
             )
 
 
-def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
-    """Create `timm:<name>` with weights None (random init), 'pretrained' or a local file path."""
+def create(
+    name: str, weights: str | None, key_mapping: str | KeyMapping | None = None, **model_kwargs
+) -> Backbone:
+    """Create `timm:<name>` with weights None (random init), 'pretrained' or a local file path.
+
+    `key_mapping` names the layout of a file written by another codebase (see `foreign.py`);
+    a registered layout is also recognised from the file's keys.
+    """
     import timm
 
     validate_name(name)
@@ -56,8 +64,12 @@ def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
     report = None
     if weights not in (None, "pretrained"):
         state, metadata = read_weights(weights)
+        mapping = get_mapping(key_mapping) if key_mapping else detect_mapping(state)
         filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-        if filter_fn is not None and "transferkit.backbone" not in metadata:
+        if mapping is not None:
+            # Mapped onto the full model (classifier included): the file has one.
+            state = convert_checkpoint(state, mapping, _reference(name, model_kwargs), weights)
+        elif filter_fn is not None and "transferkit.backbone" not in metadata:
             # timm's own conversions (original ViT/ConvNeXt checkpoints); filters assume their own
             # format, so on failure the raw keys are used.
             with contextlib.suppress(Exception):
@@ -75,6 +87,14 @@ def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
         groups=_groups(model),
         load_report=report,
     )
+
+
+def _reference(name: str, model_kwargs: dict) -> nn.Module:
+    """The model with its pretrained classifier, on the meta device (shapes only, no memory)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **model_kwargs)
 
 
 def _groups(model: nn.Module) -> list[LayerGroup]:
