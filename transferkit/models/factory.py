@@ -45,8 +45,10 @@ def create_backbone(
     Args:
         spec: `SOURCE:NAME`; timm names may carry a pretrained tag (`vit_small_patch16_224.augreg_in21k`),
             torchvision names a weights enum member (`resnet50.IMAGENET1K_V2`).
-        weights: `None` (random init), `"pretrained"` (the library's hub or cache), or a local file
-            (`.safetensors`, `.pth`, `.bin`, or a backbone saved by `Backbone.save`).
+        weights: `None` (random init), `"pretrained"` (the library's hub or cache; for timm models
+            listed in `packaged.PACKAGED`, an installed package's checkpoint when the cache has
+            none), or a local file (`.safetensors`, `.pth`, `.bin`, or a backbone saved by
+            `Backbone.save`).
         device: build on this device; `"meta"` gives the structure only, without memory, which is
             what `transferkit inspect` uses for large models without weights.
         key_mapping: the layout of a weights file written by another codebase: a name in

@@ -18,6 +18,7 @@ from transferkit.errors import UserError, did_you_mean
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup
 from transferkit.models.foreign import KeyMapping, convert_checkpoint, detect_mapping, get_mapping
 from transferkit.models.grouping import common_module_prefix, output_module_for
+from transferkit.models.packaged import hub_has_cached, packaged_weights
 from transferkit.models.weights import data_config_from_metadata, load_into, read_weights
 
 
@@ -48,6 +49,8 @@ def create(
     import timm
 
     validate_name(name)
+    if weights == "pretrained" and (packaged := _packaged_source(name)) is not None:
+        weights, key_mapping = packaged
     pretrained = weights == "pretrained"
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
@@ -87,6 +90,22 @@ def create(
         groups=_groups(model),
         load_report=report,
     )
+
+
+def _packaged_source(name: str) -> tuple[str, str] | None:
+    """(file, key mapping) of an installed package's checkpoint that stands in for timm's.
+
+    None leaves `pretrained` to timm: for models without packaged weights, when the package is
+    not installed, or when the Hugging Face cache holds timm's own file (what timm would load).
+    Nothing here touches the network.
+    """
+    import timm
+
+    packaged = packaged_weights(name)
+    if packaged is None or hub_has_cached(timm.models.get_pretrained_cfg(name).to_dict()):
+        return None
+    path = packaged.file()
+    return None if path is None else (str(path), packaged.mapping)
 
 
 def _reference(name: str, model_kwargs: dict) -> nn.Module:
