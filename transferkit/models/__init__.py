@@ -2,6 +2,7 @@
 
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup, LoadReport
 from transferkit.models.factory import create_backbone
+from transferkit.models.foreign import KeyMapping, convert_checkpoint, register_mapping
 from transferkit.models.freezing import FreezeSpec
 from transferkit.models.heads import AuxHeadSpec, TaskSpec
 from transferkit.models.multitask import MultiTaskModel
@@ -11,9 +12,12 @@ __all__ = [
     "Backbone",
     "DataConfig",
     "FreezeSpec",
+    "KeyMapping",
     "LayerGroup",
     "LoadReport",
     "MultiTaskModel",
     "TaskSpec",
+    "convert_checkpoint",
     "create_backbone",
+    "register_mapping",
 ]

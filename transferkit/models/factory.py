@@ -8,6 +8,7 @@ import torch
 
 from transferkit.errors import UserError
 from transferkit.models.backbone import Backbone
+from transferkit.models.foreign import KeyMapping
 
 SOURCES = ("timm", "torchvision")
 
@@ -36,6 +37,7 @@ def create_backbone(
     spec: str,
     weights: str | Path | None = None,
     device: str | torch.device | None = None,
+    key_mapping: str | KeyMapping | None = None,
     **model_kwargs,
 ) -> Backbone:
     """Build a backbone from `timm:<name>` or `torchvision:<name>`.
@@ -43,15 +45,22 @@ def create_backbone(
     Args:
         spec: `SOURCE:NAME`; timm names may carry a pretrained tag (`vit_small_patch16_224.augreg_in21k`),
             torchvision names a weights enum member (`resnet50.IMAGENET1K_V2`).
-        weights: `None` (random init), `"pretrained"` (the library's hub or cache), or a local file
-            (`.safetensors`, `.pth`, `.bin`, or a backbone saved by `Backbone.save`).
+        weights: `None` (random init), `"pretrained"` (the library's hub or cache; for timm models
+            listed in `packaged.PACKAGED`, an installed package's checkpoint when the cache has
+            none), or a local file (`.safetensors`, `.pth`, `.bin`, or a backbone saved by
+            `Backbone.save`).
         device: build on this device; `"meta"` gives the structure only, without memory, which is
             what `transferkit inspect` uses for large models without weights.
+        key_mapping: the layout of a weights file written by another codebase: a name in
+            `foreign.MAPPINGS` (e.g. `"efficientnet_pytorch"`) or a `KeyMapping`. Registered
+            layouts are also recognised from the file's keys.
         **model_kwargs: passed to the library's constructor (e.g. timm `img_size=64`,
             torchvision `image_size=64` for ViTs, `drop_path_rate=0.1`).
     """
     source, name = parse_backbone_name(spec)
     weights = normalize_weights(weights)
+    if key_mapping is not None and weights in (None, "pretrained"):
+        raise UserError(f"key_mapping applies to a weights file, but weights is {weights!r}")
     if source == "timm":
         from transferkit.models import timm_adapter as adapter
     else:
@@ -63,5 +72,5 @@ def create_backbone(
 
         with init_empty_weights(include_buffers=False):
             return adapter.create(name, None, **model_kwargs)
-    backbone = adapter.create(name, weights, **model_kwargs)
+    backbone = adapter.create(name, weights, key_mapping=key_mapping, **model_kwargs)
     return backbone if device is None else backbone.to(device)

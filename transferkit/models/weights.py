@@ -40,15 +40,16 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 metadata = dict(handle.metadata() or {})
-                state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-            return state, metadata
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+                obj = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        else:
+            metadata = {}
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
         raise UserError(
             f"cannot read weights file {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]} "
             "(files are loaded with weights_only=True: pickled code is refused)"
         ) from None
-    return _unnest(obj, path), {}
+    return _unnest(obj, path), metadata
 
 
 def _unnest(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -65,13 +66,17 @@ def _unnest(obj: object, path: Path) -> dict[str, torch.Tensor]:
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
+        if not obj:
+            raise UserError(f"weights file {path} holds no tensors")
     raise UserError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
 
 
 def _strip_wrapper_prefixes(
     state: dict[str, torch.Tensor], model_keys: set[str]
 ) -> dict[str, torch.Tensor]:
-    changed = True
+    # With no keys every prefix is "shared by all keys" and stripping it changes nothing, so
+    # the loop would never end: an empty state has nothing to strip.
+    changed = bool(state)
     while changed:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
