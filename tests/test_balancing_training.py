@@ -208,3 +208,13 @@ def test_recipe_errors_name_the_key(change, message):
         recipe[section] = value
     with pytest.raises(UserError, match=message):
         parse_recipe(recipe)
+
+
+def test_mean_applies_the_recipes_static_weights_in_training(workdir, labelled):
+    """`multitask.method: mean` with `tasks.digit.weight: 3`: the trainer passes the recipe's
+    weights to the balancer, which logs w/K per task (K = 2 objectives)."""
+    recipe = _recipe("mean")
+    recipe["tasks"]["digit"]["weight"] = 3.0
+    log = records(_train(workdir, recipe, "weighted_mean"))[-1]
+    assert log["mtl/weight/digit"] == pytest.approx(1.5)
+    assert log["mtl/weight/parity"] == pytest.approx(0.5)

@@ -30,6 +30,7 @@ from transferkit.seeding import derive_seed
 
 __all__ = [
     "METHODS",
+    "STATIC_WEIGHT_METHODS",
     "Balancer",
     "DBMTL",
     "GradNorm",

@@ -164,7 +164,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     balancer = None
     if recipe.multitask.method != "sum":  # plain sum: the loss path has no balancer
         balancer = Balancer(recipe.multitask.method, model.output_keys, recipe.multitask.options,
-                            recipe.seed)  # fmt: skip
+                            recipe.seed, weights=weights)  # fmt: skip
         balancer.impl.to(accelerator.device)
     optimizer = build_optimizer(model, cfg)
     if balancer is not None and balancer.kind == "loss" and balancer.impl.learnable:

@@ -201,10 +201,10 @@ def cross_checks(recipe: Recipe) -> list[str]:
 
 
 def _check_multitask(recipe: Recipe) -> list[str]:
-    from transferkit.balancing import METHODS, build_method  # torchjd: only when checking
+    from transferkit.balancing import METHODS, STATIC_WEIGHT_METHODS, build_method  # torchjd
 
     method = recipe.multitask.method
-    if method not in ("sum", "mean"):
+    if method not in STATIC_WEIGHT_METHODS:
         weighted = [name for name, task in recipe.tasks.items() if task.weight != 1.0]
         if weighted:
             return [
