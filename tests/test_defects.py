@@ -19,8 +19,8 @@ from transferkit.data.labels import encode_task
 from transferkit.engine.feature_cache import CachedFeatures, build_cache
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.metrics import compute, prediction, task_metrics, update
-from transferkit.engine.run import describe_prediction
 from transferkit.errors import UserError
+from transferkit.inference import describe_prediction
 from transferkit.models import MultiTaskModel, TaskSpec, create_backbone
 
 # ---------------------------------------------------------------------------------------------
