@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-zoo bench bench-multitask lint clean
+.PHONY: setup demo test test-all test-zoo bench bench-multitask lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,8 +18,14 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m transferkit.demo
 
+# The fast suite, for every change (a few minutes on 2 cores).
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not zoo"
+
+# Everything CI runs: the fast suite plus the slow end-to-end tests (notebooks, SIGKILL and
+# resume, several processes, shared sweeps).
+test-all: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not zoo"
 
 test-zoo: setup
 	$(BIN)/python -m pytest -q -n 2 -m zoo

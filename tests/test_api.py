@@ -22,7 +22,7 @@ def _digits(count: int = 40):
 
     digits = load_digits(n_class=3)
     images = [
-        PIL.Image.fromarray((digits.images[i] * 16).astype(np.uint8)).convert("RGB")
+        PIL.Image.fromarray((digits.images[i] * 15).astype(np.uint8)).convert("RGB")
         for i in range(count)
     ]
     labels = [int(t) for t in digits.target[:count]]
@@ -40,7 +40,11 @@ def test_fine_tune_on_a_dataset_dict_returns_history_best_and_final(tmp_path):
     images, labels = _digits()
     table = {"image": images, "digit": labels, "even": [int(v % 2 == 0) for v in labels]}
     features = datasets.Features(
-        {"image": datasets.Image(), "digit": datasets.Value("int64"), "even": datasets.Value("int64")}
+        {
+            "image": datasets.Image(),
+            "digit": datasets.Value("int64"),
+            "even": datasets.Value("int64"),
+        }
     )
     full = datasets.Dataset.from_dict(table, features=features)
     data = datasets.DatasetDict(

@@ -161,6 +161,7 @@ def test_stateful_methods_resume_exactly(workdir, labelled, method):
     assert logged[0][0] == logged[1][0] and logged[0][2] == logged[1][2]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["pcgrad", "uw"])
 def test_two_processes_match_one(workdir, labelled, method):

@@ -157,6 +157,7 @@ train: {epochs: 2, batch_size: BATCH, optimizer: sgd, lr: 0.05, momentum: 0.9, w
 """
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_match_one_across_an_unfreeze(workdir):
     """torchrun with 2 gloo processes ends with the weights of 1 process at the same global batch,

@@ -68,6 +68,7 @@ def uninterrupted(workdir, resume_recipe):
     return epoch_end_weights(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_step", [4, 10, 17])
 def test_sigkill_then_resume_is_bit_identical(
     workdir, resume_recipe, uninterrupted, kill_after_step

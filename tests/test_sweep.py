@@ -55,6 +55,7 @@ def _trainings(root: Path) -> dict[str, int]:
     return {p.parent.name: p.read_text().count("run folder:") for p in root.glob("*/train.log")}
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_sweep_and_each_run_trains_once(workdir, monkeypatch):
     root = workdir / "shared_sweep"
     cmd = [sys.executable, "-m", "transferkit.cli", "sweep", RECIPE, "--output", str(root)]
