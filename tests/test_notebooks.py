@@ -29,6 +29,7 @@ def _is_plot_cell(cell) -> bool:
     return "plt.show()" in cell.source or ".plot(" in cell.source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLBACKEND", "Agg")
