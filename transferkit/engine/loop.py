@@ -104,6 +104,11 @@ class TrainLoop:
                         "train/loss": loss.item(),
                         **{f"train/loss_{k}": v.item() for k, v in losses.items()},
                         **{f"train/{k}": v for k, v in balance.items()},
+                        **{
+                            f"train/lr/{g['group']}": g["lr"]
+                            for g in self.optimizer.param_groups
+                            if "group" in g
+                        },  # fmt: skip
                     },
                     step=state["step"],
                 )

@@ -53,12 +53,19 @@ def schedule_factor(train, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def build_lr_scheduler(optimizer, train, schedule: FreezeSchedule, steps_per_epoch: int):
-    """A LambdaLR whose per-group factor follows the LR schedule and the current phase."""
+def build_lr_scheduler(
+    optimizer, train, schedule: FreezeSchedule, steps_per_epoch: int, calls_per_step: int = 1
+):
+    """A LambdaLR whose per-group factor follows the LR schedule and the current phase.
+
+    `steps_per_epoch` counts optimizer steps; `calls_per_step` is how many times the scheduler
+    is stepped per optimizer step (Accelerate steps it once per process).
+    """
 
     def factor_for(group: str):
-        return lambda step: (
-            schedule_factor(train, step, steps_per_epoch) * schedule.lr_factor(group)
+        return lambda calls: (
+            schedule_factor(train, calls // calls_per_step, steps_per_epoch)
+            * schedule.lr_factor(group)
         )
 
     return torch.optim.lr_scheduler.LambdaLR(

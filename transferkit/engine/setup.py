@@ -171,10 +171,13 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
         # UW and IMTL-L learn their weights by gradient descent with the model.
         optimizer.add_param_group({"params": list(balancer.impl.parameters()), "weight_decay": 0.0,
                                    "lr": recipe.multitask.lr or cfg.lr, "group": "loss_weights"})  # fmt: skip
-    steps_per_epoch = max(
-        math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes)), 1
-    )
-    lr_scheduler = build_lr_scheduler(optimizer, cfg, schedule, steps_per_epoch)
+    # Accelerate steps a prepared scheduler once per process at each optimizer step (it assumes
+    # a schedule written for one process that sees every batch): the schedule divides its step
+    # count by the number of processes, so it runs at the same pace on any number of them.
+    lr_scheduler = build_lr_scheduler(
+        optimizer, cfg, schedule, optimizer_steps_per_epoch(len(train_loader), accelerator),
+        calls_per_step=accelerator.num_processes,
+    )  # fmt: skip
     # Prepared while every parameter requires grad, so DDP registers all of them (see module doc).
     model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, lr_scheduler
@@ -186,6 +189,13 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     return RunSetup(recipe, cfg, run_dir, accelerator, backbone, model, tasks, metric_names,
                     monitor, schedule, train_set, val_set, train_loader, val_loader, optimizer,
                     lr_scheduler, strategy, balancer, workers)  # fmt: skip
+
+
+def optimizer_steps_per_epoch(batches: int, accelerator: Accelerator) -> int:
+    """Optimizer steps per epoch on each process: `batches` (the unsharded loader's length) are
+    shared out over the processes, and each takes a step every `grad_accum` of its batches."""
+    per_process = math.ceil(batches / accelerator.num_processes)
+    return max(math.ceil(per_process / accelerator.gradient_accumulation_steps), 1)
 
 
 def make_loaders(train_set, val_set, cfg, workers: int) -> tuple[DataLoader, DataLoader]:

@@ -1,0 +1,85 @@
+"""Several processes with the settings users use: 2 torchrun (gloo) processes against 1, at the
+same global batch, with warmup, a cosine schedule, a phase change that unfreezes blocks,
+per-group multipliers, layer decay and gradient accumulation.
+
+A constant schedule in the first 2-process test hid a schedule that ran twice too fast under
+two processes (Accelerate steps a prepared scheduler once per process at each optimizer step).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import epoch_end_weights, records
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+RECIPE = """
+name: ddp_schedule
+seed: 0
+model: {backbone: "timm:test_vit", kwargs: {img_size: 32}}
+tasks: {digit: {kind: multiclass}}
+data: {source: manifest, path: data/digits/source/manifest.csv, val_split: null, image_size: 32,
+       augment: none, max_samples: 256, num_workers: 0}
+schedule:
+  layer_decay: 0.8
+  phases:
+    - {from_epoch: 0, freeze: "up_to:blocks.4", lr_mult: {heads: 2.0}}
+    - {from_epoch: 1, freeze: "up_to:blocks.2", lr_mult: {heads: 0.5}}
+train: {epochs: 3, batch_size: BATCH, grad_accum: 2, optimizer: sgd, lr: 0.05, momentum: 0.9,
+        weight_decay: 0.0, scheduler: cosine, warmup_epochs: 0.5, log_every: 1}
+"""
+
+
+def _torchrun(workdir: Path, procs: int, name: str, recipe_text: str, *extra: str) -> Path:
+    recipe = workdir / f"{name}.yaml"
+    recipe.write_text(recipe_text)
+    output = workdir / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+           "--master_port", str(29600 + procs + len(name)), "-m", "transferkit.cli", "train",
+           str(recipe), "--output", str(output), *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def _step_lrs(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Per group, the learning rate logged at every optimizer step (TensorBoard)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = (run_dir / "tensorboard").rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"scalars": 0}).Reload()
+    return {
+        tag.removeprefix("train/lr/"): {e.step: e.value for e in events.Scalars(tag)}
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("train/lr/")
+    }
+
+
+def test_two_processes_match_one_with_warmup_cosine_phases_decay_and_accumulation(workdir):
+    runs = {
+        procs: _torchrun(workdir, procs, f"sched_{procs}", RECIPE.replace("BATCH", str(batch)))
+        for procs, batch in ((1, 32), (2, 16))
+    }
+    one, two = _step_lrs(runs[1]), _step_lrs(runs[2])
+    assert set(one) == set(two) and {"heads", "blocks.5", "blocks.0"} <= set(one)
+    steps = sorted(one["heads"])
+    assert steps == sorted(two["heads"]) and len(steps) >= 9  # 3 epochs of 3 steps at least
+    for group in one:
+        for step in steps:
+            assert two[group][step] == pytest.approx(one[group][step], rel=1e-6), (group, step)
+    # The schedule is the one asked for: warmup rises, cosine reaches ~0 at the last step.
+    heads = [one["heads"][s] for s in steps]
+    assert heads[0] < heads[1] and heads[-1] < 0.05 * max(heads)
+    # Per epoch, as metrics.jsonl records it.
+    for a, b in zip(records(runs[1]), records(runs[2])):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
+    finals = {procs: epoch_end_weights(path) for procs, path in runs.items()}
+    for key, value in finals[1].items():
+        assert torch.allclose(value, finals[2][key], rtol=0, atol=1e-5), key
