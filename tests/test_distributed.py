@@ -83,3 +83,78 @@ def test_two_processes_match_one_with_warmup_cosine_phases_decay_and_accumulatio
     finals = {procs: epoch_end_weights(path) for procs, path in runs.items()}
     for key, value in finals[1].items():
         assert torch.allclose(value, finals[2][key], rtol=0, atol=1e-5), key
+
+
+PROBE = """
+name: ddp_probe
+seed: 0
+model: {backbone: "timm:test_resnet"}
+tasks: {digit: {kind: multiclass}}
+data: {source: manifest, path: data/digits/source/manifest.csv, val_split: null, image_size: 32,
+       augment: none, max_samples: 200, num_workers: 0}
+schedule: {phases: [{from_epoch: 0, freeze: all}]}
+train: {epochs: 2, batch_size: 16, optimizer: sgd, lr: 0.05, weight_decay: 0.0,
+        scheduler: cosine, feature_cache: CACHE, feature_cache_max_gb: MAX_GB}
+"""
+
+
+def _probe(cache: str, max_gb: float) -> str:
+    return PROBE.replace("CACHE", cache).replace("MAX_GB", str(max_gb))
+
+
+def test_sharded_feature_cache_trains_the_heads_of_an_uncached_two_process_run(workdir):
+    """Each process computes its shard of the features; the gathered cache (in memory, or shard
+    files on disk) feeds the heads the same samples in the same order as images do."""
+    uncached = _torchrun(workdir, 2, "probe_images", _probe("forbid", 4.0))
+    memory = _torchrun(workdir, 2, "probe_memory", _probe("force", 4.0))
+    disk = _torchrun(workdir, 2, "probe_disk", _probe("force", 0.0))
+    expected = epoch_end_weights(uncached)
+    heads = [k for k in expected if k.startswith("heads.")]
+    for run in (memory, disk):
+        weights = epoch_end_weights(run)
+        for key in heads:
+            assert torch.allclose(weights[key], expected[key], rtol=0, atol=1e-5), (run, key)
+    shards = sorted(p.name for p in (disk / "feature_cache" / "train").iterdir())
+    assert shards == ["shard_0_of_2", "shard_1_of_2"]
+    for a, b in zip(records(uncached), records(memory)):
+        assert a["val/digit/count"] == b["val/digit/count"]
+        assert a["val/digit/accuracy"] == pytest.approx(b["val/digit/accuracy"], abs=1e-6)
+
+
+AUTO_BATCH = """
+import sys
+import torch
+from transferkit.cli import main
+from transferkit.models.backbone import Backbone
+
+original = Backbone.forward
+
+
+def small_memory_on_rank_1(self, images):
+    # Only the second process runs short of memory above 8 images.
+    if torch.distributed.get_rank() == 1 and images.shape[0] > 8:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return original(self, images)
+
+
+Backbone.forward = small_memory_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_auto_batch_size_takes_the_size_every_process_fits(workdir):
+    script = workdir / "auto_batch_main.py"
+    script.write_text(AUTO_BATCH)
+    recipe = workdir / "auto_batch.yaml"
+    recipe.write_text(_probe("forbid", 4.0).replace("train: {", "train: {auto_batch_size: true, "))
+    output = workdir / "auto_batch"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", "29677", str(script), "train", str(recipe), "--output", str(output),
+           "--set", "train.batch_size=32", "--set", "train.epochs=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "auto batch size: 8 per device, 4 accumulation steps" in result.stdout
+    # 160 training rows in batches of 8: 10 per process, windows of 4 batches: 2 full windows
+    # and the rest, which Accelerate steps at the end of the data. 3 steps on both processes.
+    assert records(output)[-1]["step"] == 3

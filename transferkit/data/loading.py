@@ -37,6 +37,9 @@ class LoadedData:
     splits: dict[str, datasets.Dataset]
     tasks: list[TaskSpec]
     skipped_images: list[str] = field(default_factory=list)
+    # Per split, the rows dropped as unreadable: another process passes them back to
+    # `load_data(bad_rows=...)` instead of decoding every image again.
+    bad_rows: dict[str, list[int]] = field(default_factory=dict)
 
 
 def load_data(
@@ -44,11 +47,13 @@ def load_data(
     tasks: dict[str, TaskSection],
     seed: int,
     carve_validation: bool = True,
+    bad_rows: dict[str, list[int]] | None = None,
 ) -> LoadedData:
     """Load, encode and check the recipe's data (see the module docstring).
 
     `carve_validation=False` keeps a source without a validation split whole (as "train"):
-    evaluating on other data must not carve or cap it.
+    evaluating on other data must not carve or cap it. `bad_rows` (a `LoadedData.bad_rows` from
+    another process over the same data) skips decoding every image to find unreadable ones.
     """
     if not tasks:
         raise UserError("tasks: the recipe declares no task; add at least one under tasks")
@@ -77,8 +82,12 @@ def load_data(
         splits = {k: _cap(s, data.max_samples, seed) for k, s in splits.items()}
 
     skipped: list[str] = []
+    dropped: dict[str, list[int]] = {}
     for name in list(splits):
-        splits[name], bad = _drop_bad_images(splits[name], name, data.bad_images)
+        known = None if bad_rows is None else bad_rows.get(name, [])
+        splits[name], bad, dropped[name] = _drop_bad_images(
+            splits[name], name, data.bad_images, known
+        )
         skipped.extend(bad)
         if len(splits[name]) == 0:
             why = f" after skipping {len(bad)} unreadable image(s)" if bad else ""
@@ -87,16 +96,23 @@ def load_data(
                 "check data.path and the data.*_split settings"
             )
     ordered = {k: splits[k] for k in ("train", "validation", "test") if k in splits}
-    return LoadedData(splits=ordered, tasks=specs, skipped_images=skipped)
+    return LoadedData(splits=ordered, tasks=specs, skipped_images=skipped, bad_rows=dropped)
 
 
 def _drop_bad_images(
-    split: datasets.Dataset, name: str, bad_images: str
-) -> tuple[datasets.Dataset, list[str]]:
-    """The split without images that fail to decode, and their ids ("error": a UserError)."""
+    split: datasets.Dataset, name: str, bad_images: str, known: list[int] | None = None
+) -> tuple[datasets.Dataset, list[str], list[int]]:
+    """The split without images that fail to decode, their ids and rows ("error": a UserError).
+
+    `known`: rows already found unreadable by another process (nothing is decoded then)."""
+    if known is not None:
+        drop = set(known)
+        keep = [i for i in range(len(split)) if i not in drop]
+        kept = split.select(keep, keep_in_memory=True) if drop else split
+        return kept, [], sorted(drop)
     bad = find_bad_images(split, IMAGE, name)
     if not bad:
-        return split, []
+        return split, [], []
     if bad_images == "error":
         _, first, reason = bad[0]
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
@@ -109,7 +125,7 @@ def _drop_bad_images(
     )
     dropped = {row for row, _, _ in bad}
     keep = [i for i in range(len(split)) if i not in dropped]
-    return split.select(keep, keep_in_memory=True), [image for _, image, _ in bad]
+    return split.select(keep, keep_in_memory=True), [image for _, image, _ in bad], sorted(dropped)
 
 
 def _pick_splits(

@@ -136,6 +136,20 @@ class _ArrowStore:
         return datasets.Dataset.from_file(str(self.path)).with_format("torch")
 
 
+def shard_rows(count: int, rank: int, processes: int) -> range:
+    """The rows process `rank` computes: every `processes`-th, starting at its rank."""
+    return range(rank, count, processes)
+
+
+def interleave(shards: list[torch.Tensor], count: int) -> torch.Tensor:
+    """Rows of per-process shards (`shard_rows` order) back in dataset order; [count, ...]."""
+    processes = len(shards)
+    out = shards[0].new_empty((count, *shards[0].shape[1:]))
+    for rank, shard in enumerate(shards):
+        out[rank::processes] = shard[: len(shard_rows(count, rank, processes))]
+    return out
+
+
 @torch.no_grad()
 def build_cache(
     backbone: Backbone,
@@ -145,19 +159,33 @@ def build_cache(
     device: torch.device,
     max_gb: float,
     disk_dir: Path,
+    accelerator=None,
 ) -> CachedFeatures:
     """Run the (frozen) backbone once over `dataset`, a `TaskImageDataset`, in its current mode.
 
     Features stay in memory when their estimated size is at most `max_gb`; otherwise each
     batch's features go to `disk_dir` as soon as they are computed, and the cache reads them
     back from there (memory-mapped).
+
+    With an `accelerator` of several processes, each process computes only its shard of the
+    rows (`shard_rows`), and every process ends with the whole cache in dataset order, so the
+    prepared loader over it shards and shuffles batches exactly as it does over images. In
+    memory the shards are all-gathered; on disk each process writes its own shard file.
     """
     from transferkit.data import collate
 
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    rank, processes = (
+        (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    )
     count, width = len(dataset), backbone.num_features
+    mine = shard_rows(count, rank, processes)
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, mine) if processes > 1 else dataset,
+        batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    )  # fmt: skip
     on_disk = count * width * 4 / 1e9 > max_gb
-    store = _ArrowStore(disk_dir, width) if on_disk else _MemoryStore(count, width)
+    shard_dir = disk_dir / f"shard_{rank}_of_{processes}" if processes > 1 else disk_dir
+    store = _ArrowStore(shard_dir, width) if on_disk else _MemoryStore(len(mine), width)
     order = []
     for batch in loader:
         # Not bound to a name: the chunk is freed once stored, before the next one is computed.
@@ -167,5 +195,29 @@ def build_cache(
     # the next readable one, whose targets then go with it, as on the image path.
     rows = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
     stored = store.finish()
+    if processes > 1:
+        stored, rows = _combine(stored, rows, count, disk_dir, accelerator)
     targets = {t: v[rows] for t, v in dataset.targets.items()}
     return CachedFeatures(stored, targets, {t: v[rows] for t, v in dataset.masks.items()})
+
+
+def _combine(stored, rows: torch.Tensor, count: int, disk_dir: Path, accelerator):
+    """Every process's shard, as one cache in dataset order (see `build_cache`)."""
+    processes = accelerator.num_processes
+    size = len(shard_rows(count, 0, processes))  # the largest shard: gather needs equal shapes
+    padded_rows = torch.full((size,), -1, dtype=torch.long)
+    padded_rows[: len(rows)] = rows
+    gathered = accelerator.gather(padded_rows.to(accelerator.device)).cpu().view(processes, size)
+    all_rows = interleave(list(gathered), count)
+    if isinstance(stored, torch.Tensor):
+        padded = stored.new_zeros((size, stored.shape[1]))
+        padded[: len(stored)] = stored
+        features = accelerator.gather(padded.to(accelerator.device)).cpu()
+        return interleave(list(features.view(processes, size, -1)), count), all_rows
+    accelerator.wait_for_everyone()  # every shard file is complete
+    files = [disk_dir / f"shard_{r}_of_{processes}" / _ArrowStore.FILE for r in range(processes)]
+    shards = [datasets.Dataset.from_file(str(f)) for f in files]
+    starts = [sum(len(s) for s in shards[:r]) for r in range(processes)]
+    order = [starts[k % processes] + k // processes for k in range(count)]
+    combined = datasets.concatenate_datasets(shards).select(order)
+    return combined.with_format("torch"), all_rows

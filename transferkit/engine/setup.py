@@ -104,7 +104,10 @@ def make_accelerator(recipe: Recipe, run_dir: RunDir) -> Accelerator:
         project_config=ProjectConfiguration(
             project_dir=str(run_dir.path), logging_dir=str(run_dir.tensorboard_dir)
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The shuffling seed is the recipe's, not whatever the global RNG was when a loader was
+        # prepared: loaders prepared later (over cached features) then shuffle exactly like the
+        # image loader, on every process.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
@@ -124,8 +127,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     backbone = create_backbone(recipe.model.backbone, recipe.model.weights, **recipe.model.kwargs)
     if backbone.load_report and main:
         print(f"backbone weights: {backbone.load_report}")
-    with accelerator.main_process_first():
-        data = load_data(recipe.data, recipe.tasks, recipe.seed)
+    data = load_shared_data(recipe, accelerator)
     metric_names = {name: section.metrics for name, section in recipe.tasks.items()}
     monitor = cfg.monitor or default_monitor(data.tasks, metric_names)
     check_monitor(monitor, data.tasks, metric_names)
@@ -198,6 +200,33 @@ def optimizer_steps_per_epoch(batches: int, accelerator: Accelerator) -> int:
     return max(math.ceil(per_process / accelerator.gradient_accumulation_steps), 1)
 
 
+def load_shared_data(recipe: Recipe, accelerator: Accelerator):
+    """`load_data` on every process, decoding the images (to find unreadable ones) only once.
+
+    The main process loads first (datasets' caches fill once) and finds the unreadable rows;
+    the others receive those rows instead of decoding every image again. An error on the main
+    process reaches every process, so none waits forever.
+    """
+    if accelerator.num_processes == 1:
+        return load_data(recipe.data, recipe.tasks, recipe.seed)
+    from accelerate.utils import broadcast_object_list
+
+    data, message = None, None
+    if accelerator.is_main_process:
+        try:
+            data = load_data(recipe.data, recipe.tasks, recipe.seed)
+        except UserError as err:
+            message = str(err)
+    payload = [(data.bad_rows if data else None, message)]
+    broadcast_object_list(payload)
+    bad_rows, message = payload[0]
+    if message is not None:
+        raise UserError(message)
+    if data is None:
+        data = load_data(recipe.data, recipe.tasks, recipe.seed, bad_rows=bad_rows)
+    return data
+
+
 def make_loaders(train_set, val_set, cfg, workers: int) -> tuple[DataLoader, DataLoader]:
     """Shuffled training batches and ordered validation batches (images or cached features)."""
     # No persistent workers: each epoch's workers must see the dataset's new `epoch` (seeds).
@@ -233,11 +262,16 @@ def auto_batch_size(model, cfg, input_size, accelerator: Accelerator):
     finally:
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
+    if accelerator.num_processes > 1:
+        # Ranks may fit different sizes (other memory in use); all must take the same one, or
+        # their accumulation windows (and DDP's all-reduces) would fall out of step.
+        sizes = accelerator.gather(torch.tensor([fitted], device=accelerator.device))
+        fitted = int(sizes.min())
     accumulation = cfg.grad_accum * math.ceil(cfg.batch_size / fitted)
     accelerator.gradient_accumulation_steps = accumulation
     if accelerator.is_main_process:
         print(
-            f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size})"
+            f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size}, the smallest that fits on every process)"
         )
     return dataclasses.replace(cfg, batch_size=fitted, grad_accum=accumulation)
 

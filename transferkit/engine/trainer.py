@@ -137,9 +137,14 @@ def _cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
     """Loaders over backbone features computed once, batched and shuffled like the image ones."""
     acc, cfg, folder = run.accelerator, run.cfg, run.run_dir.feature_cache_dir
     build = partial(feature_cache.build_cache, run.backbone, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                    num_workers=run.workers, device=acc.device, max_gb=cfg.feature_cache_max_gb)  # fmt: skip
+                    num_workers=run.workers, device=acc.device, max_gb=cfg.feature_cache_max_gb,
+                    accelerator=acc)  # fmt: skip
     train_cache = build(run.train_set, disk_dir=folder / "train")
     val_cache = build(run.val_set, disk_dir=folder / "validation")
+    if acc.is_main_process:
+        count, processes = len(train_cache), acc.num_processes
+        print(f"features: each of {processes} processes computed its shard of the {count} "
+              f"training rows ({len(feature_cache.shard_rows(count, 0, processes))} here)")  # fmt: skip
     train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=True,
                               drop_last=len(train_cache) > cfg.batch_size, collate_fn=collate)  # fmt: skip
     val_loader = DataLoader(
