@@ -112,6 +112,20 @@ def _short(value: dict) -> str:
     return ",".join(map(str, value.get("labels", [])))
 
 
+def _lr_find(args: argparse.Namespace) -> int:
+    from transferkit.lr_find import lr_find
+    from transferkit.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    result, path = lr_find(recipe, args.phase, args.steps, args.output, args.min_lr, args.max_lr)
+    print(
+        f"phase {result.phase}: suggested train.lr {result.suggestion:.3g} "
+        f"({len(result.lrs)} steps from {result.lrs[0]:.1e} to {result.lrs[-1]:.1e}); plot: {path}"
+    )
+    print(f"use it with: --set train.lr={result.suggestion:.3g}")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from transferkit.sweep import parse_grid, sweep
 
@@ -209,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
     )
     train.set_defaults(func=_train)
+
+    finder = sub.add_parser(
+        "lr-find", help="a learning-rate range test for one phase; plots loss against train.lr"
+    )
+    finder.add_argument("recipe", help="a recipe YAML or a shipped recipe's name")
+    finder.add_argument(
+        "--phase", type=int, default=-1, help="index into schedule.phases (default: the last)"
+    )
+    finder.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    finder.add_argument("--min-lr", type=float, default=1e-7)
+    finder.add_argument("--max-lr", type=float, default=1.0)
+    finder.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+    finder.add_argument("--output", help="the plot (default lr_find_<recipe>_phase<N>.png)")
+    finder.set_defaults(func=_lr_find)
 
     sweep = sub.add_parser("sweep", help="train every combination of a grid and report the results")
     sweep.add_argument("recipe")
