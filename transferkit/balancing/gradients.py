@@ -152,6 +152,9 @@ class GradNorm(GradientAggregator):
         return {"optimizer": self._optimizer.state_dict()}
 
     def load_state_dict_extra(self, state: dict) -> None:
+        # A new Adam over the current `logits`: after a move to a device whose tensors cannot
+        # share storage with the old ones (meta), `logits` is a new Parameter.
+        self._optimizer = torch.optim.Adam([self.logits], lr=self.lr)
         self._optimizer.load_state_dict(state["optimizer"])
 
 
