@@ -42,8 +42,11 @@ class GradientAggregator(nn.Module, ABC):
 
 
 def _scatter(weights: Tensor, present: Tensor) -> Tensor:
+    """`weights` of the present tasks in a `[K]` vector, NaN for absent ones, on the weights'
+    device (the CPU, for logging). The mask may be on a GPU: indexing a CPU tensor with a CUDA
+    mask is an error, so it is moved first."""
     full = torch.full(present.shape, float("nan"), dtype=weights.dtype, device=weights.device)
-    full[present] = weights
+    full[present.to(weights.device)] = weights
     return full
 
 
