@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -86,6 +87,28 @@ def source_run(workdir):
         return train(recipe, output=str(workdir / "runs" / "digits_source")).resolve()
     finally:
         os.chdir(cwd)
+
+
+# Two fully labelled tasks (labels derived from the digit), so that the mean loss of one
+# process over 32 rows equals the mean of two processes' means over 16 rows each.
+FULL_LABELS = "data/digits/full_labels.csv"
+
+
+@pytest.fixture(scope="session")
+def labelled(workdir) -> Path:
+    """`FULL_LABELS` in `workdir`: the transfer digits with a digit and a parity label each."""
+    source = workdir / "data/digits/transfer/manifest.csv"
+    target = workdir / FULL_LABELS
+    with source.open() as handle:
+        rows = list(csv.DictReader(handle))
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "digit", "parity"])
+        writer.writeheader()
+        for row in rows:
+            parity = "even" if int(row["digit"]) % 2 == 0 else "odd"
+            writer.writerow({"image": "transfer/" + row["image"], "digit": row["digit"],
+                             "parity": parity})  # fmt: skip
+    return target
 
 
 def advance_balancer(balancer, i: int, device=None) -> torch.Tensor:
