@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-zoo bench bench-multitask lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -26,6 +26,10 @@ test: setup
 # resume, several processes, shared sweeps).
 test-all: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not zoo"
+
+# The tests that need a CUDA GPU (tests/test_gpu.py; skipped, with the reason, without one).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
 
 test-zoo: setup
 	$(BIN)/python -m pytest -q -n 2 -m zoo

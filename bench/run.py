@@ -7,16 +7,25 @@ Writes `bench/results/results.json` and `bench/results/results.md`:
   (d) freeze depth against step time and the activation memory autograd keeps
   (e) data pipeline images/s against training images/s
   (f) achieved FLOP/s of a full fine-tune step against measured matmul FLOP/s
+  (g) on a CUDA GPU only (skipped, with the reason, without one): images/s of transferkit's
+      training step against timm's train.py (`--timm-train PATH` or $TIMM_TRAIN, a timm
+      checkout), or a hand-written timm-style loop without it, at the same model, batch,
+      resolution and precision; and achieved FLOP/s against the GPU's bf16 peak
 `--quick` runs everything at toy sizes (used by the tests so the suite cannot rot).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -255,6 +264,218 @@ def bench_flops(cfg: dict) -> dict:
             "fraction_of_matmul": achieved / peak}  # fmt: skip
 
 
+# Dense bf16 peak (TFLOP/s, no sparsity) by `torch.cuda.get_device_name()`, from NVIDIA's data
+# sheets. Any other name (H100 PCIe or NVL, a MIG slice, ...) gets the achieved value only.
+BF16_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+}
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device_batches(cfg: dict, device: str) -> tuple[list[dict], list[dict]]:
+    """Warm-up and timed batches, already on the device in transferkit's batch format (four
+    distinct batches, reused), so that neither loop's timing includes data loading."""
+    generator = torch.Generator().manual_seed(0)
+    distinct = []
+    for _ in range(4):
+        images = torch.randn(cfg["batch"], 3, cfg["size"], cfg["size"], generator=generator)
+        labels = torch.randint(0, 10, (cfg["batch"],), generator=generator)
+        distinct.append({"image": images.to(device), "targets": {"a": labels.to(device)},
+                         "mask": {"a": torch.ones(cfg["batch"], dtype=torch.bool, device=device)},
+                         "index": torch.arange(cfg["batch"])})  # fmt: skip
+    batches = [distinct[i % 4] for i in range(cfg["warmup"] + cfg["steps"])]
+    return batches[: cfg["warmup"]], batches[cfg["warmup"] :]
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _gpu_transferkit_steps(cfg: dict, device: str) -> float:
+    """Seconds per step of transferkit's TrainLoop, as in (a), with the run's precision and
+    memory format (Accelerate's autocast, channels_last weights and inputs)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # another mixed precision than the sections before
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg["precision"])
+    model = _model(cfg, ["a"])
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    train_cfg = dataclasses.replace(_train_cfg(), channels_last=cfg["channels_last"],
+                                    mixed_precision=cfg["precision"])  # fmt: skip
+    schedule = FreezeSchedule(model.backbone, [PhaseSection()])
+    optimizer = build_optimizer(model, train_cfg)
+    warmup, timed = _device_batches(cfg, device)
+    lr = build_lr_scheduler(optimizer, train_cfg, schedule, len(timed))
+    model, optimizer, lr = accelerator.prepare(model, optimizer, lr)
+    loop = TrainLoop(accelerator, model, optimizer, lr, {"a": TaskSpec("a", "multiclass", 10)},
+                     train_cfg, 0, PlainSum(accelerator, {"a": 1.0}))  # fmt: skip
+    loop.epoch(warmup, {"epoch": 0, "batches": 0, "step": 0, "skipped_steps": 0})
+    state = {"epoch": 1, "batches": 0, "step": 0, "skipped_steps": 0}
+    _synchronize(device)
+    start = time.perf_counter()
+    loop.epoch(timed, state)
+    _synchronize(device)
+    seconds = (time.perf_counter() - start) / state["step"]
+    AcceleratorState._reset_state()
+    return seconds
+
+
+def _timm_style_steps(cfg: dict, device: str) -> float:
+    """Seconds per step of a hand-written loop shaped like timm's train.py step: timm's
+    `create_model` and `create_optimizer_v2`, autocast, `loss.backward()` (through a
+    GradScaler in fp16), `optimizer.step()`, and the loss read every step as train.py logs it.
+    Not timm's train.py (that is `--timm-train`)."""
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    torch.manual_seed(0)
+    model = timm.create_model(cfg["backbone"].removeprefix("timm:"), num_classes=10).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    dtype = _AUTOCAST.get(cfg["precision"])
+    scaler = torch.amp.GradScaler(device) if cfg["precision"] == "fp16" else None
+    model.train()
+
+    def run(batches: list[dict]) -> None:
+        for batch in batches:
+            images = batch["image"]
+            if cfg["channels_last"]:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(images), batch["targets"]["a"])
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+
+    warmup, timed = _device_batches(cfg, device)
+    run(warmup)
+    _synchronize(device)
+    start = time.perf_counter()
+    run(timed)
+    _synchronize(device)
+    return (time.perf_counter() - start) / len(timed)
+
+
+def _timm_train_py_steps(cfg: dict, timm_train: str, device: str, workdir: Path) -> dict:
+    """Seconds per update of timm's own train.py, from its log (`--log-interval 1
+    --synchronize-step`: one line per update with its images/s, data loading included). It
+    trains on a folder of random JPEG images at the benchmark's resolution."""
+    from PIL import Image
+
+    script = Path(timm_train)
+    script = script / "train.py" if script.is_dir() else script
+    if not script.is_file():
+        raise FileNotFoundError(f"--timm-train {timm_train}: no train.py there (a timm checkout)")
+    folder = workdir / "timm_images" / "train"
+    generator = torch.Generator().manual_seed(0)
+    count = cfg["batch"] * (cfg["warmup"] + cfg["steps"])
+    for i in range(count):
+        (folder / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (cfg["size"], cfg["size"], 3), generator=generator)
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / str(i % 10) / f"{i}.jpg")
+    from transferkit.engine.setup import num_workers
+
+    command = [sys.executable, str(script), "--data-dir", str(folder.parent), "--train-split", "train",
+               "--val-split", "train", "--model", cfg["backbone"].removeprefix("timm:"), "--num-classes", "10",
+               "--input-size", "3", str(cfg["size"]), str(cfg["size"]), "--crop-pct", "1.0", "-b", str(cfg["batch"]),
+               "--epochs", "1", "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--warmup-epochs", "0",
+               "--no-aug", "--smoothing", "0", "--log-interval", "1", "--synchronize-step", "--seed", "0",
+               "--workers", str(max(num_workers(None), 1)), "--pin-mem", "--device", device,
+               "--output", str(workdir / "timm_output"), "--checkpoint-hist", "1"]  # fmt: skip
+    if cfg["precision"] != "no":
+        command += [
+            "--amp",
+            "--amp-dtype",
+            {"bf16": "bfloat16", "fp16": "float16"}[cfg["precision"]],
+        ]
+    if cfg["channels_last"]:
+        command.append("--channels-last")
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=3600)
+    log = result.stdout + result.stderr
+    # "Time: 0.045s, 2844.44/s  (...)": the update's time, rounded to 1 ms, and its images/s.
+    rates = [float(r) for r in re.findall(r"Time: [0-9.]+s,\s+([0-9.]+)/s", log)]
+    data = [float(t) for t in re.findall(r"Data: ([0-9.]+) \(", log)]
+    if result.returncode != 0 or len(rates) <= cfg["warmup"]:
+        raise RuntimeError(f"timm's train.py failed (exit {result.returncode}): {log[-2000:]}")
+    return {"s_per_step": cfg["batch"] / statistics.median(rates[cfg["warmup"] :]),
+            "data_s_per_step": statistics.median(data[cfg["warmup"] :]) if data else None,
+            "command": " ".join(command)}  # fmt: skip
+
+
+def _step_flops(cfg: dict, device: str) -> int:
+    """FLOPs of one forward and backward pass of the benchmark's model (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _model(cfg, ["a"]).to(device)
+    (batch,), _ = _device_batches({**cfg, "warmup": 1, "steps": 0}, device)
+    dtype = _AUTOCAST.get(cfg["precision"])
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(batch["image"])["a"], batch["targets"]["a"])
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def bench_gpu(cfg: dict, timm_train: str | None, workdir: Path, device: str = "cuda") -> dict:
+    """(g) transferkit's step against timm's train.py (or a timm-style loop), and FLOP/s."""
+    if device == "cuda" and not torch.cuda.is_available():
+        reason = "no CUDA GPU here (torch.cuda.is_available() is False)"
+        print(f"(g) GPU benchmark skipped: {reason}", flush=True)
+        return {"skipped": reason}
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    ours = statistics.median(_gpu_transferkit_steps(cfg, device) for _ in range(cfg["repeats"]))
+    if timm_train:
+        anchor = f"timm's train.py ({timm_train})"
+        try:
+            timm_run = _timm_train_py_steps(cfg, timm_train, device, workdir)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+            print(f"(g) {anchor} did not run: {err}", flush=True)  # keep the other results
+            timm_run = {"s_per_step": math.nan, "data_s_per_step": None}
+        theirs, data_s = timm_run["s_per_step"], timm_run["data_s_per_step"]
+    else:
+        theirs = statistics.median(_timm_style_steps(cfg, device) for _ in range(cfg["repeats"]))
+        anchor = "hand-written timm-style loop (no --timm-train given; not timm's train.py)"
+        data_s = None
+    flops = _step_flops(cfg, device)
+    achieved = flops / ours / 1e12
+    peak = BF16_PEAK_TFLOPS.get(name)
+    return {"device": name, "backbone": cfg["backbone"], "size": cfg["size"], "batch": cfg["batch"],
+            "precision": cfg["precision"], "channels_last": cfg["channels_last"], "anchor": anchor,
+            "transferkit_images_per_s": cfg["batch"] / ours, "anchor_images_per_s": cfg["batch"] / theirs,
+            "ratio_transferkit_over_anchor": theirs / ours, "anchor_data_s_per_step": data_s,
+            "step_tflop": flops / 1e12, "achieved_tflops": achieved, "peak_bf16_tflops": peak,
+            "fraction_of_peak": achieved / peak if peak else None}  # fmt: skip
+
+
+def _gpu_markdown(g: dict) -> list[str]:
+    if "skipped" in g:
+        return ["", f"(g) GPU: skipped, {g['skipped']}."]
+    peak = (f" = {g['fraction_of_peak']:.1%} of the {g['peak_bf16_tflops']:.0f} TFLOP/s bf16 peak"
+            if g["peak_bf16_tflops"] else " (no bf16 peak on record for this GPU)")  # fmt: skip
+    data = (f"; train.py waited {g['anchor_data_s_per_step'] * 1e3:.1f} ms a step for data"
+            if g["anchor_data_s_per_step"] is not None else "")  # fmt: skip
+    return ["", f"(g) GPU: {g['device']}; {g['backbone']} at {g['size']} px, batch {g['batch']}, {g['precision']}, "
+            f"channels_last {g['channels_last']}.", "", "| benchmark | result |", "|---|---|",
+            f"| training images/s, transferkit / {g['anchor']} | {g['transferkit_images_per_s']:.0f} / "
+            f"{g['anchor_images_per_s']:.0f} = {g['ratio_transferkit_over_anchor']:.3f}{data} |",
+            f"| achieved FLOP/s of transferkit's step (fwd+bwd, {g['step_tflop']:.3f} TFLOP counted) | "
+            f"{g['achieved_tflops']:.1f} TFLOP/s{peak} |"]  # fmt: skip
+
+
 def _markdown(results: dict) -> str:
     a, b, c, e, f = (
         results[k]
@@ -273,6 +494,8 @@ def _markdown(results: dict) -> str:
         lines.append(
             f"| {row['frozen_up_to']} | {row['trainable_params']:,} | {row['s_per_step'] * 1e3:.1f} | {row['saved_activations_mb']:.1f} |"
         )
+    if "g_gpu" in results:
+        lines += _gpu_markdown(results["g_gpu"])
     return "\n".join(lines) + "\n"
 
 
@@ -280,6 +503,11 @@ FULL = {"backbone": "timm:resnet18", "size": 64, "batch": 32, "steps": 20, "repe
         "probe_epochs": 10, "probe_samples": None, "matmul": 2048}  # fmt: skip
 QUICK = {"backbone": "timm:test_resnet", "size": 32, "batch": 8, "steps": 3, "repeats": 1,
          "probe_epochs": 2, "probe_samples": 32, "matmul": 256}  # fmt: skip
+# (g): ResNet-50 at ImageNet's resolution in bf16 with channels_last, as timm trains it on GPUs.
+GPU_FULL = {"backbone": "timm:resnet50", "size": 224, "batch": 128, "warmup": 10, "steps": 30,
+            "repeats": 3, "precision": "bf16", "channels_last": True}  # fmt: skip
+GPU_QUICK = {"backbone": "timm:test_resnet", "size": 32, "batch": 8, "warmup": 2, "steps": 3,
+             "repeats": 1, "precision": "bf16", "channels_last": True}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -287,8 +515,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes (seconds), for tests")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--timm-train", default=os.environ.get("TIMM_TRAIN"), metavar="PATH",
+                        help="(g) a timm repository checkout (or its train.py) to time timm's "
+                        "train.py against; default $TIMM_TRAIN, else a hand-written timm-style loop")  # fmt: skip
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    gpu_cfg = GPU_QUICK if args.quick else GPU_FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = (
@@ -301,7 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         for key, run in [("a_overhead", lambda: bench_overhead(cfg)), ("b_feature_cache", lambda: bench_feature_cache(cfg, work)),
                          ("c_multitask", lambda: bench_multitask(cfg)), ("d_freeze_depth", lambda: bench_freeze_depth(cfg)),
-                         ("e_data_pipeline", lambda: bench_data_pipeline(cfg, work)), ("f_flops", lambda: bench_flops(cfg))]:  # fmt: skip
+                         ("e_data_pipeline", lambda: bench_data_pipeline(cfg, work)), ("f_flops", lambda: bench_flops(cfg)),
+                         ("g_gpu", lambda: bench_gpu(gpu_cfg, args.timm_train, work))]:  # fmt: skip
             print(f"running {key} ...", flush=True)
             results[key] = run()
     (out / "results.json").write_text(json.dumps(results, indent=2))

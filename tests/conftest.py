@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -86,3 +87,68 @@ def source_run(workdir):
         return train(recipe, output=str(workdir / "runs" / "digits_source")).resolve()
     finally:
         os.chdir(cwd)
+
+
+# Two fully labelled tasks (labels derived from the digit), so that the mean loss of one
+# process over 32 rows equals the mean of two processes' means over 16 rows each.
+FULL_LABELS = "data/digits/full_labels.csv"
+
+
+@pytest.fixture(scope="session")
+def labelled(workdir) -> Path:
+    """`FULL_LABELS` in `workdir`: the transfer digits with a digit and a parity label each."""
+    source = workdir / "data/digits/transfer/manifest.csv"
+    target = workdir / FULL_LABELS
+    with source.open() as handle:
+        rows = list(csv.DictReader(handle))
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "digit", "parity"])
+        writer.writeheader()
+        for row in rows:
+            parity = "even" if int(row["digit"]) % 2 == 0 else "odd"
+            writer.writerow({"image": "transfer/" + row["image"], "digit": row["digit"],
+                             "parity": parity})  # fmt: skip
+    return target
+
+
+def advance_balancer(balancer, i: int, device=None) -> torch.Tensor:
+    """Step `i` of a balancer on a fixed case (on `device`): aggregate, or combine with the
+    epoch ends, FAMO's losses after the update and a step on learned weights, as a run does."""
+    k = len(balancer.objectives)
+    generator = torch.Generator().manual_seed(40 + i)
+    jacobian = torch.randn(k, 40, generator=generator, dtype=torch.float64).float().to(device)
+    losses = (torch.rand(k, generator=generator) + 0.2).to(device)
+    on = torch.ones(k, dtype=torch.bool, device=device)
+    if balancer.kind == "gradient":
+        return balancer.aggregate(jacobian, losses, on, 0, i)
+    vector = losses.clone().requires_grad_(True) * 1.0
+    value = balancer.combine(vector, on, i // 2, i % 2)
+    if i % 2:
+        balancer.impl.end_epoch()
+    if balancer.impl.needs_losses_after_step:
+        balancer.impl.after_step(losses * 0.9, on)
+    if balancer.impl.learnable:  # take an optimizer step on the learned weights
+        for p in balancer.impl.parameters():
+            (g,) = torch.autograd.grad(value, p, retain_graph=True)
+            p.data -= 0.1 * g
+    return value
+
+
+def balancer_tensors(balancer) -> dict[str, torch.Tensor]:
+    """Every tensor of a balancer's state, module and extra (torchjd's attributes, internal
+    optimizers), by path; `state_dict` holds the live tensors or copies on the same device.
+    NumPy arrays (Nash-MTL's warm start) are host memory and are left out."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[path] = value
+        elif isinstance(value, dict) and "__numpy__" not in value:
+            for key, item in value.items():
+                walk(item, f"{path}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]")
+
+    walk(balancer.state_dict(), "")
+    return found

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from conftest import advance_balancer, balancer_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchjd import aggregation, scalarization
@@ -307,35 +308,82 @@ def _state_roundtrip(balancer: Balancer) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.stateful])
+STATEFUL = [n for n, m in METHODS.items() if m.stateful]
+
+
+@pytest.mark.parametrize("name", STATEFUL)
 def test_stateful_methods_continue_exactly_after_a_reload(name):
-    kind = METHODS[name].kind
-    on = torch.ones(3, dtype=torch.bool)
-
-    def step(balancer, i):
-        jacobian, losses = _case(40 + i)
-        if kind == "gradient":
-            return balancer.aggregate(jacobian, losses, on, 0, i)
-        vector = losses.clone().requires_grad_(True) * 1.0
-        value = balancer.combine(vector, on, i // 2, i % 2)
-        if i % 2:
-            balancer.impl.end_epoch()
-        if balancer.impl.needs_losses_after_step:
-            balancer.impl.after_step(losses * 0.9, on)
-        if balancer.impl.learnable:  # take an optimizer step on the learned weights
-            for p in balancer.impl.parameters():
-                (g,) = torch.autograd.grad(value, p, retain_graph=True)
-                p.data -= 0.1 * g
-        return value
-
     original = Balancer(name, TASKS)
     for i in range(5):
-        step(original, i)
+        advance_balancer(original, i)
     restored = Balancer(name, TASKS)
     restored.load_state_dict(_state_roundtrip(original))
     for i in range(5, 8):
-        expected, got = step(original, i), step(restored, i)
+        expected, got = advance_balancer(original, i), advance_balancer(restored, i)
         assert torch.allclose(expected, got, rtol=1e-6, atol=1e-7), (name, i)
+
+
+# State that stays on the CPU whatever the run's device, as in a run that never stopped: torchjd
+# solves GradVac and PCD on the CPU and keeps their averages there, and torch's Adam keeps its
+# step counters there unless it is capturable or fused (NumPy arrays, Nash-MTL's warm start, are
+# host memory and are not listed by `balancer_tensors`).
+HOST_STATE = {"gradvac": {"_phi_t"}, "pcd": {"_sq_norm_ema", "_n_steps"}}
+
+
+def _assert_state_on(balancer: Balancer, device: str) -> None:
+    host = HOST_STATE.get(balancer.name, set())
+    for path, tensor in balancer_tensors(balancer).items():
+        name = path.rsplit(".", 1)[-1]
+        in_optimizer = ".state." in path and name == "step"
+        expected = "cpu" if name in host or in_optimizer else device
+        assert tensor.device.type == expected, (balancer.name, path, tensor.device)
+    # A device the method recorded (ExcessMTL keys its state by it) follows the state.
+    text = repr(balancer.state_dict()["extra"])
+    assert text.count("'__device__'") == text.count(f"'__device__': '{device}")
+
+
+@pytest.mark.parametrize("move", ["balancer", "impl"])
+@pytest.mark.parametrize("name", STATEFUL)
+def test_state_is_loaded_onto_the_device_the_balancer_is_on(name, move):
+    """Accelerate loads a registered object's state on the CPU; a balancer on a GPU must get
+    it back on the GPU (meta stands in for the GPU here). `impl`: the trainer moves
+    `balancer.impl`, and the balancer remembers the device from it."""
+    original = Balancer(name, ["a", "b"])
+    for i in range(4):
+        advance_balancer(original, i)
+    state = _state_roundtrip(original)
+    assert balancer_tensors(original) or name == "nash_mtl", name  # Nash-MTL's state is NumPy
+    restored = Balancer(name, ["a", "b"])
+    if move == "balancer":
+        restored.to("meta")
+    else:
+        restored.impl.to("meta")
+    restored.load_state_dict(state)
+    assert set(balancer_tensors(restored)) == set(balancer_tensors(original))
+    _assert_state_on(restored, "meta")
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_moving_keeps_the_state_exact(name):
+    """`to` rebuilds what it moves (internal optimizers, Nash-MTL's solver): nothing changes."""
+    kept, moved = Balancer(name, TASKS), Balancer(name, TASKS)
+    for i in range(5):
+        advance_balancer(kept, i)
+        advance_balancer(moved, i)
+    moved.to("cpu")
+    for i in range(5, 8):
+        assert torch.equal(advance_balancer(kept, i), advance_balancer(moved, i)), (name, i)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_to_moves_the_whole_state(name):
+    balancer = Balancer(name, ["a", "b"])
+    for i in range(4):
+        advance_balancer(balancer, i)
+    before = set(balancer_tensors(balancer))
+    assert balancer.to("meta") is balancer
+    assert set(balancer_tensors(balancer)) == before
+    _assert_state_on(balancer, "meta")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -12,33 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import epoch_end_weights, records
+from conftest import FULL_LABELS, epoch_end_weights, records
 from torchjd import aggregation
 
 from transferkit.balancing import METHODS, Method, TorchJDAggregator
 from transferkit.engine import train
 from transferkit.errors import UserError
 from transferkit.recipes import load_recipe, parse_recipe
-
-# Two fully labelled tasks (labels derived from the digit), so that the mean loss of one
-# process over 32 rows equals the mean of two processes' means over 16 rows each.
-FULL_LABELS = "data/digits/full_labels.csv"
-
-
-@pytest.fixture(scope="module")
-def labelled(workdir) -> Path:
-    source = workdir / "data/digits/transfer/manifest.csv"
-    target = workdir / FULL_LABELS
-    with source.open() as handle:
-        rows = list(csv.DictReader(handle))
-    with target.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "digit", "parity"])
-        writer.writeheader()
-        for row in rows:
-            parity = "even" if int(row["digit"]) % 2 == 0 else "odd"
-            writer.writerow({"image": "transfer/" + row["image"], "digit": row["digit"],
-                             "parity": parity})  # fmt: skip
-    return target
 
 
 def _recipe(method: str, **overrides) -> dict:
@@ -130,6 +109,31 @@ def test_loss_method_weights_are_logged_and_learned(workdir, labelled):
     # UW's weights 0.5 exp(-s) start at 0.5 and move as the log-variances learn.
     assert first["mtl/weight/digit"] != pytest.approx(0.5, abs=1e-4)
     assert last["mtl/weight/digit"] != last["mtl/weight/parity"]
+
+
+@pytest.mark.parametrize("method", ["upgrad", "uw"])
+def test_the_loss_scaler_changes_nothing_but_the_scale(workdir, labelled, monkeypatch, method):
+    """fp16's loss scaling, with a CPU GradScaler standing in for the CUDA one that fp16 runs
+    get (fp16 itself needs a GPU). Gradients of losses scaled by 2^16 unscale exactly, so the
+    weights are those of the unscaled run bit for bit. The Jacobian path never calls
+    `accelerator.backward`: it must start the scaler itself (its scale is created by `scale()`,
+    and `optimizer.step()` refuses to run without it) and aggregate the unscaled Jacobian."""
+    from transferkit.engine import setup as engine_setup
+
+    make_accelerator = engine_setup.make_accelerator
+
+    def with_scaler(recipe, run_dir):
+        accelerator = make_accelerator(recipe, run_dir)
+        accelerator.scaler = torch.amp.GradScaler("cpu")  # read by prepare, backward, save_state
+        return accelerator
+
+    plain = _train(workdir, _recipe(method), f"unscaled_{method}")
+    monkeypatch.setattr(engine_setup, "make_accelerator", with_scaler)
+    scaled = _train(workdir, _recipe(method), f"scaled_{method}")
+    a, b = epoch_end_weights(plain), epoch_end_weights(scaled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    newest = sorted((scaled / "checkpoints").iterdir())[-1]
+    assert torch.load(newest / "scaler.pt", weights_only=True)["scale"] == 2.0**16
 
 
 @pytest.mark.parametrize("method", ["gradnorm", "famo", "dwa", "uw"])

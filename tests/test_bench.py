@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from conftest import ROOT
 
 
@@ -20,7 +21,15 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
         "d_freeze_depth",
         "e_data_pipeline",
         "f_flops",
+        "g_gpu",
     } <= results.keys()
+    gpu = results["g_gpu"]
+    if torch.cuda.is_available():
+        assert gpu["transferkit_images_per_s"] > 0 and gpu["anchor_images_per_s"] > 0
+        assert gpu["achieved_tflops"] > 0
+    else:  # skipped, saying why, in the JSON and the markdown
+        assert "no CUDA GPU" in gpu["skipped"]
+        assert "(g) GPU: skipped, no CUDA GPU" in (tmp_path / "results.md").read_text()
     assert results["a_overhead"]["overhead_ratio"] > 0 and results["f_flops"]["step_gflop"] > 0
     depths = results["d_freeze_depth"]
     assert (

@@ -9,7 +9,8 @@ Two small interfaces, composed rather than inherited:
 heads, `dict[str, Tensor]` in), applies the static weights of `sum` and `mean`, keeps the
 per-task weights of the last step for logging, draws randomness identically on every process,
 and is checkpointed with the run through `state_dict`/`load_state_dict` (tensors and numbers
-only, so `weights_only` loading reads it).
+only, so `weights_only` loading reads it). `to(device)` moves its whole state, and loading
+keeps the state on the device the balancer is on (Accelerate loads it on the CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from transferkit.balancing import state as foreign_state
 from transferkit.balancing.gradients import DBMTL, GradientAggregator, GradNorm, TorchJDAggregator
 from transferkit.balancing.jacobian import cosine_similarities, objective_gradients, write_direction
 from transferkit.balancing.losses import LossCombiner
@@ -106,6 +108,27 @@ class Balancer:
         self.static_weights = self._static_weights(dict(weights or {}))
         if isinstance(self.impl, LossCombiner):
             self.impl.static_weights.copy_(self.static_weights)
+        # Remembers the device: `impl.to(device)` (as the trainer calls it) moves it along, and
+        # `load_state_dict` puts the loaded state there. Not persistent: not in checkpoints.
+        self.impl.register_buffer("_balancer_device", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the method's state (`to`)."""
+        return self.impl._balancer_device.device
+
+    def to(self, device: str | torch.device) -> Balancer:
+        """Move the method's whole state to `device`: parameters and buffers, and the attributes
+        that torchjd keeps outside them (DWA's averages, FAMO's and GradNorm's Adam moments,
+        DB-MTL's average, ExcessMTL's sums). What the method keeps on the CPU by design stays
+        there (GradVac's and PCD's averages, Nash-MTL's NumPy warm start, Adam step counters).
+        """
+        foreign_state.move_module(self.impl, torch.device(device))
+        # The extra state is restored after the move, so internal optimizers are rebuilt over
+        # the moved parameters; `self.device` has its index ("cuda" -> cuda:0), as tensors do.
+        extra = foreign_state.to_device(self.impl.state_dict_extra(), self.device)
+        self.impl.load_state_dict_extra(extra)
+        return self
 
     def _static_weights(self, weights: dict[str, float]) -> Tensor:
         """`[K]` weights in objective order, each objective taking its task's weight."""
@@ -208,7 +231,9 @@ class Balancer:
         return {"module": self.impl.state_dict(), "extra": self.impl.state_dict_extra()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned, into a freshly built method."""
+        """Restore what `state_dict` returned, into a freshly built method, on the device the
+        balancer is on (Accelerate loads registered objects' state on the CPU)."""
+        device = self.device
         module_state = state["module"]
         expected = self.impl.state_dict()
         for key, value in module_state.items():
@@ -217,4 +242,5 @@ class Balancer:
                 path, _, name = key.rpartition(".")
                 self.impl.get_submodule(path).register_buffer(name, value.clone())
         self.impl.load_state_dict(module_state)
-        self.impl.load_state_dict_extra(state["extra"])
+        foreign_state.move_module(self.impl, device)  # the buffers just registered
+        self.impl.load_state_dict_extra(foreign_state.to_device(state["extra"], device))

@@ -42,8 +42,11 @@ class GradientAggregator(nn.Module, ABC):
 
 
 def _scatter(weights: Tensor, present: Tensor) -> Tensor:
+    """`weights` of the present tasks in a `[K]` vector, NaN for absent ones, on the weights'
+    device (the CPU, for logging). The mask may be on a GPU: indexing a CPU tensor with a CUDA
+    mask is an error, so it is moved first."""
     full = torch.full(present.shape, float("nan"), dtype=weights.dtype, device=weights.device)
-    full[present] = weights
+    full[present.to(weights.device)] = weights
     return full
 
 
@@ -152,6 +155,9 @@ class GradNorm(GradientAggregator):
         return {"optimizer": self._optimizer.state_dict()}
 
     def load_state_dict_extra(self, state: dict) -> None:
+        # A new Adam over the current `logits`: after a move to a device whose tensors cannot
+        # share storage with the old ones (meta), `logits` is a new Parameter.
+        self._optimizer = torch.optim.Adam([self.logits], lr=self.lr)
         self._optimizer.load_state_dict(state["optimizer"])
 
 

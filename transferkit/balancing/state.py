@@ -4,6 +4,8 @@ torchjd keeps the state of its stateful methods in ordinary attributes (a step c
 tensor, NumPy arrays, an internal Adam), not in `state_dict()`. `capture` walks a module tree and
 records those attributes, so Accelerate can save them and `weights_only` loading can read them;
 solver objects (cvxpy problems) are skipped and rebuilt by the method on its next call.
+
+`to_device` and `move_module` place that state on a run's device (see `Balancer.to`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchjd import aggregation
 
 _SKIP = {"training", "_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"}
 
@@ -79,3 +82,55 @@ def restore(module: nn.Module, state: dict[str, Any], rebuild_optimizer=None) ->
             object.__setattr__(sub, name, optimizer)
             continue
         object.__setattr__(sub, name, _decode(value))
+
+
+# torchjd computes these weightings on the CPU and keeps their state there, whatever the device
+# of the Jacobian (GradVac's cosine averages, PCD's squared-norm averages): a run that never
+# stopped has them on the CPU, and GradVac would mix devices if they were on a GPU.
+HOST_STATE: dict[type, tuple[str, ...]] = {
+    aggregation.GradVacWeighting: ("_phi_t",),
+    aggregation.PCDWeighting: ("_sq_norm_ema", "_n_steps"),
+}
+
+
+def to_device(state: Any, device: torch.device) -> Any:
+    """`state` as `capture` (or a `state_dict_extra`) returns it, with its tensors on `device`.
+
+    NumPy arrays stay host arrays. A recorded device becomes `device` (ExcessMTL keys its state
+    by the Jacobian's device, and would otherwise start again). An optimizer's state is left as
+    it is: loading it into an optimizer places it by the optimizer's parameters, under torch's
+    own rules (moments with their parameter; step counters on the CPU unless the optimizer is
+    capturable or fused).
+    """
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        if "__device__" in state:
+            return {"__device__": str(device)}
+        if "__numpy__" in state or "__optimizer__" in state:
+            return state
+        if {"state", "param_groups"} <= state.keys():  # an optimizer's own state_dict
+            return state
+        return {key: to_device(value, device) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_device(value, device) for value in state)
+    return state
+
+
+def host_state(module: nn.Module) -> dict[tuple[nn.Module, str], torch.Tensor]:
+    """The state that the method keeps on the CPU (`HOST_STATE`), on the CPU, by place."""
+    found = {}
+    for sub in module.modules():
+        for name in HOST_STATE.get(type(sub), ()):
+            value = getattr(sub, name, None)
+            if isinstance(value, torch.Tensor):
+                found[(sub, name)] = value.cpu()
+    return found
+
+
+def move_module(module: nn.Module, device: torch.device) -> None:
+    """`module.to(device)`, except for the state that the method keeps on the CPU."""
+    host = host_state(module)
+    module.to(device)
+    for (sub, name), value in host.items():
+        setattr(sub, name, value)

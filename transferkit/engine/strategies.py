@@ -155,11 +155,16 @@ class JacobianAggregation(_Balanced):
         acc, balancer = self.accelerator, self.balancer
         model, shared = self._shared()
         keys = [k for k in balancer.objectives if k in losses]
-        scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
-        # As `accelerator.backward` does: divide by the accumulation steps.
-        factor = scale / acc.gradient_accumulation_steps
+        objectives, scale = [losses[k] for k in keys], 1.0
+        if acc.scaler is not None:
+            # fp16, as `accelerator.backward` does: through the scaler, whose scale its first
+            # `scale()` creates (`optimizer.step()` refuses to run without it).
+            objectives = [acc.scaler.scale(loss) for loss in objectives]
+            scale = acc.scaler.get_scale()
         own = [list(model.head_of(k).parameters()) for k in keys]
-        rows, own_grads = objective_gradients([losses[k] for k in keys], shared, own, factor)
+        # As `accelerator.backward` does: divide by the accumulation steps.
+        factor = 1.0 / acc.gradient_accumulation_steps
+        rows, own_grads = objective_gradients(objectives, shared, own, factor)
         jacobian = rows.new_zeros(len(balancer.objectives), rows.shape[1])
         index = torch.tensor([balancer.objectives.index(k) for k in keys], device=rows.device)
         jacobian[index] = rows
