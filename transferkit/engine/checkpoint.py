@@ -23,7 +23,15 @@ from accelerate.utils.other import load as safe_load
 from transferkit.errors import UserError
 from transferkit.run_dir import CHECKPOINT_STATE, RunDir, checkpoint_name
 
-_REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl")
+# Accelerate's files, each with the names it may have: under FSDP the model and optimizer are
+# a full state dict (`pytorch_model_fsdp.bin`, `optimizer.bin`) or sharded folders that
+# torch.distributed.checkpoint reads (`pytorch_model_fsdp_0/`, `optimizer_0/`).
+_REQUIRED = (
+    ("model.safetensors", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0"),
+    ("optimizer.bin", "optimizer_0"),
+    ("scheduler.bin",),
+    ("custom_checkpoint_0.pkl",),
+)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict, keep: int) -> Path:
@@ -52,10 +60,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict, keep
 def _verify(path: Path, num_processes: int) -> dict:
     required = [
         *_REQUIRED,
-        *(f"random_states_{i}.pkl" for i in range(num_processes)),
-        CHECKPOINT_STATE,
+        *((f"random_states_{i}.pkl",) for i in range(num_processes)),
+        (CHECKPOINT_STATE,),
     ]
-    missing = [name for name in required if not (path / name).is_file()]
+    missing = [
+        " or ".join(names) for names in required if not any((path / n).exists() for n in names)
+    ]
     if missing:
         raise UserError(
             f"checkpoint {path} is incomplete (missing {', '.join(missing)}); resuming from it "

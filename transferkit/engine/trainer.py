@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
 from torch.utils.data import DataLoader
 
 from transferkit.data import collate
@@ -29,6 +30,7 @@ from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.evaluate import evaluate
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.setup import RunSetup, set_up
+from transferkit.errors import UserError
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.recipes import Recipe
 from transferkit.run_dir import checkpoint_name
@@ -92,8 +94,8 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             run_dir.append_record(record)
             print(_summary(record, run.monitor))
         save_checkpoint(acc, run_dir, state, cfg.keep_checkpoints)
-        if improved and main:
-            run_dir.save_model(acc.unwrap_model(run.model), _info(run, epoch))
+        if improved:
+            _save_model(run, epoch)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             stopped = "max_steps"
             break
@@ -104,8 +106,10 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
                     f"early stopping: {run.monitor} has not improved for {state['bad_epochs']} epochs"
                 )
             break
-    if main and not run_dir.has_model():
-        run_dir.save_model(acc.unwrap_model(run.model), _info(run, state["epoch"]))
+    # The main process decides (other machines may not see its folder), and all take part:
+    # under FSDP every process joins in gathering the weights.
+    if broadcast_object_list([main and not run_dir.has_model()])[0]:
+        _save_model(run, state["epoch"])
     acc.wait_for_everyone()
     if main:  # last: only now does the folder count as a finished run
         run_dir.mark_complete({"stopped": stopped, "monitor": run.monitor, "best": state["best"],
@@ -121,6 +125,15 @@ def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader
     use_cache, why = feature_cache.decide(
         cfg.feature_cache, run.backbone, recipe.data.augment, bool(recipe.model.aux_heads), phase
     )
+    if use_cache and run.accelerator.distributed_type == DistributedType.FSDP:
+        # The cache calls the backbone itself, outside the FSDP wrapper, where each process
+        # holds only a flat shard of its weights ("weight should have at least three dimensions").
+        if cfg.feature_cache == "force":
+            raise UserError(
+                f"train.feature_cache: force, but phase {phase} runs under FSDP: the cache would "
+                "run the backbone outside FSDP, on a shard of its weights; use auto or forbid"
+            )
+        use_cache, why = False, "features: computed every step (FSDP shards the backbone)"
     if run.accelerator.is_main_process:
         print(why)
     if cfg.compile:
@@ -161,12 +174,48 @@ def _footprint(run: RunSetup) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    trainable = [g["name"] for g in run.backbone.group_summary() if g["trainable"]]
+    acc = run.accelerator
+    counts = torch.tensor(
+        [g["trainable_params"] for g in run.backbone.group_summary()]
+        + [sum(p.numel() for p in run.model.parameters() if p.requires_grad)],
+        device=acc.device,
+    )
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        # FSDP1's parameters are views of this process's shard: add up the shards' counts.
+        counts = acc.reduce(counts, reduction="sum")
     return {
-        "trainable_groups": len(trainable),
-        "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "trainable_groups": int((counts[:-1] > 0).sum()),
+        "trainable_params": int(counts[-1]),
         "peak_memory_mb": round(peak_mb, 1),
     }
+
+
+def _save_model(run: RunSetup, epoch: int) -> None:
+    """model.safetensors and model.json, written by the main process. Under FSDP each process
+    holds only a shard of the weights: every process takes part in gathering the full state
+    dict onto the main one (`get_state_dict`, a collective), which writes it."""
+    acc = run.accelerator
+    if acc.distributed_type == DistributedType.FSDP:
+        weights = acc.get_state_dict(run.model)
+        if acc.is_main_process:
+            # FSDP2 on a CPU returns views into its all-gather buffer, which safetensors
+            # refuses to save (shared storage): copy those.
+            weights = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone()
+                       for k, v in weights.items()}  # fmt: skip
+            run.run_dir.save_model(_GatheredWeights(weights), _info(run, epoch))
+    elif acc.is_main_process:
+        run.run_dir.save_model(acc.unwrap_model(run.model), _info(run, epoch))
+
+
+class _GatheredWeights(torch.nn.Module):
+    """Stands in for the model when saving: its state dict is the one gathered under FSDP."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.weights
 
 
 def _info(run: RunSetup, epoch: int) -> dict:
