@@ -152,3 +152,13 @@ def balancer_tensors(balancer) -> dict[str, torch.Tensor]:
 
     walk(balancer.state_dict(), "")
     return found
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a torchrun rendezvous: fixed ports collide when
+    tests run in parallel (pytest-xdist) or a previous run's socket lingers."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL_LABELS, epoch_end_weights, records
+from conftest import FULL_LABELS, epoch_end_weights, free_port, records
 from torchjd import aggregation
 
 from transferkit.balancing import METHODS, Method, TorchJDAggregator
@@ -184,7 +184,7 @@ def test_two_processes_match_one(workdir, labelled, method):
         path.write_text(yaml.safe_dump(recipe))
         out = workdir / "balance" / f"ddp_{method}_{procs}"
         shutil.rmtree(out, ignore_errors=True)
-        port = str(29600 + procs + (10 if method == "uw" else 0))
+        port = str(free_port())
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                "--master_port", port, "-m", "transferkit.cli", "train", str(path), "--output",
                str(out)]  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import epoch_end_weights, records
+from conftest import epoch_end_weights, free_port, records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def _torchrun(workdir: Path, procs: int, name: str, recipe_text: str, *extra: st
     recipe.write_text(recipe_text)
     output = workdir / name
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-           "--master_port", str(29600 + procs + len(name)), "-m", "transferkit.cli", "train",
+           "--master_port", str(free_port()), "-m", "transferkit.cli", "train",
            str(recipe), "--output", str(output), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
@@ -149,7 +149,7 @@ def test_auto_batch_size_takes_the_size_every_process_fits(workdir):
     recipe.write_text(_probe("forbid", 4.0).replace("train: {", "train: {auto_batch_size: true, "))
     output = workdir / "auto_batch"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", "29677", str(script), "train", str(recipe), "--output", str(output),
+           "--master_port", str(free_port()), str(script), "train", str(recipe), "--output", str(output),
            "--set", "train.batch_size=32", "--set", "train.epochs=1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env)

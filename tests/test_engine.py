@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, epoch_end_weights
+from conftest import QUICK, ROOT, epoch_end_weights, free_port
 from conftest import records as _records
 from safetensors.torch import load_file
 
@@ -170,7 +170,7 @@ def test_two_processes_match_one_across_an_unfreeze(workdir):
     for procs, batch in ((1, 32), (2, 16)):
         recipe = workdir / f"ddp_{procs}.yaml"
         recipe.write_text(DDP_RECIPE.replace("BATCH", str(batch)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_port", str(29500 + procs),
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_port", str(free_port()),
                "-m", "transferkit.cli", "train", str(recipe), "--output", str(workdir / f"ddp_{procs}")]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(

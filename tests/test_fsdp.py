@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from conftest import records
+from conftest import free_port, records
 from test_accelerate_configs import EXAMPLES, launch_env
 
 from transferkit.balancing import Balancer
@@ -130,12 +130,12 @@ def _weights(run_dir: Path, index: int = -1) -> dict[str, torch.Tensor]:
     return torch.load(merged, weights_only=True)["model"]
 
 
-def _launch(workdir: Path, procs: int, train_args: list[str], env=None, shim=False, port=29650):
+def _launch(workdir: Path, procs: int, train_args: list[str], env=None, shim=False, port=None):
     """`transferkit train TRAIN_ARGS` in `procs` torchrun processes (through the CPU FSDP
     launcher with `shim`)."""
     entry = [str(TESTS / "fsdp_on_cpu.py")] if shim else ["-m", "transferkit.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-           "--master_port", str(port), *entry, "train", *train_args]  # fmt: skip
+           "--master_port", str(port or free_port()), *entry, "train", *train_args]  # fmt: skip
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
                           env=full_env)  # fmt: skip
@@ -152,7 +152,7 @@ def _new_run(workdir: Path, name: str, procs: int, *extra: str) -> list[str]:
 def one_process(workdir):
     """The same recipe without FSDP, in one process at the same global batch."""
     args = _new_run(workdir, "fsdp_reference", 1, "--set", "train.feature_cache=forbid")
-    result = _launch(workdir, 1, args, port=29651)
+    result = _launch(workdir, 1, args)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "fsdp_reference"
 
@@ -182,7 +182,7 @@ def test_fsdp_matches_one_process_across_a_phase_change_and_resumes(
     env = {**launch_env(EXAMPLES / "fsdp.yaml"), **overrides}
     name = f"fsdp_{device}_v{env['FSDP_VERSION']}"
     shim = device == "cpu"
-    result = _launch(workdir, 2, _new_run(workdir, name, 2), env=env, shim=shim, port=29652)
+    result = _launch(workdir, 2, _new_run(workdir, name, 2), env=env, shim=shim)
     assert result.returncode == 0, result.stderr[-3000:]
     run = workdir / name
     # Phase 0 would train from cached features; under FSDP it must not (main process only).
@@ -228,7 +228,7 @@ def test_fsdp_matches_one_process_across_a_phase_change_and_resumes(
     shutil.copytree(run, resumed)
     (resumed / "complete.json").unlink()
     shutil.rmtree(sorted((resumed / "checkpoints").glob("step_*_end"))[-1])
-    result = _launch(workdir, 2, ["--resume", str(resumed)], env=env, shim=shim, port=29653)
+    result = _launch(workdir, 2, ["--resume", str(resumed)], env=env, shim=shim)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     after = _weights(resumed)
@@ -245,7 +245,7 @@ def test_fsdp_asked_on_a_cpu_is_one_clear_error(workdir):
     so (exit code 2) rather than train a full copy of the model in every process. If a new
     Accelerate sets up FSDP on CPUs, this fails: then tests/fsdp_on_cpu.py can go."""
     env = launch_env(EXAMPLES / "fsdp.yaml")
-    result = _launch(workdir, 2, _new_run(workdir, "fsdp_asked_on_cpu", 2), env=env, port=29654)
+    result = _launch(workdir, 2, _new_run(workdir, "fsdp_asked_on_cpu", 2), env=env)
     assert result.returncode != 0
     assert "ACCELERATE_USE_FSDP=true, but Accelerate" in result.stderr
     assert "would train with DDP instead" in result.stderr

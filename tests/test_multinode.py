@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import epoch_end_weights, records
+from conftest import epoch_end_weights, free_port, records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -41,13 +41,14 @@ def test_two_nodes_rendezvous_and_match_one_process(workdir):
     recipe = workdir / "two_nodes.yaml"
     recipe.write_text(RECIPE.replace("BATCH", "16"))
     nodes = [workdir / "node0", workdir / "node1"]
+    port = free_port()  # one rendezvous for both launchers
     launchers = []
     for rank, node in enumerate(nodes):
         node.mkdir()
         (node / "data").symlink_to(workdir / "data")  # every machine has the data
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-               "--master_port", "29670", "-m", "transferkit.cli", "train", str(recipe),
+               "--master_port", str(port), "-m", "transferkit.cli", "train", str(recipe),
                "--output", "run"]  # fmt: skip
         # Output to files: a full pipe would block one launcher while the test waits on the other.
         out, err = (open(node / "stdout.txt", "w"), open(node / "stderr.txt", "w"))  # noqa: SIM115
