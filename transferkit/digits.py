@@ -57,6 +57,32 @@ def write_digits(root: str | Path, size: int = 32) -> Path:
     return root
 
 
+def write_few_labels(
+    root: str | Path, per_class: int = 10, val_per_class: int = 40, seed: int = 0
+) -> Path:
+    """A few-label split of the transfer set (digits 5-9): `per_class` labelled training images
+    and `val_per_class` validation images per digit, drawn without overlap (seeded), written as
+    `transfer/few_<per_class>.csv` with a `split` column. Returns the manifest's path."""
+    import pandas as pd
+
+    root = write_digits(root)
+    path = root / "transfer" / f"few_{per_class}.csv"
+    if path.is_file():
+        return path
+    frame = pd.read_csv(root / "transfer" / "manifest.csv", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, rows in frame.groupby("digit"):
+        order = rng.permutation(len(rows))
+        picked = rows.iloc[order[: per_class + val_per_class]].copy()
+        picked["split"] = ["train"] * per_class + ["validation"] * (len(picked) - per_class)
+        parts.append(picked)
+    tmp = path.with_suffix(".csv.tmp")
+    pd.concat(parts).sort_values(["split", "image"]).to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
 def write_overlaid_digits(root: str | Path, size: int = 32, n: int = 2000, seed: int = 0) -> Path:
     """Write `n` images of two overlaid digits under `root` (skipped if already there).
 

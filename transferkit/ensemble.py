@@ -88,7 +88,7 @@ def evaluate_ensemble(
         _warn_if_splits_differ(run_dirs)
     tasks = runs[0].tasks
     check_tasks(Path(run_dirs[0]), tasks, specs)
-    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size
+    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size or 64
     # One loader per member, as members may preprocess differently; unshuffled, so in step.
     loaders = [
         DataLoader(

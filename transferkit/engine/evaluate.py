@@ -124,7 +124,7 @@ def evaluate_run(
     dataset = TaskImageDataset(
         rows, list(run.tasks.values()), run.transform, bad_images=recipe.data.bad_images
     )
-    size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size
+    size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size or 64
     loader = DataLoader(dataset, batch_size=size, collate_fn=collate)
     model = run.model.to(resolve_device(device))
     return evaluate(model, loader, run.tasks, prefix=split)

@@ -62,11 +62,20 @@ def build_lr_scheduler(
     is stepped per optimizer step (Accelerate steps it once per process).
     """
 
-    def factor_for(group: str):
-        return lambda calls: (
-            schedule_factor(train, calls // calls_per_step, steps_per_epoch)
-            * schedule.lr_factor(group)
+    def factor(group: str, calls: int) -> float:
+        # The rate set after `calls` is the one the next optimizer step uses: that step's own
+        # epoch picks the phase's multiplier. (Reading the phase last applied lagged one step
+        # behind a phase change: its first step ran with the previous phase's multipliers.)
+        step = calls // calls_per_step
+        epoch = step // max(steps_per_epoch, 1)
+        return (
+            schedule_factor(train, step, steps_per_epoch)
+            * schedule.warmup_factor(step, steps_per_epoch)
+            * schedule.lr_factor(group, epoch)
         )
+
+    def factor_for(group: str):
+        return lambda calls: factor(group, calls)
 
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [factor_for(g["group"]) for g in optimizer.param_groups]

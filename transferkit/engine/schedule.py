@@ -23,10 +23,21 @@ class FreezeSchedule:
     """
 
     def __init__(
-        self, backbone: Backbone, phases: Sequence, layer_decay: float | None = None
+        self,
+        backbone: Backbone,
+        phases: Sequence,
+        layer_decay: float | None = None,
+        freeze_norm_stats: bool = False,
+        unfrozen_lr_mult: float = 1.0,
+        phase_warmup_epochs: float = 0.0,
+        total_epochs: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.layer_decay = layer_decay
+        # Fine-tuning pretrained weights on small batches: batch statistics of 16 images replace
+        # running statistics estimated on millions, and accuracy falls at the unfreeze (measured
+        # in docs/quality.md). Kept fixed unless a phase asks for `@norm=train`.
+        self.freeze_norm_stats = freeze_norm_stats
         self.phases = []
         valid = [*backbone.group_names, HEADS]
         for index, phase in enumerate(phases):
@@ -42,7 +53,32 @@ class FreezeSchedule:
                         f"{did_you_mean(group, valid)} Groups: {', '.join(valid)}"
                     )
             self.phases.append((int(phase.from_epoch), spec, dict(phase.lr_mult)))
+        # Groups that join after an earlier phase kept them frozen (LP-FT: the heads have been
+        # fitted to the frozen features) start at `unfrozen_lr_mult` of the rate unless the
+        # phase's lr_mult names them: at the full rate, AdamW's first steps on them wreck the
+        # features the heads were fitted to (docs/quality.md).
+        self.defaults: list[dict[str, float]] = []
+        frozen_before: set[str] = set()
+        for _, spec, _ in self.phases:
+            trainable = set(spec.trainable_groups(backbone))
+            self.defaults.append(dict.fromkeys(trainable & frozen_before, unfrozen_lr_mult))
+            frozen_before |= set(backbone.group_names) - trainable
+        self.phase_warmup_epochs, self.total_epochs = phase_warmup_epochs, total_epochs
         self.epoch = 0
+
+    def warmup_factor(self, step: int, steps_per_epoch: int) -> float:
+        """A linear ramp over the first steps of every phase after the first: the groups that
+        just joined, and the heads, start gently from the features the last phase left. It
+        lasts `phase_warmup_epochs`, at most a third of the phase."""
+        index = self.phase_index(step // max(steps_per_epoch, 1))
+        if index == 0 or not self.phase_warmup_epochs:
+            return 1.0
+        start = self.phases[index][0]
+        end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs
+        length = (end - start) if end is not None else self.phase_warmup_epochs * 3
+        ramp = round(min(self.phase_warmup_epochs, length / 3) * steps_per_epoch)
+        into = step - start * steps_per_epoch
+        return (into + 1) / (ramp + 1) if into < ramp else 1.0
 
     def phase_index(self, epoch: int) -> int:
         """Index of the phase in force at `epoch`."""
@@ -52,12 +88,18 @@ class FreezeSchedule:
         """Freeze the backbone as the phase at `epoch` says; returns the phase index."""
         self.epoch = epoch
         index = self.phase_index(epoch)
-        self.backbone.freeze(self.phases[index][1])
+        spec = self.phases[index][1]
+        self.backbone.freeze(spec)
+        if self.freeze_norm_stats and spec.norm != "train":
+            self.backbone.freeze_norm_statistics()
         return index
 
-    def lr_factor(self, group: str) -> float:
-        """The multiplier of `group` in the current phase, times layer-wise decay."""
-        multiplier = self.phases[self.phase_index(self.epoch)][2].get(group, 1.0)
+    def lr_factor(self, group: str, epoch: int | None = None) -> float:
+        """The multiplier of `group` in the phase of `epoch` (default: the current one), times
+        layer-wise decay."""
+        epoch = self.epoch if epoch is None else epoch
+        index = self.phase_index(epoch)
+        multiplier = self.phases[index][2].get(group, self.defaults[index].get(group, 1.0))
         if self.layer_decay and group in self.backbone.group_names:
             depth_from_top = len(self.backbone.group_names) - self.backbone.group_names.index(group)
             multiplier *= self.layer_decay**depth_from_top

@@ -152,7 +152,13 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     model = MultiTaskModel(backbone, data.tasks, aux)
     tasks = {t.name: t for t in data.tasks}
     weights = {name: section.weight for name, section in recipe.tasks.items()}
-    schedule = FreezeSchedule(backbone, recipe.schedule.phases, recipe.schedule.layer_decay)
+    norm_stats = recipe.schedule.norm_stats
+    freeze_stats = norm_stats == "frozen" or (norm_stats == "auto" and bool(recipe.model.weights))
+    schedule = FreezeSchedule(backbone, recipe.schedule.phases, recipe.schedule.layer_decay,
+                              freeze_norm_stats=freeze_stats,
+                              unfrozen_lr_mult=recipe.schedule.unfrozen_lr_mult,
+                              phase_warmup_epochs=recipe.schedule.phase_warmup_epochs,
+                              total_epochs=cfg.epochs)  # fmt: skip
 
     train_set = TaskImageDataset(
         data.splits["train"],
@@ -165,10 +171,14 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     val_set = TaskImageDataset(
         data.splits["validation"], data.tasks, eval_transform, bad_images=recipe.data.bad_images
     )
+    cfg = dataclasses.replace(cfg, batch_size=default_batch_size(
+        cfg.batch_size, len(train_set), accelerator.num_processes, main))  # fmt: skip
     if cfg.auto_batch_size:
         cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
     workers = num_workers(recipe.data.num_workers)
-    train_loader, val_loader = make_loaders(train_set, val_set, cfg, workers)
+    train_loader, val_loader = make_loaders(
+        train_set, val_set, cfg, workers, accelerator.num_processes
+    )
 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -321,7 +331,35 @@ def load_shared_data(recipe: Recipe, accelerator: Accelerator):
     return data
 
 
-def make_loaders(train_set, val_set, cfg, workers: int) -> tuple[DataLoader, DataLoader]:
+def default_batch_size(chosen: int | None, samples: int, processes: int, say: bool) -> int:
+    """`train.batch_size`, or by default 32 halved (down to 8) while each process would get
+    fewer than 4 batches an epoch: 50 images at 32 gave 1 or 2 steps per epoch."""
+    if chosen is not None:
+        return chosen
+    size, share = 32, math.ceil(samples / processes)
+    while size > 8 and math.ceil(share / size) < 4:
+        size //= 2
+    if say and size < 32:
+        print(f"batch size: {size} per process ({samples} training images; train.batch_size)")
+    return size
+
+
+def drop_last(samples: int, batch_size: int, processes: int = 1) -> bool:
+    """Whether the training loader drops its last, incomplete batch.
+
+    On one process only a last batch of a single image is dropped (batch norm cannot train on
+    it); dropping every incomplete batch cost small train sets dearly (50 images at batch 32
+    gave one step per epoch). Several processes drop it, so that no process pads its last batch
+    with repeated samples and every process count sees the same samples.
+    """
+    if processes > 1:
+        return samples > batch_size
+    return samples % batch_size == 1 and samples > batch_size
+
+
+def make_loaders(
+    train_set, val_set, cfg, workers: int, processes: int = 1
+) -> tuple[DataLoader, DataLoader]:
     """Shuffled training batches and ordered validation batches (images or cached features)."""
     # No persistent workers: each epoch's workers must see the dataset's new `epoch` (seeds).
     args = {"collate_fn": collate, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
@@ -329,7 +367,7 @@ def make_loaders(train_set, val_set, cfg, workers: int) -> tuple[DataLoader, Dat
         train_set,
         batch_size=cfg.batch_size,
         shuffle=True,
-        drop_last=len(train_set) > cfg.batch_size,
+        drop_last=drop_last(len(train_set), cfg.batch_size, processes),
         **args,
     )
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, **args)

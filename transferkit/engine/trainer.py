@@ -29,7 +29,7 @@ from transferkit.engine import feature_cache
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.evaluate import evaluate
 from transferkit.engine.loop import TrainLoop
-from transferkit.engine.setup import RunSetup, set_up
+from transferkit.engine.setup import RunSetup, drop_last, set_up
 from transferkit.errors import UserError
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.recipes import Recipe
@@ -136,6 +136,9 @@ def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader
         use_cache, why = False, "features: computed every step (FSDP shards the backbone)"
     if run.accelerator.is_main_process:
         print(why)
+        note = _norm_note(run)
+        if note:
+            print(note)
     if cfg.compile:
         # A compiled graph keeps the requires_grad it was traced with, so a group unfrozen
         # later would silently not train (pytorch #139476): compile again for each phase.
@@ -144,6 +147,26 @@ def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader
     if not use_cache:
         return run.train_loader, run.val_loader
     return _cached_loaders(run)
+
+
+def _norm_note(run: RunSetup) -> str | None:
+    """At a phase change: what batch norm does, and a warning where a setting risks collapse."""
+    trains = any(p.requires_grad for p in run.backbone.parameters())
+    updating = [
+        m for m in run.backbone.model.modules()
+        if getattr(m, "track_running_stats", False) and m.training
+    ]  # fmt: skip
+    if not trains or not (updating or run.schedule.freeze_norm_stats):
+        return None
+    if not updating:
+        return "batch norm: running statistics stay fixed while groups train (schedule.norm_stats)"
+    if run.recipe.model.weights and run.cfg.batch_size < 32:
+        return (
+            f"warning: this phase updates batch-norm statistics from batches of "
+            f"{run.cfg.batch_size} images while fine-tuning pretrained weights; accuracy often "
+            "falls at the unfreeze (docs/quality.md). Set schedule.norm_stats: auto or frozen."
+        )
+    return None
 
 
 def _cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
@@ -158,8 +181,9 @@ def _cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
         count, processes = len(train_cache), acc.num_processes
         print(f"features: each of {processes} processes computed its shard of the {count} "
               f"training rows ({len(feature_cache.shard_rows(count, 0, processes))} here)")  # fmt: skip
+    last = drop_last(len(train_cache), cfg.batch_size, acc.num_processes)
     train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=True,
-                              drop_last=len(train_cache) > cfg.batch_size, collate_fn=collate)  # fmt: skip
+                              drop_last=last, collate_fn=collate)  # fmt: skip
     val_loader = DataLoader(
         val_cache, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate
     )

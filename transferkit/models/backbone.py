@@ -217,6 +217,17 @@ class Backbone(nn.Module):
         self.train(self.training)
         return spec
 
+    def freeze_norm_statistics(self) -> int:
+        """Keep the running statistics of every batch-norm layer fixed (eval mode), also in
+        groups that train; their affine parameters train as their group says. Returns how many
+        layers this covers. `freeze` (a new phase) resets it."""
+        for module_name, module in self.model.named_modules():
+            running = getattr(module, "track_running_stats", False)
+            if running and is_norm_layer(module) and module_name not in self._eval_norm_names:
+                self._eval_norm_names.append(module_name)
+        self.train(self.training)
+        return len(self._eval_norm_names)
+
     def train(self, mode: bool = True) -> Backbone:
         """Like `nn.Module.train`, but normalization layers with frozen statistics stay in eval."""
         super().train(mode)

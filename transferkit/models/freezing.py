@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 NormPolicy = Literal["frozen", "stats_frozen", "train"]
 NORM_POLICIES: tuple[str, ...] = ("frozen", "stats_frozen", "train")
+# Batch-norm running statistics of the layers that train (a schedule-wide choice).
+NORM_STATS: tuple[str, ...] = ("auto", "frozen", "train")
 FREEZE_MODES: tuple[str, ...] = ("none", "all", "up_to", "train", "regex")
 
 SPEC_HELP = (

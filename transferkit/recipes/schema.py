@@ -21,7 +21,7 @@ from transferkit.data.config import DataSection, TaskSection
 from transferkit.errors import UserError, did_you_mean
 from transferkit.fields import bounded
 from transferkit.models.factory import SOURCES as BACKBONE_SOURCES
-from transferkit.models.freezing import FreezeSpec
+from transferkit.models.freezing import NORM_STATS, FreezeSpec
 from transferkit.models.task_outputs import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
 __all__ = ["DataSection", "TaskSection"]
@@ -54,6 +54,16 @@ class PhaseSection:
 class ScheduleSection:
     phases: list[PhaseSection] = field(default_factory=lambda: [PhaseSection()])
     layer_decay: float | None = bounded(None, gt=0, le=1)
+    # Batch-norm running statistics while groups train: "auto" keeps them fixed when the
+    # backbone starts from weights (pretrained or a file) and updates them from random weights.
+    norm_stats: Literal[NORM_STATS] = "auto"  # type: ignore[valid-type]
+    # The learning-rate multiplier of groups unfrozen after an earlier phase kept them frozen,
+    # unless the phase's lr_mult names them.
+    unfrozen_lr_mult: float = bounded(1.0, ge=0)
+    # A linear warmup at the start of every phase after the first, in epochs (at most a third
+    # of the phase): AdamW's first steps on newly unfrozen groups otherwise wreck the features
+    # the heads were fitted to (docs/quality.md). 0 turns it off.
+    phase_warmup_epochs: float = bounded(3.0, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -66,7 +76,9 @@ class EarlyStoppingSection:
 class TrainSection:
     epochs: int = bounded(10, ge=1)
     max_steps: int | None = bounded(None, ge=1)
-    batch_size: int = bounded(32, ge=1)
+    # Per process. Default (null): 32, halved down to 8 while an epoch would have fewer than 4
+    # batches, so a small train set still takes several steps per epoch (docs/quality.md).
+    batch_size: int | None = bounded(None, ge=1)
     eval_batch_size: int | None = bounded(None, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = bounded(1e-3, gt=0)

@@ -1,0 +1,114 @@
+"""What happens at a phase change of an LP-FT recipe: the new phase's learning-rate multipliers
+apply from its first step, batch-norm statistics stay fixed when fine-tuning from weights, the
+log warns where a setting risks a collapse, and small train sets keep their last batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import QUICK, ROOT, epoch_end_weights
+
+from transferkit.engine import train
+from transferkit.engine.optim import build_lr_scheduler
+from transferkit.engine.schedule import FreezeSchedule
+from transferkit.engine.setup import drop_last
+from transferkit.models import create_backbone
+from transferkit.recipes import PhaseSection, load_recipe, parse_recipe
+
+
+def test_a_phase_multiplier_applies_from_the_phases_first_step():
+    backbone = create_backbone("timm:test_resnet", None)
+    phases = [PhaseSection(from_epoch=0, freeze="all", lr_mult={"heads": 1.0}),
+              PhaseSection(from_epoch=1, freeze="none", lr_mult={"heads": 0.1})]  # fmt: skip
+    schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=0.0)
+    head = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [head], "group": "heads"}], lr=1.0)
+    train_cfg = parse_recipe({"model": {"backbone": "timm:test_resnet"},
+                              "tasks": {"a": {"kind": "binary"}},
+                              "data": {"source": "disk", "path": "x"},
+                              "train": {"epochs": 2, "scheduler": "constant"}}).train  # fmt: skip
+    scheduler = build_lr_scheduler(optimizer, train_cfg, schedule, steps_per_epoch=3)
+    used = []
+    for epoch in range(2):
+        schedule.apply(epoch)
+        for _ in range(3):
+            used.append(optimizer.param_groups[0]["lr"])  # the rate this step runs with
+            optimizer.step()
+            scheduler.step()
+    assert used == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
+
+
+def _stats(weights: dict) -> dict:
+    return {k: v for k, v in weights.items() if "running_mean" in k or "running_var" in k}
+
+
+@pytest.mark.parametrize(
+    "weights, norm_stats, fixed",
+    [("source", "auto", True), ("none", "auto", False), ("source", "train", False),
+     ("none", "frozen", True)],
+)  # fmt: skip
+def test_batch_norm_statistics_while_fine_tuning(
+    workdir, source_run, monkeypatch, capsys, weights, norm_stats, fixed
+):
+    monkeypatch.chdir(workdir)
+    start = source_run / "model.safetensors" if weights == "source" else "none"
+    overrides = [*QUICK, f"model.weights={start}", "schedule.phases.0.freeze=none",
+                 f"schedule.norm_stats={norm_stats}", "train.epochs=1"]  # fmt: skip
+    recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", overrides)
+    # The starting statistics: the source run's, or those of a fresh model (zeros and ones).
+    torch.manual_seed(recipe.seed)
+    before = _stats(
+        {f"backbone.model.{k}": v for k, v in create_backbone(
+            recipe.model.backbone, recipe.model.weights).model.state_dict().items()}
+    )  # fmt: skip
+    run_dir = train(recipe, output=str(workdir / "runs" / f"bn_{weights}_{norm_stats}"))
+    after = _stats(epoch_end_weights(run_dir))
+    assert before and set(before) == set(after)
+    same = all(torch.equal(before[k], after[k]) for k in before)
+    assert same == fixed
+    out = capsys.readouterr().out
+    if fixed:
+        assert "running statistics stay fixed" in out
+    if weights == "source" and norm_stats == "train":
+        assert "warning: this phase updates batch-norm statistics" in out
+
+
+def test_small_train_sets_keep_their_last_batch():
+    assert not drop_last(50, 32)  # 2 steps per epoch, not 1
+    assert not drop_last(100, 64)
+    assert drop_last(33, 32)  # a last batch of one image cannot train batch norm
+    assert not drop_last(32, 32) and not drop_last(16, 32)
+    assert drop_last(50, 16, processes=2)  # every process count sees the same samples
+
+
+def test_the_default_batch_size_gives_small_train_sets_several_steps():
+    from transferkit.engine.setup import default_batch_size
+
+    assert default_batch_size(None, 50, 1, say=False) == 16  # 4 batches, not 2
+    assert default_batch_size(None, 100, 1, say=False) == 32
+    assert default_batch_size(None, 20, 1, say=False) == 8
+    assert default_batch_size(None, 100, 2, say=False) == 16  # per process: 50 images each
+    assert default_batch_size(64, 10, 1, say=False) == 64  # a chosen size is kept
+
+
+def test_groups_unfrozen_after_a_probe_start_at_a_lower_rate():
+    backbone = create_backbone("timm:test_resnet", None)
+    lpft = FreezeSchedule(backbone, [PhaseSection(from_epoch=0, freeze="all"),
+                                     PhaseSection(from_epoch=2, freeze="up_to:layer1",
+                                                  lr_mult={"layer4": 0.5})],
+                          unfrozen_lr_mult=0.1)  # fmt: skip
+    assert lpft.lr_factor("heads", epoch=0) == lpft.lr_factor("heads", epoch=2) == 1.0
+    assert lpft.lr_factor("layer3", epoch=2) == pytest.approx(0.1)
+    assert lpft.lr_factor("layer4", epoch=2) == 0.5  # named in the phase: the recipe wins
+    full = FreezeSchedule(backbone, [PhaseSection(freeze="none")], unfrozen_lr_mult=0.1)
+    assert full.lr_factor("layer3", epoch=0) == 1.0  # never frozen: the full rate
+
+
+def test_later_phases_warm_up_over_at_most_a_third_of_their_length():
+    backbone = create_backbone("timm:test_resnet", None)
+    phases = [PhaseSection(from_epoch=0, freeze="all"), PhaseSection(from_epoch=2, freeze="none")]
+    schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=3.0, total_epochs=8)
+    factors = [schedule.warmup_factor(step, steps_per_epoch=2) for step in range(16)]
+    assert factors[:4] == [1.0] * 4  # the first phase: no ramp (train.warmup_epochs is its own)
+    ramp = factors[4:8]  # 6 epochs long: 2 epochs (4 steps) of ramp, not 3
+    assert ramp == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5]) and factors[8:] == [1.0] * 8
