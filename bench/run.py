@@ -209,7 +209,7 @@ def bench_data_pipeline(cfg: dict, workdir: Path) -> dict:
     """(e) Images/s the data pipeline delivers against images/s a training step consumes."""
     from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
     from transferkit.digits import write_digits
-    from transferkit.engine.setup import num_workers
+    from transferkit.engine.batches import num_workers
 
     write_digits(workdir / "digits")
     recipe = parse_recipe({"model": {"backbone": cfg["backbone"]}, "tasks": {"digit": {"kind": "multiclass"}},
@@ -387,7 +387,7 @@ def _timm_train_py_steps(cfg: dict, timm_train: str, device: str, workdir: Path)
         (folder / str(i % 10)).mkdir(parents=True, exist_ok=True)
         pixels = torch.randint(0, 256, (cfg["size"], cfg["size"], 3), generator=generator)
         Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / str(i % 10) / f"{i}.jpg")
-    from transferkit.engine.setup import num_workers
+    from transferkit.engine.batches import num_workers
 
     command = [sys.executable, str(script), "--data-dir", str(folder.parent), "--train-split", "train",
                "--val-split", "train", "--model", cfg["backbone"].removeprefix("timm:"), "--num-classes", "10",

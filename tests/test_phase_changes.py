@@ -9,9 +9,9 @@ import torch
 from conftest import QUICK, ROOT, epoch_end_weights
 
 from transferkit.engine import train
+from transferkit.engine.batches import drop_last
 from transferkit.engine.optim import build_lr_scheduler
 from transferkit.engine.schedule import FreezeSchedule
-from transferkit.engine.setup import drop_last
 from transferkit.models import create_backbone
 from transferkit.recipes import PhaseSection, load_recipe, parse_recipe
 
@@ -82,7 +82,7 @@ def test_small_train_sets_keep_their_last_batch():
 
 
 def test_the_default_batch_size_gives_small_train_sets_several_steps():
-    from transferkit.engine.setup import default_batch_size
+    from transferkit.engine.batches import default_batch_size
 
     assert default_batch_size(None, 50, 1, say=False) == 16  # 4 batches, not 2
     assert default_batch_size(None, 100, 1, say=False) == 32

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader
 
 from transferkit.data import collate
 from transferkit.engine import feature_cache
+from transferkit.engine.batches import drop_last
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.evaluate import evaluate
 from transferkit.engine.loop import TrainLoop
-from transferkit.engine.setup import RunSetup, drop_last, set_up
+from transferkit.engine.setup import RunSetup, set_up
 from transferkit.errors import UserError
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.recipes import Recipe

@@ -1,0 +1,127 @@
+"""The data side of a run: loading once for every process, batch sizes, loaders.
+
+Set-up (`setup.py`) calls these; they are apart so that each file reads in one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from transferkit.data import collate, load_data
+from transferkit.errors import UserError
+from transferkit.recipes import Recipe
+
+
+def load_shared_data(recipe: Recipe, accelerator: Accelerator):
+    """`load_data` on every process, decoding the images (to find unreadable ones) only once.
+
+    The main process loads first (datasets' caches fill once) and finds the unreadable rows;
+    the others receive those rows instead of decoding every image again. An error on the main
+    process reaches every process, so none waits forever.
+    """
+    if accelerator.num_processes == 1:
+        return load_data(recipe.data, recipe.tasks, recipe.seed)
+    from accelerate.utils import broadcast_object_list
+
+    data, message = None, None
+    if accelerator.is_main_process:
+        try:
+            data = load_data(recipe.data, recipe.tasks, recipe.seed)
+        except UserError as err:
+            message = str(err)
+    payload = [(data.bad_rows if data else None, message)]
+    broadcast_object_list(payload)
+    bad_rows, message = payload[0]
+    if message is not None:
+        raise UserError(message)
+    if data is None:
+        data = load_data(recipe.data, recipe.tasks, recipe.seed, bad_rows=bad_rows)
+    return data
+
+
+def default_batch_size(chosen: int | None, samples: int, processes: int, say: bool) -> int:
+    """`train.batch_size`, or by default 32 halved (down to 8) while each process would get
+    fewer than 4 batches an epoch: 50 images at 32 gave 1 or 2 steps per epoch."""
+    if chosen is not None:
+        return chosen
+    size, share = 32, math.ceil(samples / processes)
+    while size > 8 and math.ceil(share / size) < 4:
+        size //= 2
+    if say and size < 32:
+        print(f"batch size: {size} per process ({samples} training images; train.batch_size)")
+    return size
+
+
+def drop_last(samples: int, batch_size: int, processes: int = 1) -> bool:
+    """Whether the training loader drops its last, incomplete batch.
+
+    On one process only a last batch of a single image is dropped (batch norm cannot train on
+    it); dropping every incomplete batch cost small train sets dearly (50 images at batch 32
+    gave one step per epoch). Several processes drop it, so that no process pads its last batch
+    with repeated samples and every process count sees the same samples.
+    """
+    if processes > 1:
+        return samples > batch_size
+    return samples % batch_size == 1 and samples > batch_size
+
+
+def make_loaders(
+    train_set, val_set, cfg, workers: int, processes: int = 1
+) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training batches and ordered validation batches (images or cached features)."""
+    # No persistent workers: each epoch's workers must see the dataset's new `epoch` (seeds).
+    args = {"collate_fn": collate, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    train_loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=drop_last(len(train_set), cfg.batch_size, processes),
+        **args,
+    )
+    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, **args)
+    return train_loader, val_loader
+
+
+def auto_batch_size(model, cfg, input_size, accelerator: Accelerator):
+    """Halve the per-device batch until a training step fits in memory; accumulate gradients to
+    keep the global batch. The probe's effects on weights and statistics are undone."""
+    from accelerate.utils import find_executable_batch_size
+
+    model.to(accelerator.device)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @find_executable_batch_size(starting_batch_size=cfg.batch_size)
+    def probe(batch_size: int) -> int:
+        model.zero_grad(set_to_none=True)
+        outputs = model(torch.randn(batch_size, *input_size, device=accelerator.device))
+        sum(out.float().mean() for out in outputs.values()).backward()
+        return batch_size
+
+    try:
+        fitted = probe()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+    if accelerator.num_processes > 1:
+        # Ranks may fit different sizes (other memory in use); all must take the same one, or
+        # their accumulation windows (and DDP's all-reduces) would fall out of step.
+        sizes = accelerator.gather(torch.tensor([fitted], device=accelerator.device))
+        fitted = int(sizes.min())
+    accumulation = cfg.grad_accum * math.ceil(cfg.batch_size / fitted)
+    accelerator.gradient_accumulation_steps = accumulation
+    if accelerator.is_main_process:
+        print(
+            f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size}, the smallest that fits on every process)"
+        )
+    return dataclasses.replace(cfg, batch_size=fitted, grad_accum=accumulation)
+
+
+def num_workers(requested: int | None) -> int:
+    """data.num_workers, or by default one worker per spare core (at most 8)."""
+    return requested if requested is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
