@@ -75,14 +75,10 @@ class Run:
         preprocessed as `run.transform` does (`[3, H, W]`, or a batch `[N, 3, H, W]`); one of
         these or a list of them. `device`: None picks the GPU when there is one.
         """
-        results = []
-        for _, probabilities in self.probabilities(inputs, device, batch_size):
-            count = len(next(iter(probabilities.values())))
-            for i in range(count):
-                results.append(
-                    {t: describe_prediction(s, probabilities[t][i]) for t, s in self.tasks.items()}
-                )
-        return results
+        return [
+            {k: v for k, v in row.items() if k != "image"}
+            for row in self.predict_named(inputs, device, batch_size)
+        ]
 
     def predict_named(self, inputs, device=None, batch_size: int = 64) -> list[dict[str, Any]]:
         """Like `predict`, each result with `"image"`: its file path, or `input[i]`."""

@@ -35,5 +35,9 @@ def multitask_loss(
     for key, output in outputs.items():
         task = MultiTaskModel.task_of(key)
         losses[key] = task_loss(tasks[task], output, targets[task], masks[task])
-    total = sum(weights.get(MultiTaskModel.task_of(k), 1.0) * v for k, v in losses.items())
-    return total, losses
+    return weighted_sum(losses, weights), losses
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Each output's loss times its task's static weight, summed (auxiliary heads: their task's)."""
+    return sum(weights.get(MultiTaskModel.task_of(k), 1.0) * v for k, v in losses.items())

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from transferkit.balancing import Balancer, objective_gradients, write_direction
-from transferkit.engine.losses import multitask_loss
+from transferkit.engine.losses import multitask_loss, weighted_sum
 from transferkit.models import MultiTaskModel
 
 
@@ -40,7 +40,7 @@ class PlainSum:
         return contextlib.nullcontext()
 
     def loss(self, losses: dict[str, Tensor], batch: dict, position: tuple) -> Tensor:
-        return sum(self.weights.get(MultiTaskModel.task_of(k), 1.0) * v for k, v in losses.items())
+        return weighted_sum(losses, self.weights)
 
     def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
         self.accelerator.backward(loss)
