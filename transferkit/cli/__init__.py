@@ -1,0 +1,37 @@
+"""The `transferkit` command line. User errors print one line and exit with code 2.
+
+Each subcommand lives in its own module with a `register(subparsers)` function; add a new
+command by writing that module and listing it in COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transferkit.cli import inspect, runs, train
+from transferkit.errors import UserError
+
+# In the order `transferkit --help` lists them.
+COMMANDS = [inspect, train, runs]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="transferkit", description="Transfer learning for timm and torchvision backbones."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `transferkit` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"transferkit: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,104 @@
+"""`transferkit eval`, `predict` and `ensemble`: commands that use finished runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from transferkit.cli.common import device_options, short
+
+
+def register(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="per-task metrics of a run's model on a split or other data"
+    )
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "--split", default="validation", help="split of the run's data (default: validation)"
+    )
+    evaluate.add_argument(
+        "--data", help="another data source: a manifest file, image folder or saved dataset"
+    )
+    evaluate.add_argument("--json", action="store_true")
+    device_options(evaluate)
+    evaluate.set_defaults(func=run_eval)
+
+    predict = sub.add_parser("predict", help="predict every task for images or folders of images")
+    predict.add_argument("run_dir")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--json", action="store_true")
+    device_options(predict)
+    predict.set_defaults(func=run_predict)
+
+    ens = sub.add_parser(
+        "ensemble",
+        help="average the predictions of runs with the same tasks (and their weights: --soup)",
+    )
+    ens.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    mode = ens.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--eval", action="store_true", help="compare each member with the ensemble on a split"
+    )
+    mode.add_argument(
+        "--predict", nargs="+", metavar="IMAGE_OR_FOLDER", help="predict with the ensemble"
+    )
+    ens.add_argument("--split", default="validation")
+    ens.add_argument("--data", help="other data with the same columns")
+    ens.add_argument(
+        "--soup", action="store_true", help="also evaluate the average of the members' weights"
+    )
+    ens.add_argument("--output", help="folder for ensemble_report.md and .json")
+    ens.add_argument("--json", action="store_true")
+    ens.set_defaults(func=run_ensemble)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from transferkit.engine.evaluate import evaluate_run
+
+    values = evaluate_run(
+        args.run_dir, split=args.split, data=args.data, device=args.device,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        for key, value in values.items():
+            print(f"{key:40s} {value:.4f}")
+    return 0
+
+
+def print_predictions(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for row in results:
+        tasks = "  ".join(f"{k}={short(v)}" for k, v in row.items() if k != "image")
+        print(f"{row['image']}  {tasks}")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from transferkit.inference import load
+
+    run = load(args.run_dir)
+    results = run.predict_named(args.images, device=args.device, batch_size=args.batch_size or 64)
+    print_predictions(results, args.json)
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from transferkit import ensemble
+
+    if args.predict:
+        from transferkit.data import decode_prediction_inputs
+
+        inputs = decode_prediction_inputs(args.predict)
+        predictions = ensemble.predict_ensemble(args.runs, [image for _, image in inputs])
+        results = [{"image": name, **p} for (name, _), p in zip(inputs, predictions)]
+        print_predictions(results, args.json)
+        return 0
+    results = ensemble.evaluate_ensemble(args.runs, args.split, args.data, args.soup)
+    if args.output:
+        ensemble.write_report(results, Path(args.output))
+    print(json.dumps(results, indent=2) if args.json else ensemble.report(results))
+    return 0

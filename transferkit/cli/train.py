@@ -1,0 +1,90 @@
+"""`transferkit train`, `lr-find` and `sweep`: commands that train from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+from transferkit.cli.common import recipe_overrides
+from transferkit.errors import UserError
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="fine-tune as a YAML recipe says")
+    train.add_argument(
+        "recipe",
+        nargs="?",
+        help="a recipe YAML, or a shipped recipe's name such as digits_transfer "
+        "(optional with --resume: the run's own recipe)",
+    )
+    recipe_overrides(train)
+    train.add_argument("--output", help="the run folder (default: OUTPUT_DIR/NAME from the recipe)")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
+    )
+    train.set_defaults(func=run_train)
+
+    finder = sub.add_parser(
+        "lr-find", help="a learning-rate range test for one phase; plots loss against train.lr"
+    )
+    finder.add_argument("recipe", help="a recipe YAML or a shipped recipe's name")
+    finder.add_argument(
+        "--phase", type=int, default=-1, help="index into schedule.phases (default: the last)"
+    )
+    finder.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    finder.add_argument("--min-lr", type=float, default=1e-7)
+    finder.add_argument("--max-lr", type=float, default=1.0)
+    recipe_overrides(finder)
+    finder.add_argument("--output", help="the plot (default lr_find_<recipe>_phase<N>.png)")
+    finder.set_defaults(func=run_lr_find)
+
+    sweep = sub.add_parser("sweep", help="train every combination of a grid and report the results")
+    sweep.add_argument("recipe")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a recipe key and its values (repeatable)",
+    )
+    recipe_overrides(sweep, help="a fixed override for every run")
+    sweep.add_argument("--output", help="the sweep folder (default: OUTPUT_DIR/NAME_sweep)")
+    sweep.set_defaults(func=run_sweep)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from transferkit.engine import train
+    from transferkit.recipes import load_recipe
+    from transferkit.run_dir import RunDir
+
+    # --resume alone continues with the run's own resolved recipe.
+    if args.resume and not args.recipe:
+        recipe = RunDir(args.resume).recipe(args.set or [])
+    elif args.recipe:
+        recipe = load_recipe(args.recipe, args.set or [])
+    else:
+        raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
+    run_dir = train(recipe, output=args.output, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    from transferkit.lr_find import lr_find
+    from transferkit.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    result, path = lr_find(recipe, args.phase, args.steps, args.output, args.min_lr, args.max_lr)
+    print(
+        f"phase {result.phase}: suggested train.lr {result.suggestion:.3g} "
+        f"({len(result.lrs)} steps from {result.lrs[0]:.1e} to {result.lrs[-1]:.1e}); plot: {path}"
+    )
+    print(f"use it with: --set train.lr={result.suggestion:.3g}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from transferkit.sweep import parse_grid, sweep
+
+    root = sweep(args.recipe, parse_grid(args.grid), args.output, args.set or [])
+    print(f"sweep folder: {root} (report.md, report.csv, report_*.png)")
+    return 0
