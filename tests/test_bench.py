@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -66,3 +67,35 @@ def test_overlaid_digits_are_deterministic_with_two_labels(tmp_path):
     assert all(r["left"] in "0123456789" and r["right"] in "0123456789" for r in rows)
     image = rows[3]["image"]
     assert (first / image).read_bytes() == (second / image).read_bytes()
+
+
+@pytest.mark.slow
+def test_quality_bench_quick_reports_every_method_and_the_chain(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.quality import CHAIN_VARIANTS, RECIPE_METHODS, main
+
+    report = main(["--quick", "--out", str(tmp_path)])
+    methods = {cell["method"] for cell in report["a_budgets"]}
+    assert methods == {*RECIPE_METHODS, "hand-written LP-FT"}
+    assert all(0.0 <= cell["mean"] <= 1.0 for cell in report["a_budgets"])
+    assert {cell["variant"] for cell in report["b_chain"]} == set(CHAIN_VARIANTS)
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "| ImageNet LP-FT |" in markdown and "| both (the old defaults) |" in markdown
+
+
+def test_budget_split_keeps_validation_fixed_and_draws_training_per_seed(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import pandas as pd
+
+    from bench.quality import VAL_PER_CLASS, write_budget
+    from transferkit.digits import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    one, other = (pd.read_csv(write_budget(root, 5, seed)) for seed in (0, 1))
+    val_one, val_other = (f[f["split"] == "validation"] for f in (one, other))
+    assert sorted(val_one["image"]) == sorted(val_other["image"])
+    assert len(val_one) == 5 * VAL_PER_CLASS
+    train_one, train_other = (f[f["split"] == "train"] for f in (one, other))
+    assert (train_one["digit"].value_counts() == 5).all() and len(train_one) == 25
+    assert set(train_one["image"]) != set(train_other["image"])
+    assert not set(train_one["image"]) & set(val_one["image"])
