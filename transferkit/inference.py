@@ -73,6 +73,7 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
 
     An exported `.onnx` file gives an `OnnxRun` instead (onnxruntime, no torch needed).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from transferkit.onnx_run import is_onnx_file, load_onnx
@@ -87,6 +88,10 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
     model = MultiTaskModel(backbone, tasks, [AuxHeadSpec(**a) for a in info.get("aux_heads", [])])
     try:
         load_model(model, str(folder.weights_path), strict=True)
+    except SafetensorError as err:  # a truncated or corrupt file
+        raise UserError(
+            f"{folder.weights_path} cannot be read ({err}); train the run again"
+        ) from None
     except RuntimeError as err:
         raise UserError(
             f"{folder.weights_path} does not match {folder.info_path}: "
