@@ -102,7 +102,7 @@ def _weights(weights, backbone: str) -> str:
         return "random initialization (trained from scratch)"
     if weights == "pretrained":
         return f"the pretrained weights that {backbone.split(':', 1)[0]} ships for `{backbone}`"
-    return f"the file `{weights}`"
+    return f"the weights in `{weights}`"
 
 
 def _data_section(recipe: dict, data: dict | None, tasks: list[dict]) -> list[str]:
