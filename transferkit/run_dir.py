@@ -6,8 +6,10 @@ A run folder holds:
     metrics.jsonl          one JSON record per finished epoch (`records()`, `history()`)
     checkpoints/step_N[_end]/   resumable training state (`checkpoints()`)
     model.safetensors + model.json   the best model so far (the final model once complete)
+    README.md              the model card, written just before complete.json
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
+    model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -33,6 +35,15 @@ CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks
 SKIPPED_IMAGES = "skipped_images.txt"
 TENSORBOARD = "tensorboard"
 FEATURE_CACHE = "feature_cache"
+MODEL_CARD = "README.md"
+# `transferkit export`'s default files, by format; the torch formats get a JSON beside them.
+EXPORTED = {
+    "onnx": "model.onnx",
+    "torchscript": "model.torchscript.pt",
+    "exported-program": "model.pt2",
+}
+# Folders only training uses (resume state, cached features): left out when a run is published.
+TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -90,6 +101,17 @@ class RunDir:
     @property
     def skipped_images_path(self) -> Path:
         return self.path / SKIPPED_IMAGES
+
+    @property
+    def card_path(self) -> Path:
+        return self.path / MODEL_CARD
+
+    def exported_path(self, fmt: str) -> Path:
+        """Where `transferkit export --format fmt` writes by default."""
+        return self.path / EXPORTED[fmt]
+
+    def write_card(self, text: str) -> None:
+        _write_atomic(self.card_path, text)
 
     # ---- state
     def has_model(self) -> bool:

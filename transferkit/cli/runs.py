@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from transferkit.cli.common import device_options, short
+from transferkit.errors import UserError
 
 
 def register(sub) -> None:
@@ -24,10 +25,24 @@ def register(sub) -> None:
     device_options(evaluate)
     evaluate.set_defaults(func=run_eval)
 
-    predict = sub.add_parser("predict", help="predict every task for images or folders of images")
-    predict.add_argument("run_dir")
+    predict = sub.add_parser(
+        "predict",
+        help="predict every task for images or folders of images (a run folder or a .onnx file)",
+    )
+    predict.add_argument("run_dir", metavar="RUN_DIR_OR_ONNX")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--json", action="store_true")
+    predict.add_argument(
+        "--output", metavar="FILE", help="write a table (.csv or .parquet), one row per image"
+    )
+    table = predict.add_mutually_exclusive_group()
+    table.add_argument(
+        "--resume", action="store_true", help="--output exists: add only the images it lacks"
+    )
+    table.add_argument("--overwrite", action="store_true", help="--output exists: replace it")
+    predict.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while writing --output"
+    )
     device_options(predict)
     predict.set_defaults(func=run_predict)
 
@@ -78,9 +93,21 @@ def print_predictions(results: list[dict], as_json: bool) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from transferkit.inference import load
+    from transferkit import load  # a .onnx file loads without torch
 
     run = load(args.run_dir)
+    if args.output:
+        from transferkit.prediction_table import write_predictions
+
+        summary = write_predictions(
+            run, args.images, args.output, resume=args.resume, overwrite=args.overwrite,
+            batch_size=args.batch_size or 64, device=args.device, progress=not args.no_progress,
+        )  # fmt: skip
+        resumed = f" ({summary.already} were already there)" if summary.already else ""
+        print(f"wrote {summary.written} rows to {summary.path}{resumed}")
+        return 0
+    if args.resume or args.overwrite:
+        raise UserError("--resume and --overwrite apply to --output FILE")
     results = run.predict_named(args.images, device=args.device, batch_size=args.batch_size or 64)
     print_predictions(results, args.json)
     return 0

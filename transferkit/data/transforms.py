@@ -14,6 +14,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from transferkit.data.config import Augment
 from transferkit.models.backbone import DataConfig
+from transferkit.preprocess import Preprocessing
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -37,22 +38,18 @@ def build_transforms(
     "light": RandomResizedCrop(scale 0.6-1) + horizontal flip; "strong": light + RandAugment +
     RandomErasing(p=0.25). Randomness comes from torch's global RNG.
     """
-    size = int(image_size or data_config.input_size[1])
-    # timm may name interpolations torchvision lacks ("random"); bilinear is timm's fallback too.
-    interpolation = _INTERPOLATIONS.get(
-        str(data_config.interpolation).lower(), InterpolationMode.BILINEAR
-    )
+    # Sizes and interpolation as exported models record them (`Preprocessing`), defined once.
+    spec = Preprocessing.from_config(data_config, image_size)
+    size, interpolation = spec.size, _INTERPOLATIONS[spec.interpolation]
     to_tensor = [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(data_config.mean), std=list(data_config.std)),
     ]
     if not train or augment == "none":
-        scale_size = int(size / data_config.crop_pct)
         # "squash" (some timm weights) resizes both sides instead of keeping the aspect ratio.
-        resize_to = (scale_size, scale_size) if data_config.crop_mode == "squash" else scale_size
         steps = [
-            v2.Resize(resize_to, interpolation=interpolation, antialias=True),
+            v2.Resize(spec.resize_to, interpolation=interpolation, antialias=True),
             v2.CenterCrop(size),
         ]
         return v2.Compose(steps + to_tensor)

@@ -32,6 +32,7 @@ from transferkit.engine.evaluate import evaluate
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.setup import RunSetup, set_up
 from transferkit.errors import UserError
+from transferkit.model_card import render as render_card
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.recipes import Recipe
 from transferkit.run_dir import checkpoint_name
@@ -113,11 +114,40 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         _save_model(run, state["epoch"])
     acc.wait_for_everyone()
     if main:  # last: only now does the folder count as a finished run
-        run_dir.mark_complete({"stopped": stopped, "monitor": run.monitor, "best": state["best"],
-                               "best_epoch": state["best_epoch"], "epochs": state["epoch"] + 1,
-                               "steps": state["step"]})  # fmt: skip
+        summary = {"stopped": stopped, "monitor": run.monitor, "best": state["best"],
+                   "best_epoch": state["best_epoch"], "epochs": state["epoch"] + 1,
+                   "steps": state["step"], "card": _card_facts(run)}  # fmt: skip
+        _write_card(run_dir, summary)
+        run_dir.mark_complete(summary)
     acc.end_training()
     return run_dir.path
+
+
+def _card_facts(run: RunSetup) -> dict:
+    """What only training knows, for the model card: split sizes, label coverage, hardware."""
+    data = {
+        split: {"images": len(ds), "labelled": {t: int(m.sum()) for t, m in ds.masks.items()}}
+        for split, ds in (("train", run.train_set), ("validation", run.val_set))
+    }
+    acc = run.accelerator
+    device = acc.device.type
+    if device == "cuda":
+        device = torch.cuda.get_device_name(acc.device)
+    report = run.backbone.load_report
+    return {
+        "data": data,
+        "hardware": f"{acc.num_processes} x {device}, mixed precision {acc.mixed_precision}, "
+        f"torch {torch.__version__}",
+        "weights_report": str(report) if report else None,
+    }
+
+
+def _write_card(run_dir, summary: dict) -> None:
+    """README.md before complete.json; a card that cannot be written must not fail a trained run."""
+    try:
+        run_dir.write_card(render_card(run_dir, summary))
+    except Exception as err:  # documentation only: say so and finish the run
+        print(f"warning: model card {run_dir.card_path} not written: {type(err).__name__}: {err}")
 
 
 def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader, DataLoader]:
