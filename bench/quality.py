@@ -269,10 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="toy sizes (for the tests)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--sections", default="a,b", help="which sections to run (a, b)")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="labels per class")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budgets, seeds = ((2,), (0,)) if args.quick else (BUDGETS, SEEDS)
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.quick:
+        budgets, seeds = (2,), (0,)
     epochs = 2 if args.quick else None
     sections = set(args.sections.split(","))
     started = time.perf_counter()
