@@ -6,6 +6,7 @@ A run folder holds:
     metrics.jsonl          one JSON record per finished epoch (`records()`, `history()`)
     checkpoints/step_N[_end]/   resumable training state (`checkpoints()`)
     model.safetensors + model.json   the best model so far (the final model once complete)
+    adapter/               with a peft adapter: its weights and config in peft's format
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
 
@@ -33,6 +34,9 @@ CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks
 SKIPPED_IMAGES = "skipped_images.txt"
 TENSORBOARD = "tensorboard"
 FEATURE_CACHE = "feature_cache"
+ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -145,6 +149,21 @@ class RunDir:
         save_safetensors(model, str(tmp_weights), metadata=metadata)
         tmp_weights.replace(self.weights_path)
         _write_atomic(self.info_path, json.dumps(info, indent=2))
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
+
+    def save_adapter(self, state: dict, config: dict) -> None:
+        """The adapter alone, as peft's `save_pretrained` writes it (loadable with peft)."""
+        from safetensors.torch import save_file
+
+        self.adapter_dir.mkdir(exist_ok=True)
+        tmp = self.adapter_dir / (ADAPTER_WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(self.adapter_dir / ADAPTER_WEIGHTS)
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        _write_atomic(self.adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str))
 
     # ---- metrics
     def records(self) -> list[dict[str, Any]]:
