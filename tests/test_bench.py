@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -66,3 +67,20 @@ def test_overlaid_digits_are_deterministic_with_two_labels(tmp_path):
     assert all(r["left"] in "0123456789" and r["right"] in "0123456789" for r in rows)
     image = rows[3]["image"]
     assert (first / image).read_bytes() == (second / image).read_bytes()
+
+
+@pytest.mark.slow
+def test_transfer_methods_bench_quick_reports_every_measure(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.transfer_methods import main
+
+    main(["--quick", "--out", str(tmp_path), "--methods", "lpft,loha,bss"])
+    report = json.loads((tmp_path / "transfer_methods.json").read_text())
+    rows = report["results"]["5"]
+    assert set(rows) == {"lpft", "loha", "bss"} and all(r["error"] is None for r in rows.values())
+    for row in rows.values():
+        assert 0 <= row["accuracy_mean"] <= 1 and row["step_s"] > 0 and row["peak_memory_mb"] > 0
+    # The adapter trains a small part of what full fine-tuning (with BSS) trains.
+    assert rows["loha"]["trainable_params"] < rows["bss"]["trainable_params"] / 5
+    assert rows["bss"]["trainable_params"] == rows["lpft"]["trainable_params"]
+    assert "| 5 | loha |" in (tmp_path / "transfer_methods.md").read_text()

@@ -11,8 +11,8 @@ the trap of a PeftModel whose trained head is lost on save and reload (peft#577)
 
 Targets name layer groups (every Linear and Conv2d whose weight is in the group) or
 `regex:PATTERN` (every Linear and Conv2d whose module name matches, `re.search`). Grouped and
-depthwise convolutions are left out: peft can adapt them only when the rank divides the groups,
-and cannot merge them. Layers are renamed by peft (`qkv.weight` becomes `qkv.base_layer.weight`),
+depthwise convolutions are left out (peft can adapt them only when the rank divides the groups,
+and cannot merge them), and so are subclasses with their own forward (timm's Conv2dSame). Layers are renamed by peft (`qkv.weight` becomes `qkv.base_layer.weight`),
 so the backbone's layer groups are rebuilt: adapter weights join the group of the layer they
 adapt, and freeze specs, per-group learning rates and `inspect` see them there.
 """
@@ -101,11 +101,7 @@ def target_modules(backbone: Backbone, targets: tuple[str, ...]) -> list[str]:
     error that names the valid groups."""
     if not targets:
         raise UserError("model.adapter.targets: name at least one layer group or regex:PATTERN")
-    layers = {
-        name: module
-        for name, module in backbone.model.named_modules()
-        if isinstance(module, ADAPTABLE) and getattr(module, "groups", 1) == 1
-    }
+    layers = {name: module for name, module in backbone.model.named_modules() if _adaptable(module)}
     chosen: list[str] = []
     for target in targets:
         if target.startswith("regex:"):
@@ -126,11 +122,22 @@ def target_modules(backbone: Backbone, targets: tuple[str, ...]) -> list[str]:
         if not found:
             raise UserError(
                 f"model.adapter.targets: {target!r} matches no Linear or Conv2d layer of "
-                f"{backbone.name} (depthwise convolutions are left out); see the layer names "
+                f"{backbone.name} (depthwise and 'same'-padding convolutions are left out); see the layer names "
                 f"with `transferkit inspect {backbone.name}` or target a group"
             )
         chosen += [name for name in found if name not in chosen]
     return chosen
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """A plain Linear or Conv2d: peft's adapters redo the layer's computation from its fixed
+    attributes, so a subclass with its own forward (timm's Conv2dSame, which pads at run time)
+    would get an adapter output of another shape, and grouped convolutions cannot be merged."""
+    return (
+        isinstance(module, ADAPTABLE)
+        and type(module).forward in (nn.Linear.forward, nn.Conv2d.forward)
+        and getattr(module, "groups", 1) == 1
+    )
 
 
 def attach_adapter(backbone: Backbone, spec: AdapterSpec) -> AttachedAdapter:
