@@ -99,3 +99,20 @@ def test_budget_split_keeps_validation_fixed_and_draws_training_per_seed(tmp_pat
     assert (train_one["digit"].value_counts() == 5).all() and len(train_one) == 25
     assert set(train_one["image"]) != set(train_other["image"])
     assert not set(train_one["image"]) & set(val_one["image"])
+
+
+@pytest.mark.slow
+def test_transfer_methods_bench_quick_reports_every_measure(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.transfer_methods import main
+
+    main(["--quick", "--out", str(tmp_path), "--methods", "lpft,loha,bss"])
+    report = json.loads((tmp_path / "transfer_methods.json").read_text())
+    rows = report["results"]["5"]
+    assert set(rows) == {"lpft", "loha", "bss"} and all(r["error"] is None for r in rows.values())
+    for row in rows.values():
+        assert 0 <= row["accuracy_mean"] <= 1 and row["step_s"] > 0 and row["peak_memory_mb"] > 0
+    # The adapter trains a small part of what full fine-tuning (with BSS) trains.
+    assert rows["loha"]["trainable_params"] < rows["bss"]["trainable_params"] / 5
+    assert rows["bss"]["trainable_params"] == rows["lpft"]["trainable_params"]
+    assert "| 5 | loha |" in (tmp_path / "transfer_methods.md").read_text()

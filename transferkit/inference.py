@@ -18,6 +18,7 @@ import torch
 from transferkit.data import build_transforms
 from transferkit.errors import UserError
 from transferkit.models import AuxHeadSpec, DataConfig, MultiTaskModel, TaskSpec, create_backbone
+from transferkit.models.adapters import AdapterSpec, attach_adapter
 from transferkit.models.task_outputs import probabilities as prediction
 from transferkit.predictions import Predictor, batched, describe_prediction, preprocessed
 from transferkit.run_dir import RunDir
@@ -85,6 +86,8 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
     tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
     backbone = create_backbone(info["backbone"], None, **info.get("model_kwargs", {}))
     backbone.data_config = DataConfig.from_dict(info["data_config"])
+    if info.get("adapter"):  # the saved weights include the adapter's: inject it first
+        attach_adapter(backbone, AdapterSpec.from_dict(info["adapter"]))
     model = MultiTaskModel(backbone, tasks, [AuxHeadSpec(**a) for a in info.get("aux_heads", [])])
     try:
         load_model(model, str(folder.weights_path), strict=True)

@@ -7,6 +7,7 @@ A run folder holds:
     checkpoints/step_N[_end]/   resumable training state (`checkpoints()`)
     model.safetensors + model.json   the best model so far (the final model once complete)
     README.md              the model card, written just before complete.json
+    adapter/               with a peft adapter: its weights and config in peft's format
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
     model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
@@ -44,6 +45,9 @@ EXPORTED = {
 }
 # Folders only training uses (resume state, cached features): left out when a run is published.
 TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
+ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -167,6 +171,21 @@ class RunDir:
         save_safetensors(model, str(tmp_weights), metadata=metadata)
         tmp_weights.replace(self.weights_path)
         _write_atomic(self.info_path, json.dumps(info, indent=2))
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
+
+    def save_adapter(self, state: dict, config: dict) -> None:
+        """The adapter alone, as peft's `save_pretrained` writes it (loadable with peft)."""
+        from safetensors.torch import save_file
+
+        self.adapter_dir.mkdir(exist_ok=True)
+        tmp = self.adapter_dir / (ADAPTER_WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(self.adapter_dir / ADAPTER_WEIGHTS)
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        _write_atomic(self.adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str))
 
     # ---- metrics
     def records(self) -> list[dict[str, Any]]:

@@ -43,11 +43,13 @@ class TrainLoop:
         seed: int,
         strategy=None,
         checkpoint: Callable[[dict], None] | None = None,
+        regularizers=None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
         self.strategy = strategy or PlainSum(accelerator, {})
         self.checkpoint = checkpoint
+        self.regularizers = regularizers  # engine.regularizers.Regularizers, or None
         self.forward_module = model  # the compiled model when train.compile is on
 
     def epoch(self, loader, state: dict) -> dict:
@@ -75,10 +77,13 @@ class TrainLoop:
                     outputs, batch["targets"], batch["mask"], self.tasks, strategy.weights
                 )
                 loss = strategy.loss(losses, batch, position)
+                penalty = self.regularizers.penalty(batch) if self.regularizers else None
+                if penalty is not None:
+                    loss = loss + penalty
                 if not self._finite(loss):
                     self._nonfinite(losses, state)
                     continue
-                strategy.backward(loss, losses, batch, position)
+                strategy.backward(loss, losses, batch, position, penalty)
                 if cfg.clip_grad and acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
                 self.optimizer.step()
@@ -95,6 +100,8 @@ class TrainLoop:
                 continue
             state["step"] += 1
             balance = strategy.log_values()
+            if self.regularizers:
+                balance.update(self.regularizers.values)
             for key, value in balance.items():
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1

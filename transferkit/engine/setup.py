@@ -47,10 +47,12 @@ from transferkit.engine.batches import (
     num_workers,
 )
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
+from transferkit.engine.regularizers import Regularizers, build_regularizers
 from transferkit.engine.schedule import FreezeSchedule
 from transferkit.engine.strategies import build_strategy
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
+from transferkit.models.adapters import AdapterSpec, attach_adapter
 from transferkit.recipes import Recipe, save_recipe
 from transferkit.run_dir import RunDir
 
@@ -78,6 +80,7 @@ class RunSetup:
     strategy: Any
     balancer: Balancer | None
     workers: int
+    regularizers: Regularizers | None = None
 
 
 def prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
@@ -143,6 +146,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     backbone = create_backbone(recipe.model.backbone, recipe.model.weights, **recipe.model.kwargs)
     if backbone.load_report and main:
         print(f"backbone weights: {backbone.load_report}")
+    if recipe.model.adapter is not None:
+        attach_adapter(backbone, adapter_spec(recipe))
     data = load_shared_data(recipe, accelerator)
     metric_names = {name: section.metrics for name, section in recipe.tasks.items()}
     monitor = cfg.monitor or default_monitor(data.tasks, metric_names)
@@ -194,7 +199,11 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
         balancer = Balancer(recipe.multitask.method, model.output_keys, recipe.multitask.options,
                             recipe.seed, weights=weights)  # fmt: skip
         balancer.impl.to(accelerator.device)
-    optimizer = build_optimizer(model, cfg)
+    regularizers = build_regularizers(recipe.regularizers, model, accelerator.device)
+    # L2-SP pulls towards the pretrained weights (and its beta term towards zero): weight
+    # decay, which pulls everything towards zero, would fight it.
+    l2_sp = recipe.regularizers.l2_sp is not None
+    optimizer = build_optimizer(model, dataclasses.replace(cfg, weight_decay=0.0) if l2_sp else cfg)
     if balancer is not None and balancer.kind == "loss" and balancer.impl.learnable:
         # UW and IMTL-L learn their weights by gradient descent with the model.
         optimizer.add_param_group({"params": list(balancer.impl.parameters()), "weight_decay": 0.0,
@@ -219,7 +228,15 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     strategy = build_strategy(accelerator, model, weights, balancer)
     return RunSetup(recipe, cfg, run_dir, accelerator, backbone, model, tasks, metric_names,
                     monitor, schedule, train_set, val_set, train_loader, val_loader, optimizer,
-                    lr_scheduler, strategy, balancer, workers)  # fmt: skip
+                    lr_scheduler, strategy, balancer, workers, regularizers)  # fmt: skip
+
+
+def adapter_spec(recipe: Recipe) -> AdapterSpec:
+    """The recipe's `model.adapter` as the model layer's spec."""
+    section = recipe.model.adapter
+    targets = [section.targets] if isinstance(section.targets, str) else section.targets
+    return AdapterSpec(section.method, tuple(targets), section.r, section.alpha, section.dropout,
+                       section.train_rest)  # fmt: skip
 
 
 def check_fsdp(accelerator: Accelerator, balancer: Balancer | None) -> None:

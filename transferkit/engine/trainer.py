@@ -33,6 +33,7 @@ from transferkit.engine.loop import TrainLoop
 from transferkit.engine.setup import RunSetup, set_up
 from transferkit.errors import UserError
 from transferkit.model_card import render as render_card
+from transferkit.models.adapters import adapter_state
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.recipes import Recipe
 from transferkit.run_dir import checkpoint_name
@@ -56,7 +57,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     resume_batches = 0 if state["epoch_done"] else state["batches"]
     checkpoint = partial(save_checkpoint, acc, run_dir, keep=cfg.keep_checkpoints)
     loop = TrainLoop(acc, run.model, run.optimizer, run.lr_scheduler, run.tasks, cfg, recipe.seed,
-                     run.strategy, checkpoint)  # fmt: skip
+                     run.strategy, checkpoint, run.regularizers)  # fmt: skip
     current_phase, loaders = None, (run.train_loader, run.val_loader)
     stopped = "finished"
 
@@ -259,7 +260,10 @@ def _save_model(run: RunSetup, epoch: int) -> None:
                        for k, v in weights.items()}  # fmt: skip
             run.run_dir.save_model(_GatheredWeights(weights), _info(run, epoch))
     elif acc.is_main_process:
-        run.run_dir.save_model(acc.unwrap_model(run.model), _info(run, epoch))
+        model = acc.unwrap_model(run.model)
+        run.run_dir.save_model(model, _info(run, epoch))
+        if model.backbone.adapter is not None:  # also peft's own files, to share the adapter
+            run.run_dir.save_adapter(*adapter_state(model.backbone))
 
 
 class _GatheredWeights(torch.nn.Module):
@@ -286,6 +290,7 @@ def _info(run: RunSetup, epoch: int) -> dict:
         "image_size": recipe.data.image_size,
         "epoch": epoch,
         "monitor": run.monitor,
+        "adapter": model.backbone.adapter.spec.to_dict() if model.backbone.adapter else None,
     }
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.errors import UserError, did_you_mean
 from transferkit.fields import bounded
+from transferkit.models.adapters import ADAPTER_METHODS
 from transferkit.models.factory import SOURCES as BACKBONE_SOURCES
 from transferkit.models.freezing import NORM_STATS, FreezeSpec
 from transferkit.models.task_outputs import CLASSIFICATION_METRICS, REGRESSION_METRICS
@@ -36,11 +37,56 @@ class AuxHeadSection:
 
 
 @dataclass(kw_only=True)
+class AdapterSection:
+    """A peft adapter (docs/transfer_methods.md): `targets` are layer groups or regex:PATTERN."""
+
+    method: Literal[ADAPTER_METHODS]  # type: ignore[valid-type]
+    targets: list[str] | str
+    r: int = bounded(8, ge=1)
+    alpha: float = bounded(16.0, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    train_rest: bool = False
+
+
+@dataclass(kw_only=True)
 class ModelSection:
     backbone: str
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     aux_heads: list[AuxHeadSection] = field(default_factory=list)
+    adapter: AdapterSection | None = None
+
+
+@dataclass(kw_only=True)
+class L2SPSection:
+    """alpha/2 ||w - w0||^2 on the pretrained backbone, beta/2 ||w||^2 on heads and adapters."""
+
+    alpha: float = bounded(0.01, ge=0)
+    beta: float = bounded(0.01, ge=0)
+
+
+@dataclass(kw_only=True)
+class BSSSection:
+    """eta * the sum of the k smallest squared singular values of the batch's features."""
+
+    eta: float = bounded(0.001, ge=0)
+    k: int = bounded(1, ge=1)
+
+
+@dataclass(kw_only=True)
+class DeltaSection:
+    """beta/2 * the squared distance between the feature maps of the model and of its start,
+    per image, summed over `groups` (default: every layer group)."""
+
+    beta: float = bounded(0.01, ge=0)
+    groups: list[str] | None = None
+
+
+@dataclass(kw_only=True)
+class RegularizersSection:
+    l2_sp: L2SPSection | None = None
+    bss: BSSSection | None = None
+    delta: DeltaSection | None = None
 
 
 @dataclass(kw_only=True)
@@ -124,6 +170,7 @@ class Recipe:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     multitask: MultitaskSection = field(default_factory=MultitaskSection)
+    regularizers: RegularizersSection = field(default_factory=RegularizersSection)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +256,29 @@ def cross_checks(recipe: Recipe) -> list[str]:
             if mult < 0:
                 errors.append(f"{where}.lr_mult.{group}: must be >= 0, got {mult}")
     errors += _check_multitask(recipe)
+    errors += _check_transfer_methods(recipe)
+    return errors
+
+
+def _check_transfer_methods(recipe: Recipe) -> list[str]:
+    errors = []
+    adapter = recipe.model.adapter
+    if adapter is not None:
+        if isinstance(adapter.targets, str):
+            adapter.targets = [adapter.targets]
+        if not adapter.targets:
+            errors.append(
+                "recipe key model.adapter.targets: name at least one layer group or regex:PATTERN"
+            )
+        if adapter.method == "ia3" and adapter.dropout:
+            errors.append("recipe key model.adapter.dropout: ia3 has no dropout; remove it")
+    chosen = [k for k, v in vars(recipe.regularizers).items() if v is not None]
+    if chosen and recipe.model.weights is None:
+        errors.append(
+            f"recipe key regularizers.{chosen[0]}: it pulls the model towards its pretrained "
+            "start, but model.weights is none (random weights); set model.weights to pretrained "
+            "or a file, or remove the regularizer"
+        )
     return errors
 
 
