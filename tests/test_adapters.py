@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from conftest import FULL_LABELS, epoch_end_weights, records
@@ -15,6 +16,7 @@ from transferkit.cli import main
 from transferkit.data.images import open_image
 from transferkit.engine import train
 from transferkit.errors import UserError
+from transferkit.export import export_run
 from transferkit.models import MultiTaskModel, TaskSpec, create_backbone
 from transferkit.models.adapters import AdapterSpec, attach_adapter, merge_adapters
 from transferkit.recipes import parse_recipe
@@ -100,6 +102,11 @@ def test_adapter_run_trains_adapters_and_heads_and_reloads(
         after = merged(x)
     for key in logits:
         assert torch.allclose(logits[key], after[key], atol=1e-4)
+    # `transferkit export` merges the adapter too: plain layers in the file, within tolerance.
+    exported = export_run(run_dir, "onnx")
+    assert max(exported.parity.values()) <= exported.tolerance
+    names = [t.name for t in onnx.load(str(exported.path)).graph.initializer]
+    assert names and not any("lora_" in n or "hada_" in n for n in names)
 
 
 @pytest.mark.parametrize("method", ["ia3", "dora", "lora"])

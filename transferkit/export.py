@@ -29,6 +29,7 @@ from torch import nn
 from transferkit.errors import UserError
 from transferkit.inference import Run
 from transferkit.inference import load as load_run
+from transferkit.models.adapters import merge_adapters
 from transferkit.onnx_run import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, load_onnx
 from transferkit.predictions import image_files, read_image
 from transferkit.preprocess import Preprocessing
@@ -95,6 +96,9 @@ def export_run(
     if suffix and path.suffix.lower() != suffix:  # what the loaders recognise the file by
         raise UserError(f"--output {path}: a {fmt} file must end in {suffix}")
     run = load_run(folder)
+    # A peft adapter is folded into its base layers: the file holds plain layers only, which
+    # every runtime knows, and computes the same outputs (the parity check below proves it).
+    merge_adapters(run.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(run.tasks) + (list(run.model.output_keys[len(run.tasks) :]) if include_aux else [])
     module = _Outputs(run.model, keys, include_aux).eval()
