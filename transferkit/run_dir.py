@@ -8,6 +8,7 @@ A run folder holds:
     model.safetensors + model.json   the best model so far (the final model once complete)
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
+    wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -33,6 +34,7 @@ CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks
 SKIPPED_IMAGES = "skipped_images.txt"
 TENSORBOARD = "tensorboard"
 FEATURE_CACHE = "feature_cache"
+WISE_FT = "wise_ft"  # .json and .png: the WiSE-FT curve of `transferkit interpolate`
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -90,6 +92,14 @@ class RunDir:
     @property
     def skipped_images_path(self) -> Path:
         return self.path / SKIPPED_IMAGES
+
+    @property
+    def wise_ft_json(self) -> Path:
+        return self.path / f"{WISE_FT}.json"
+
+    @property
+    def wise_ft_plot(self) -> Path:
+        return self.path / f"{WISE_FT}.png"
 
     # ---- state
     def has_model(self) -> bool:
