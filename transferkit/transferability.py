@@ -184,6 +184,8 @@ def rank(
     )
     if len({c.label for c in chosen}) < len(chosen):
         raise UserError("--backbones names the same backbone and weights twice")
+    for candidate in chosen:  # names and groups checked on the structure, before any work
+        _groups_of(create_backbone(candidate.backbone, None, device="meta"), groups)
     data = load_data(recipe.data, recipe.tasks, recipe.seed)
     size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size or 64
     device = resolve_device(device)
