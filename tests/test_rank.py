@@ -82,6 +82,14 @@ def test_knn_score_leaves_each_sample_out():
     assert 0.1 < chance < 0.45
 
 
+def test_rank_and_interpolate_are_in_the_api():
+    import transferkit
+    from transferkit import transferability, wise_ft
+
+    assert transferkit.rank is transferability.rank
+    assert transferkit.interpolate is wise_ft.interpolate
+
+
 def test_scores_refuse_bad_input():
     with pytest.raises(UserError, match="NaN"):
         logme(np.full((4, 2), math.nan), np.ones((4, 1)))
