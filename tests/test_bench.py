@@ -116,3 +116,22 @@ def test_transfer_methods_bench_quick_reports_every_measure(tmp_path, monkeypatc
     assert rows["loha"]["trainable_params"] < rows["bss"]["trainable_params"] / 5
     assert rows["bss"]["trainable_params"] == rows["lpft"]["trainable_params"]
     assert "| 5 | loha |" in (tmp_path / "transfer_methods.md").read_text()
+
+
+@pytest.mark.slow  # about 80 s on 2 free cores: two short trainings per candidate
+def test_rank_validation_quick_correlates_scores_with_reached_accuracy(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.rank_validation import main
+
+    result = main(["--quick", "--out", str(tmp_path), "--data", str(tmp_path / "digits")])
+    saved = json.loads((tmp_path / "rank_validation.json").read_text())
+    assert saved["candidates"] == result["candidates"] and len(result["candidates"]) == 3
+    for row in result["candidates"]:
+        assert {"digit", "parity", "ink"} <= row["scores"].keys()
+        assert 0 <= row["reached"]["digit"] <= 1 and row["lpft_seconds"] > 0
+    assert set(result["correlations"]) == {"digit/logme", "digit/knn", "parity/logme", "parity/knn"}
+    for c in [*result["correlations"].values(), result["cuts"]["digit/logme"]]:
+        assert c["n"] >= 3 and (c["spearman"] is None or -1 <= c["spearman"] <= 1)
+    assert [r["group"] for r in result["cuts"]["rows"]].count("(output)") == 1
+    assert result["candidates"][0]["wise_ft"]["alphas"] == [0.0, 0.5, 1.0]
+    assert "| score vs LP-FT accuracy |" in (tmp_path / "rank_validation.md").read_text()

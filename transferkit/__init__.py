@@ -2,8 +2,9 @@
 
 The Python API (see `transferkit.api`): `fine_tune(recipe, data=...)` trains and returns a
 `FineTuneResult`; `load(run_dir)` gives a run's model back for `predict` (`load("model.onnx")`
-an exported one, through onnxruntime); `RunDir(path)` reads a
-run folder (records, best and final metrics, checkpoints).
+an exported one, through onnxruntime); `RunDir(path)` reads a run folder (records, best and
+final metrics, checkpoints); `interpolate(run_dir, alphas)` is WiSE-FT (`transferkit.wise_ft`);
+`rank(recipe, candidates)` scores backbones before training (`transferkit.transferability`).
 """
 
 from transferkit.errors import UserError
@@ -26,8 +27,10 @@ __all__ = [
     "create_backbone",
     "evaluate_run",
     "fine_tune",
+    "interpolate",
     "load",
     "load_recipe",
+    "rank",
     "train",
 ]
 
@@ -47,6 +50,10 @@ _LAZY = {
     "train": "transferkit.engine",
     "evaluate_run": "transferkit.engine.evaluate",
     "load_recipe": "transferkit.recipes",
+    # Modules named apart from their functions: importing `transferkit.interpolate` would
+    # otherwise replace the function `transferkit.interpolate` with the module.
+    "interpolate": "transferkit.wise_ft",
+    "rank": "transferkit.transferability",
 }
 
 

@@ -11,6 +11,7 @@ A run folder holds:
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
     model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
+    wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -48,6 +49,7 @@ TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
 ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+WISE_FT = "wise_ft"  # .json and .png: the WiSE-FT curve of `transferkit interpolate`
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -116,6 +118,14 @@ class RunDir:
 
     def write_card(self, text: str) -> None:
         _write_atomic(self.card_path, text)
+
+    @property
+    def wise_ft_json(self) -> Path:
+        return self.path / f"{WISE_FT}.json"
+
+    @property
+    def wise_ft_plot(self) -> Path:
+        return self.path / f"{WISE_FT}.png"
 
     # ---- state
     def has_model(self) -> bool:
