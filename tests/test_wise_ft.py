@@ -152,3 +152,30 @@ def test_other_architectures_and_random_starts_are_one_clear_error(
     )  # fmt: skip
     assert result.returncode == 2 and "different architectures" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_with_an_adapter_is_mixed_with_the_adapter_folded_in(workdir, source_run):
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        overrides = [*QUICK, "train.epochs=2", "data.max_samples=32",
+                     f"model.weights={source_run / 'model.safetensors'}",
+                     "model.adapter={method: lora, targets: [layer4], r: 2}",
+                     "schedule.phases=[{from_epoch: 0, freeze: none}]"]  # fmt: skip
+        recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", overrides)
+        run_dir = train(recipe, output=str(workdir / "runs" / "wise_adapter")).resolve()
+    finally:
+        os.chdir(cwd)
+    run = load(run_dir)
+    images = torch.stack([run.transform(open_image(p)) for p in _images(workdir)])
+    one = interpolated(run_dir, 1.0)  # the adapter merged: plain layers, the run's outputs
+    assert "adapter" not in one.info
+    assert not any("lora_" in k for k in one.model.state_dict())
+    for name, value in _outputs(run.model, images).items():
+        assert torch.allclose(_outputs(one.model, images)[name], value, atol=1e-4)
+    zero = interpolated(run_dir, 0.0)
+    start = create_backbone("timm:test_resnet", str(source_run / "model.safetensors"))
+    mixed = zero.model.backbone.model.state_dict()
+    for key, value in start.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(mixed[key], value), key

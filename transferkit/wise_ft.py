@@ -30,6 +30,7 @@ from transferkit.engine.evaluate import check_tasks, eval_split, evaluate
 from transferkit.errors import UserError
 from transferkit.inference import Run, load, resolve_device
 from transferkit.models import create_backbone
+from transferkit.models.adapters import merge_adapters
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.run_dir import RunDir
 
@@ -146,10 +147,19 @@ def mix(start: dict, tuned: dict, alpha: float) -> dict:
     return mixed
 
 
+def _load_plain(folder: RunDir) -> Run:
+    """The run with any peft adapter folded into its layers: the start has plain layers only,
+    and the merged weights are the fine-tuned ones (so a saved mix is plain too)."""
+    run = load(folder)
+    merge_adapters(run.model)
+    run.info.pop("adapter", None)
+    return run
+
+
 def interpolated(run_dir, alpha: float, start: str | None = None) -> Run:
     """The run's model with its backbone mixed at `alpha` (for `predict`, or to inspect)."""
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    run = load(folder)
+    run = _load_plain(folder)
     tuned = run.model.backbone.model.state_dict()
     state, name = start_state(folder, run, start)
     check_same_architecture(state, tuned, name, str(folder.path))
@@ -170,7 +180,7 @@ def interpolate(
     the run folder; with `save`, write the best mix there as a model folder."""
     alphas = parse_alphas(alphas)
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    run = load(folder)
+    run = _load_plain(folder)
     tuned = {k: v.clone() for k, v in run.model.backbone.model.state_dict().items()}
     state, start_name = start_state(folder, run, start)
     check_same_architecture(state, tuned, start_name, str(folder.path))
