@@ -43,12 +43,15 @@ class TrainLoop:
         seed: int,
         strategy=None,
         checkpoint: Callable[[dict], None] | None = None,
+        ema=None,
+        mixer=None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
         self.strategy = strategy or PlainSum(accelerator, {})
         self.checkpoint = checkpoint
         self.forward_module = model  # the compiled model when train.compile is on
+        self.ema, self.mixer = ema, mixer  # train.ema (timm ModelEmaV3), train.mixup (TaskMixer)
 
     def epoch(self, loader, state: dict) -> dict:
         acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
@@ -68,12 +71,13 @@ class TrainLoop:
             )
             state["batches"] += 1
             position = (state["epoch"], state["batches"])
+            if self.mixer is not None:
+                batch = self.mixer(batch, *position)
             with acc.accumulate(self.model):
                 with strategy.forward_context(self.model):
                     outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
-                _, losses = multitask_loss(
-                    outputs, batch["targets"], batch["mask"], self.tasks, strategy.weights
-                )
+                _, losses = multitask_loss(outputs, batch["targets"], batch["mask"], self.tasks,
+                                           strategy.weights, strategy.loss_options)  # fmt: skip
                 loss = strategy.loss(losses, batch, position)
                 if not self._finite(loss):
                     self._nonfinite(losses, state)
@@ -94,6 +98,8 @@ class TrainLoop:
             if not acc.sync_gradients:
                 continue
             state["step"] += 1
+            if self.ema is not None:  # the step number drives its warmup: replayed on resume
+                self.ema.update(acc.unwrap_model(self.model), step=state["step"])
             balance = strategy.log_values()
             for key, value in balance.items():
                 totals[key] = totals.get(key, 0.0) + value
