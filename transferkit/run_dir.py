@@ -8,6 +8,7 @@ A run folder holds:
     model.safetensors + model.json   the best model so far (the final model once complete)
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
+    reliability.png        written by `transferkit calibrate` (temperatures go into model.json)
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -33,6 +34,7 @@ CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks
 SKIPPED_IMAGES = "skipped_images.txt"
 TENSORBOARD = "tensorboard"
 FEATURE_CACHE = "feature_cache"
+RELIABILITY = "reliability.png"  # `transferkit calibrate`: reliability diagram, before/after
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -91,6 +93,10 @@ class RunDir:
     def skipped_images_path(self) -> Path:
         return self.path / SKIPPED_IMAGES
 
+    @property
+    def reliability_path(self) -> Path:
+        return self.path / RELIABILITY
+
     # ---- state
     def has_model(self) -> bool:
         """A model was saved (the best so far, or the final one once complete)."""
@@ -144,6 +150,14 @@ class RunDir:
         }
         save_safetensors(model, str(tmp_weights), metadata=metadata)
         tmp_weights.replace(self.weights_path)
+        _write_atomic(self.info_path, json.dumps(info, indent=2))
+
+    def update_info(self, updates: dict[str, Any]) -> None:
+        """Add or replace keys of model.json (calibration's temperatures), atomically. A model
+        saved later (a better epoch) writes a new model.json, without them: they belong to
+        the weights they were fitted on."""
+        info = self.info()
+        info.update(updates)
         _write_atomic(self.info_path, json.dumps(info, indent=2))
 
     # ---- metrics

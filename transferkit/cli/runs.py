@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from transferkit.cli.common import device_options, short
+from transferkit.cli.common import device_options, short, tta_option
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
         "--data", help="another data source: a manifest file, image folder or saved dataset"
     )
     evaluate.add_argument("--json", action="store_true")
+    tta_option(evaluate)
     device_options(evaluate)
     evaluate.set_defaults(func=run_eval)
 
@@ -28,6 +29,7 @@ def register(sub) -> None:
     predict.add_argument("run_dir")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--json", action="store_true")
+    tta_option(predict)
     device_options(predict)
     predict.set_defaults(func=run_predict)
 
@@ -55,10 +57,11 @@ def register(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from transferkit.engine.evaluate import evaluate_run
+    from transferkit.inference import parse_tta
 
     values = evaluate_run(
         args.run_dir, split=args.split, data=args.data, device=args.device,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, tta=parse_tta(args.tta),
     )  # fmt: skip
     if args.json:
         print(json.dumps(values, indent=2))
@@ -78,10 +81,11 @@ def print_predictions(results: list[dict], as_json: bool) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from transferkit.inference import load
+    from transferkit.inference import load, parse_tta
 
     run = load(args.run_dir)
-    results = run.predict_named(args.images, device=args.device, batch_size=args.batch_size or 64)
+    results = run.predict_named(args.images, device=args.device,
+                                batch_size=args.batch_size or 64, tta=parse_tta(args.tta))  # fmt: skip
     print_predictions(results, args.json)
     return 0
 
