@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -66,3 +67,19 @@ def test_overlaid_digits_are_deterministic_with_two_labels(tmp_path):
     assert all(r["left"] in "0123456789" and r["right"] in "0123456789" for r in rows)
     image = rows[3]["image"]
     assert (first / image).read_bytes() == (second / image).read_bytes()
+
+
+@pytest.mark.slow  # three short trainings: about 20 s of CPU, more on a busy machine
+def test_features_bench_quick_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.features import main
+
+    report = main(["--quick", "--out", str(tmp_path), "--features", "ema,temperature"])
+    summary = report["summary"]
+    assert set(summary) == {"baseline", "ema", "temperature"}
+    # The temperature is fitted on validation and changes test confidence, never the class.
+    base, scaled = summary["baseline"], summary["temperature"]
+    assert scaled["digit/accuracy"] == base["digit/accuracy"]
+    assert scaled["digit/ece"]["mean"] != base["digit/ece"]["mean"]
+    table = (tmp_path / "features.md").read_text()
+    assert "| EMA (final model) |" in table and "| temperature |" in table

@@ -266,3 +266,50 @@ def _epoch_of(info: str) -> int:
     import json
 
     return json.loads(info)["epoch"]
+
+
+DDP_RECIPE = """
+name: ema_mixup_ddp
+seed: 0
+model: {backbone: "timm:test_vit", kwargs: {img_size: 32}}
+tasks: {digit: {kind: multiclass, label_smoothing: 0.1}, parity: {kind: binary}}
+data: {source: manifest, path: data/digits/full_labels.csv, val_split: null, image_size: 32,
+       augment: none, max_samples: 128}
+train: {epochs: 2, batch_size: 16, grad_accum: ACCUM, optimizer: sgd, lr: 0.05, momentum: 0.9,
+        weight_decay: 0.0, scheduler: constant, ema: {decay: 0.9}, mixup: {prob: 1.0}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one_with_ema_and_mixup(workdir, labelled):
+    """2 gloo processes end with the weights and the EMA of 1 process that accumulates the same
+    two micro-batches: mixup pairs rows within each micro-batch and draws by its position."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    finals = {}
+    for procs, accum in ((1, 2), (2, 1)):
+        recipe = workdir / f"ema_mixup_{procs}.yaml"
+        recipe.write_text(DDP_RECIPE.replace("ACCUM", str(accum)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+               "--master_port", str(free_port()), "-m", "transferkit.cli", "train", str(recipe),
+               "--output", str(workdir / f"ema_mixup_{procs}")]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        finals[procs] = _checkpoint(
+            sorted((workdir / f"ema_mixup_{procs}/checkpoints").glob("*_end"))[-1]
+        )
+    assert (
+        records(workdir / "ema_mixup_1")[-1]["step"] == records(workdir / "ema_mixup_2")[-1]["step"]
+    )
+    assert any(k.startswith("custom_checkpoint_1/module.") for k in finals[1])  # the EMA
+    assert finals[1].keys() == finals[2].keys()
+    for key, value in finals[1].items():
+        assert torch.allclose(value.float(), finals[2][key].float(), rtol=0, atol=1e-6), key
