@@ -126,7 +126,7 @@ def run_seed(manifest: Path, cfg: dict, seed: int, out: Path, keys: list[str]) -
 def summarize(per_seed: list[dict]) -> dict[str, dict]:
     """Mean and standard deviation over seeds of every feature's metrics."""
     summary = {}
-    for key in per_seed[0]:
+    for key in [k for k in FEATURES if k in per_seed[0]]:  # the table's order
         rows = [seed[key] for seed in per_seed]
         summary[key] = {
             m: {"mean": statistics.fmean(r[m] for r in rows),
