@@ -135,3 +135,19 @@ def test_rank_validation_quick_correlates_scores_with_reached_accuracy(tmp_path,
     assert [r["group"] for r in result["cuts"]["rows"]].count("(output)") == 1
     assert result["candidates"][0]["wise_ft"]["alphas"] == [0.0, 0.5, 1.0]
     assert "| score vs LP-FT accuracy |" in (tmp_path / "rank_validation.md").read_text()
+
+
+@pytest.mark.slow  # three short trainings: about 20 s of CPU, more on a busy machine
+def test_features_bench_quick_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.features import main
+
+    report = main(["--quick", "--out", str(tmp_path), "--features", "ema,temperature"])
+    summary = report["summary"]
+    assert set(summary) == {"baseline", "ema", "temperature"}
+    # The temperature is fitted on validation and changes test confidence, never the class.
+    base, scaled = summary["baseline"], summary["temperature"]
+    assert scaled["digit/accuracy"] == base["digit/accuracy"]
+    assert scaled["digit/ece"]["mean"] != base["digit/ece"]["mean"]
+    table = (tmp_path / "features.md").read_text()
+    assert "| EMA (final model) |" in table and "| temperature |" in table

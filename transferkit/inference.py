@@ -16,6 +16,8 @@ import PIL.Image
 import torch
 
 from transferkit.data import build_transforms
+from transferkit.data.config import TTA_VIEWS
+from transferkit.data.transforms import tta_views
 from transferkit.errors import UserError
 from transferkit.models import AuxHeadSpec, DataConfig, MultiTaskModel, TaskSpec, create_backbone
 from transferkit.models.adapters import AdapterSpec, attach_adapter
@@ -42,6 +44,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+class AdjustedModel(torch.nn.Module):
+    """A run's model as eval and predict use it: each task's output averaged over test-time
+    views (logits, so a temperature still applies), classification logits divided by the
+    task's temperature (`transferkit calibrate`). Auxiliary heads are left out."""
+
+    def __init__(self, model, tasks: dict[str, TaskSpec], views=(), temperatures=None) -> None:
+        super().__init__()
+        self.model, self.tasks, self.views = model, tasks, tuple(views)
+        self.temperatures = dict(temperatures or {})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = [self.model(view) for view in tta_views(images, self.views)]
+        mean = {t: torch.stack([o[t].float() for o in outputs]).mean(0) for t in self.tasks}
+        for name, temperature in self.temperatures.items():
+            if name in mean and self.tasks[name].kind != "regression":
+                mean[name] = mean[name] / temperature
+        return mean
+
+
+def parse_tta(text: str | None) -> list[str] | None:
+    """`--tta hflip,crops` (or none) as a list of views; None when the flag was not given."""
+    if text is None:
+        return None
+    views = [v.strip() for v in text.split(",") if v.strip() and v.strip() != "none"]
+    unknown = [v for v in views if v not in TTA_VIEWS]
+    if unknown:
+        raise UserError(f"--tta {text}: unknown view {unknown[0]!r}; use {', '.join(TTA_VIEWS)} "
+                        "(comma-separated) or none")  # fmt: skip
+    return views
+
+
 @dataclass
 class Run(Predictor):
     """A trained model with its preprocessing: `run.predict(...)`, or `run.model(run.transform(img))`."""
@@ -52,12 +85,38 @@ class Run(Predictor):
     info: dict[str, Any]
     run_dir: RunDir | None = None
 
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """Per classification task, the temperature `transferkit calibrate` fitted ({} if none)."""
+        return dict(self.info.get("temperatures") or {})
+
+    def views(self, tta: list[str] | None = None) -> list[str]:
+        """The test-time views to use: `tta`, or the recipe's `data.tta`; flips only where the
+        recipe allows them (`data.horizontal_flip`)."""
+        views = list(self.info.get("tta") or []) if tta is None else list(tta)
+        if "hflip" in views and not self.info.get("horizontal_flip", True):
+            raise UserError(
+                "test-time flips (--tta hflip) are forbidden for this run: its recipe sets "
+                "data.horizontal_flip: false (these images must not be mirrored); use --tta "
+                "crops, or none"
+            )
+        return views
+
+    def adjusted(self, tta: list[str] | None = None) -> AdjustedModel:
+        """The model with test-time augmentation and calibrated temperatures, for eval."""
+        return AdjustedModel(self.model, self.tasks, self.views(tta), self.temperatures)
+
     def probabilities(
-        self, inputs: ImageInput | Iterable[ImageInput], device=None, batch_size: int = 64
+        self,
+        inputs: ImageInput | Iterable[ImageInput],
+        device=None,
+        batch_size: int = 64,
+        tta: list[str] | None = None,
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """Per batch: the inputs' names and per task the probabilities (or values), on the CPU."""
+        """Per batch: the inputs' names and per task the probabilities (or values), on the CPU;
+        calibrated when the run was, averaged over `tta` views (default: the recipe's)."""
         device = resolve_device(device)
-        model = self.model.to(device).eval()
+        model = self.adjusted(tta).to(device).eval()
         items = preprocessed(inputs, self.transform, torch.Tensor, torch.Tensor.float)
         for names, tensors in batched(items, batch_size):
             yield names, _forward(model, tensors, self.tasks, device)

@@ -79,12 +79,17 @@ class OnnxRun(Predictor):
                 parts[name].append(value[: len(chunk)])
         return {n: np.concatenate(v) for n, v in parts.items()}
 
-    def probabilities(self, inputs, device=None, batch_size: int = 64):
+    def probabilities(self, inputs, device=None, batch_size: int = 64, tta=None):
         """Per batch: the inputs' names and per task the probabilities (or values), as NumPy.
 
         `device` is accepted for the same calls as a `Run`; onnxruntime runs on its CPU
         provider unless the session was built with another (`load_onnx(providers=...)`).
         """
+        if tta:  # the exported graph is one view's; averaging views would need torch's crops
+            raise UserError(
+                f"--tta {','.join(tta)}: test-time augmentation runs on a run folder, not on an "
+                "exported ONNX file; predict with the run folder, or without --tta"
+            )
         items = preprocessed(
             inputs, self.transform, np.ndarray, lambda a: np.asarray(a, np.float32), "NumPy array"
         )

@@ -33,9 +33,10 @@ class TableSummary:
 
 def write_predictions(
     run, inputs, output, resume: bool = False, overwrite: bool = False, batch_size: int = 64,
-    device=None, progress: bool = True,
+    device=None, progress: bool = True, tta: list[str] | None = None,
 ) -> TableSummary:  # fmt: skip
-    """Predict every image of `inputs` (files or folders) into the table `output`."""
+    """Predict every image of `inputs` (files or folders) into the table `output` (`tta`: the
+    test-time views, by default the recipe's)."""
     output = Path(output)
     if output.suffix.lower() not in TABLE_FORMATS:
         raise UserError(f"--output {output}: the table must end in {' or '.join(TABLE_FORMATS)}")
@@ -56,7 +57,7 @@ def write_predictions(
     bar = _progress(len(files), len(files) - len(todo), progress)
     try:
         if todo:
-            for names, probabilities in run.probabilities(todo, device, batch_size):
+            for names, probabilities in run.probabilities(todo, device, batch_size, tta):
                 rows = []
                 for i, name in enumerate(names):
                     row = [name]

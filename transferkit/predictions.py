@@ -26,25 +26,32 @@ class Predictor:
 
     tasks: dict[str, TaskSpec]
 
-    def probabilities(self, inputs, device=None, batch_size: int = 64) -> Iterator[tuple]:
+    def probabilities(
+        self, inputs, device=None, batch_size: int = 64, tta: list[str] | None = None
+    ) -> Iterator[tuple]:
         raise NotImplementedError
 
-    def predict(self, inputs, device=None, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(
+        self, inputs, device=None, batch_size: int = 64, tta: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Per image, per task: `{"label", "score"}` (classification) or `{"value"}`.
 
         `inputs`: image files or folders (searched recursively), PIL images, or arrays already
         preprocessed as `run.transform` does (`[3, H, W]`, or a batch `[N, 3, H, W]`); one of
-        these or a list of them. `device`: None picks the GPU when there is one.
+        these or a list of them. `device`: None picks the GPU when there is one. `tta`:
+        test-time views (`hflip`, `crops`), by default the recipe's `data.tta`.
         """
         return [
             {k: v for k, v in row.items() if k != "image"}
-            for row in self.predict_named(inputs, device, batch_size)
+            for row in self.predict_named(inputs, device, batch_size, tta)
         ]
 
-    def predict_named(self, inputs, device=None, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict_named(
+        self, inputs, device=None, batch_size: int = 64, tta: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Like `predict`, each result with `"image"`: its file path, or `input[i]`."""
         results = []
-        for names, probabilities in self.probabilities(inputs, device, batch_size):
+        for names, probabilities in self.probabilities(inputs, device, batch_size, tta):
             for i, name in enumerate(names):
                 row = {
                     t: describe_prediction(s, probabilities[t][i]) for t, s in self.tasks.items()

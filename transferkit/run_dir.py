@@ -12,6 +12,7 @@ A run folder holds:
     skipped_images.txt, tensorboard/, feature_cache/
     model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
     wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
+    reliability.png        written by `transferkit calibrate` (temperatures go into model.json)
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -50,6 +51,7 @@ ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, a
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 WISE_FT = "wise_ft"  # .json and .png: the WiSE-FT curve of `transferkit interpolate`
+RELIABILITY = "reliability.png"  # `transferkit calibrate`: reliability diagram, before/after
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -127,6 +129,10 @@ class RunDir:
     def wise_ft_plot(self) -> Path:
         return self.path / f"{WISE_FT}.png"
 
+    @property
+    def reliability_path(self) -> Path:
+        return self.path / RELIABILITY
+
     # ---- state
     def has_model(self) -> bool:
         """A model was saved (the best so far, or the final one once complete)."""
@@ -196,6 +202,14 @@ class RunDir:
         tmp.replace(self.adapter_dir / ADAPTER_WEIGHTS)
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         _write_atomic(self.adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str))
+
+    def update_info(self, updates: dict[str, Any]) -> None:
+        """Add or replace keys of model.json (calibration's temperatures), atomically. A model
+        saved later (a better epoch) writes a new model.json, without them: they belong to
+        the weights they were fitted on."""
+        info = self.info()
+        info.update(updates)
+        _write_atomic(self.info_path, json.dumps(info, indent=2))
 
     # ---- metrics
     def records(self) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from transferkit.cli.common import device_options, short
+from transferkit.cli.common import device_options, short, tta_option
 from transferkit.errors import UserError
 
 
@@ -22,6 +22,7 @@ def register(sub) -> None:
         "--data", help="another data source: a manifest file, image folder or saved dataset"
     )
     evaluate.add_argument("--json", action="store_true")
+    tta_option(evaluate)
     device_options(evaluate)
     evaluate.set_defaults(func=run_eval)
 
@@ -43,6 +44,7 @@ def register(sub) -> None:
     predict.add_argument(
         "--no-progress", action="store_true", help="no progress bar while writing --output"
     )
+    tta_option(predict)
     device_options(predict)
     predict.set_defaults(func=run_predict)
 
@@ -70,10 +72,11 @@ def register(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from transferkit.engine.evaluate import evaluate_run
+    from transferkit.inference import parse_tta
 
     values = evaluate_run(
         args.run_dir, split=args.split, data=args.data, device=args.device,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, tta=parse_tta(args.tta),
     )  # fmt: skip
     if args.json:
         print(json.dumps(values, indent=2))
@@ -96,19 +99,26 @@ def run_predict(args: argparse.Namespace) -> int:
     from transferkit import load  # a .onnx file loads without torch
 
     run = load(args.run_dir)
+    tta = None
+    if args.tta is not None:  # the views are named beside torch's transforms
+        from transferkit.inference import parse_tta
+
+        tta = parse_tta(args.tta)
     if args.output:
         from transferkit.prediction_table import write_predictions
 
         summary = write_predictions(
             run, args.images, args.output, resume=args.resume, overwrite=args.overwrite,
             batch_size=args.batch_size or 64, device=args.device, progress=not args.no_progress,
+            tta=tta,
         )  # fmt: skip
         resumed = f" ({summary.already} were already there)" if summary.already else ""
         print(f"wrote {summary.written} rows to {summary.path}{resumed}")
         return 0
     if args.resume or args.overwrite:
         raise UserError("--resume and --overwrite apply to --output FILE")
-    results = run.predict_named(args.images, device=args.device, batch_size=args.batch_size or 64)
+    results = run.predict_named(args.images, device=args.device,
+                                batch_size=args.batch_size or 64, tta=tta)  # fmt: skip
     print_predictions(results, args.json)
     return 0
 

@@ -112,13 +112,16 @@ def evaluate_run(
     data: str | None = None,
     device: str | None = None,
     batch_size: int | None = None,
+    tta: list[str] | None = None,
 ) -> dict[str, float]:
     """Per-task metrics of a run's model; `data` replaces the recipe's data (same columns).
 
-    `device`: None picks the GPU when there is one.
+    `device`: None picks the GPU when there is one. The model is calibrated when the run was
+    (`transferkit calibrate`) and averages `tta` views (default: the recipe's `data.tta`).
     """
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run = load(folder)
+    model = run.adjusted(tta)  # before loading data: a forbidden flip fails fast
     recipe, rows, specs = eval_split(folder, split, data)
     check_tasks(folder.path, run.tasks, specs)
     dataset = TaskImageDataset(
@@ -126,5 +129,4 @@ def evaluate_run(
     )
     size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size or 64
     loader = DataLoader(dataset, batch_size=size, collate_fn=collate)
-    model = run.model.to(resolve_device(device))
-    return evaluate(model, loader, run.tasks, prefix=split)
+    return evaluate(model.to(resolve_device(device)), loader, run.tasks, prefix=split)

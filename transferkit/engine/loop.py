@@ -44,6 +44,8 @@ class TrainLoop:
         strategy=None,
         checkpoint: Callable[[dict], None] | None = None,
         regularizers=None,
+        ema=None,
+        mixer=None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
@@ -51,6 +53,7 @@ class TrainLoop:
         self.checkpoint = checkpoint
         self.regularizers = regularizers  # engine.regularizers.Regularizers, or None
         self.forward_module = model  # the compiled model when train.compile is on
+        self.ema, self.mixer = ema, mixer  # train.ema (timm ModelEmaV3), train.mixup (TaskMixer)
 
     def epoch(self, loader, state: dict) -> dict:
         acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
@@ -70,12 +73,13 @@ class TrainLoop:
             )
             state["batches"] += 1
             position = (state["epoch"], state["batches"])
+            if self.mixer is not None:
+                batch = self.mixer(batch, *position)
             with acc.accumulate(self.model):
                 with strategy.forward_context(self.model):
                     outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
-                _, losses = multitask_loss(
-                    outputs, batch["targets"], batch["mask"], self.tasks, strategy.weights
-                )
+                _, losses = multitask_loss(outputs, batch["targets"], batch["mask"], self.tasks,
+                                           strategy.weights, strategy.loss_options)  # fmt: skip
                 loss = strategy.loss(losses, batch, position)
                 penalty = self.regularizers.penalty(batch) if self.regularizers else None
                 if penalty is not None:
@@ -99,6 +103,8 @@ class TrainLoop:
             if not acc.sync_gradients:
                 continue
             state["step"] += 1
+            if self.ema is not None:  # the step number drives its warmup: replayed on resume
+                self.ema.update(acc.unwrap_model(self.model), step=state["step"])
             balance = strategy.log_values()
             if self.regularizers:
                 balance.update(self.regularizers.values)

@@ -46,6 +46,9 @@ from transferkit.engine.batches import (
     make_loaders,
     num_workers,
 )
+from transferkit.engine.ema import build_ema
+from transferkit.engine.imbalance import balanced_sampler, loss_options
+from transferkit.engine.mixing import build_mixer
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.regularizers import Regularizers, build_regularizers
 from transferkit.engine.schedule import FreezeSchedule
@@ -81,6 +84,10 @@ class RunSetup:
     balancer: Balancer | None
     workers: int
     regularizers: Regularizers | None = None
+    loss_options: dict = dataclasses.field(default_factory=dict)  # per task (engine.losses)
+    sampler: Any = None  # data.balanced_sampler's, else None (shuffled)
+    ema: Any = None  # train.ema's timm ModelEmaV3, else None
+    mixer: Any = None  # train.mixup's TaskMixer, else None
 
 
 def prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
@@ -175,7 +182,9 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     train_set = TaskImageDataset(
         data.splits["train"],
         data.tasks,
-        build_transforms(backbone.data_config, True, recipe.data.augment, size),
+        build_transforms(
+            backbone.data_config, True, recipe.data.augment, size, hflip=recipe.data.horizontal_flip
+        ),
         bad_images=recipe.data.bad_images,
         seed=recipe.seed,
     )
@@ -188,8 +197,9 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     if cfg.auto_batch_size:
         cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
     workers = num_workers(recipe.data.num_workers)
+    sampler = balanced_sampler(recipe, train_set)
     train_loader, val_loader = make_loaders(
-        train_set, val_set, cfg, workers, accelerator.num_processes
+        train_set, val_set, cfg, workers, accelerator.num_processes, sampler
     )
 
     if cfg.channels_last:
@@ -216,6 +226,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
         calls_per_step=accelerator.num_processes,
     )  # fmt: skip
     check_fsdp(accelerator, balancer)
+    ema = build_ema(cfg.ema, model, accelerator)  # before prepare: see engine/ema.py
     # Prepared while every parameter requires grad, so DDP registers all of them (see module doc).
     model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, lr_scheduler
@@ -225,10 +236,15 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     accelerator.register_for_checkpointing(schedule)
     if balancer is not None:
         accelerator.register_for_checkpointing(balancer)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     strategy = build_strategy(accelerator, model, weights, balancer)
+    strategy.loss_options = loss_options(recipe, tasks, train_set, accelerator.device)
+    mixer = build_mixer(cfg.mixup, tasks, recipe.seed, accelerator)
     return RunSetup(recipe, cfg, run_dir, accelerator, backbone, model, tasks, metric_names,
                     monitor, schedule, train_set, val_set, train_loader, val_loader, optimizer,
-                    lr_scheduler, strategy, balancer, workers, regularizers)  # fmt: skip
+                    lr_scheduler, strategy, balancer, workers, regularizers,
+                    strategy.loss_options, sampler, ema, mixer)  # fmt: skip
 
 
 def adapter_spec(recipe: Recipe) -> AdapterSpec:

@@ -39,6 +39,7 @@ class PlainSum:
 
     def __init__(self, accelerator: Accelerator, weights: dict[str, float]) -> None:
         self.accelerator, self.weights = accelerator, weights
+        self.loss_options: dict = {}  # per task (engine.losses.LossOptions), set by set-up
 
     def forward_context(self, model):
         return contextlib.nullcontext()
@@ -126,7 +127,7 @@ class CombinedLoss(_Balanced):
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             outputs = model_outputs(model, batch, channels_last)
             _, losses = multitask_loss(
-                outputs, batch["targets"], batch["mask"], tasks, self.weights
+                outputs, batch["targets"], batch["mask"], tasks, self.weights, self.loss_options
             )
         for name, b in model.named_buffers():
             b.copy_(buffers[name])

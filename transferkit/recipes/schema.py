@@ -119,6 +119,30 @@ class EarlyStoppingSection:
 
 
 @dataclass(kw_only=True)
+class EmaSection:
+    """An exponential moving average of the weights (timm's ModelEmaV3), updated every step."""
+
+    decay: float = bounded(0.999, gt=0, lt=1)
+    # Warmup: decay = 1 - (1 + step)^-warmup_power, capped at `decay`, so early averages
+    # are not dominated by the random initial heads.
+    warmup: bool = True
+    warmup_power: float = bounded(0.75, gt=0)
+    # Save the EMA weights as the run's model (and pick the best epoch by its metrics).
+    final_model: bool = False
+
+
+@dataclass(kw_only=True)
+class MixupSection:
+    """Mixup and CutMix (timm's Mixup, batch mode) with mixed targets for every task."""
+
+    mixup_alpha: float = bounded(0.8, ge=0)
+    cutmix_alpha: float = bounded(1.0, ge=0)
+    prob: float = bounded(1.0, ge=0, le=1)  # chance that a batch is mixed at all
+    switch_prob: float = bounded(0.5, ge=0, le=1)  # chance of CutMix when both are on
+    regression: Literal["mix", "exclude"] = "mix"  # mixed rows: mixed values, or masked
+
+
+@dataclass(kw_only=True)
 class TrainSection:
     epochs: int = bounded(10, ge=1)
     max_steps: int | None = bounded(None, ge=1)
@@ -150,6 +174,8 @@ class TrainSection:
     compile_backend: str = "inductor"
     auto_batch_size: bool = False
     log_every: int = bounded(10, ge=1)
+    ema: EmaSection | None = None
+    mixup: MixupSection | None = None
 
 
 @dataclass(kw_only=True)
@@ -201,6 +227,7 @@ def _check_task(name: str, task: TaskSection) -> list[str]:
             errors.append(
                 f"{where}.classes: {len(task.classes)} classes but {len(task.column)} columns"
             )
+    errors += _check_loss_options(where, task)
     allowed = REGRESSION_METRICS if task.kind == "regression" else CLASSIFICATION_METRICS
     for i, metric in enumerate(task.metrics or []):
         if metric not in allowed:
@@ -208,6 +235,58 @@ def _check_task(name: str, task: TaskSection) -> list[str]:
                 f"{where}.metrics.{i}: {metric!r} is not a {task.kind} metric "
                 f"(use {', '.join(allowed)}).{did_you_mean(metric, allowed)}"
             )
+    return errors
+
+
+def _check_loss_options(where: str, task: TaskSection) -> list[str]:
+    errors = []
+    if task.kind == "regression":
+        for key in ("label_smoothing", "class_weights"):
+            if getattr(task, key):
+                errors.append(f"{where}.{key}: a regression task has no classes; remove it")
+    if task.focal_gamma is not None and task.kind not in ("binary", "multilabel"):
+        errors.append(f"{where}.focal_gamma: focal loss is for binary and multilabel tasks")
+    weights = task.class_weights
+    if isinstance(weights, list):
+        expected = 2 if task.kind == "binary" else len(task.classes or ()) or None
+        if expected is not None and len(weights) != expected:
+            errors.append(
+                f"{where}.class_weights: {len(weights)} weights for {expected} classes; "
+                "give one weight per class, in class order" + (
+                    " ([negative, positive])" if task.kind == "binary" else "")
+            )  # fmt: skip
+        if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+            errors.append(f"{where}.class_weights: weights must be >= 0, and one > 0")
+    return errors
+
+
+def _check_data_options(recipe: Recipe) -> list[str]:
+    errors, data = [], recipe.data
+    if "hflip" in data.tta and not data.horizontal_flip:
+        errors.append(
+            "recipe key data.tta: hflip, but data.horizontal_flip is false (these images must "
+            "not be mirrored); remove hflip from data.tta"
+        )
+    task = recipe.tasks.get(data.balanced_sampler) if data.balanced_sampler else None
+    if data.balanced_sampler and task is None:
+        errors.append(
+            f"recipe key data.balanced_sampler: unknown task {data.balanced_sampler!r} "
+            f"(tasks: {', '.join(recipe.tasks)}).{did_you_mean(data.balanced_sampler, recipe.tasks)}"
+        )
+    elif task is not None and task.kind not in ("multiclass", "binary"):
+        errors.append(
+            f"recipe key data.balanced_sampler: task {data.balanced_sampler!r} is {task.kind}; "
+            "balance by a multiclass or binary task"
+        )
+    mixup = recipe.train.mixup
+    if mixup is not None:
+        if all(t.kind == "regression" for t in recipe.tasks.values()):
+            errors.append(
+                "recipe key train.mixup: every task is a regression task, and mixup/CutMix mix "
+                "class labels; remove train.mixup (or add a classification task)"
+            )
+        if mixup.mixup_alpha == 0 and mixup.cutmix_alpha == 0:
+            errors.append("recipe key train.mixup: mixup_alpha and cutmix_alpha are both 0")
     return errors
 
 
@@ -255,6 +334,7 @@ def cross_checks(recipe: Recipe) -> list[str]:
         for group, mult in phase.lr_mult.items():
             if mult < 0:
                 errors.append(f"{where}.lr_mult.{group}: must be >= 0, got {mult}")
+    errors += _check_data_options(recipe)
     errors += _check_multitask(recipe)
     errors += _check_transfer_methods(recipe)
     return errors
