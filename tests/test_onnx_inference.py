@@ -124,8 +124,8 @@ class _Interrupted:
     def __init__(self, run) -> None:
         self.run, self.tasks = run, run.tasks
 
-    def probabilities(self, inputs, device=None, batch_size=64):
-        for i, batch in enumerate(self.run.probabilities(inputs, device, batch_size)):
+    def probabilities(self, inputs, device=None, batch_size=64, tta=None):
+        for i, batch in enumerate(self.run.probabilities(inputs, device, batch_size, tta)):
             if i == 1:
                 raise KeyboardInterrupt
             yield batch
