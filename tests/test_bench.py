@@ -80,7 +80,7 @@ def test_quality_bench_quick_reports_every_method_and_the_chain(tmp_path, monkey
     assert all(0.0 <= cell["mean"] <= 1.0 for cell in report["a_budgets"])
     assert {cell["variant"] for cell in report["b_chain"]} == set(CHAIN_VARIANTS)
     markdown = (tmp_path / "quality.md").read_text()
-    assert "| ImageNet LP-FT |" in markdown and "| both (the old defaults) |" in markdown
+    assert "| ImageNet LP-FT |" in markdown and "| both defaults |" in markdown
 
 
 def test_budget_split_keeps_validation_fixed_and_draws_training_per_seed(tmp_path, monkeypatch):
