@@ -191,3 +191,25 @@ def test_resuming_with_another_model_is_refused(source_run, workdir, tmp_path):
     table.write_text("image,colour,colour_score\n")
     with pytest.raises(UserError, match="has columns"):
         write_predictions(transferkit.load(source_run), images, table, resume=True)
+
+
+def test_a_calibrated_run_keeps_its_temperatures_through_onnx(multitask_run, tmp_path):
+    import shutil
+
+    from transferkit.run_dir import RunDir
+
+    folder = tmp_path / "calibrated"
+    shutil.copytree(multitask_run, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    RunDir(folder).update_info({"temperatures": {"digit": 2.5, "parity": 0.5}})
+    pictures = multitask_run.parent.parent / "data/digits/transfer/images"
+    exported = export_run(folder, "onnx", dynamic_batch=True, images=pictures)
+    images = sorted(pictures.iterdir())[:5]
+    run, onnx_run = transferkit.load(folder), transferkit.load(exported.path)
+    uncalibrated = transferkit.load(multitask_run)
+    for want, got, raw in zip(
+        run.predict(images), onnx_run.predict(images), uncalibrated.predict(images)
+    ):
+        for task in ("digit", "parity"):
+            assert got[task]["label"] == want[task]["label"]
+            assert abs(got[task]["score"] - want[task]["score"]) < 1e-4
+        assert abs(want["digit"]["score"] - raw["digit"]["score"]) > 1e-3  # it was applied

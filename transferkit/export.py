@@ -144,6 +144,9 @@ def export_info(run: Run, fmt: str, keys: list[str], dynamic_batch: bool, opset)
         "backbone": run.info["backbone"],
         "epoch": run.info.get("epoch"),
         "monitor": run.info.get("monitor"),
+        # `transferkit calibrate`'s temperatures: the graph's outputs stay raw logits, and
+        # `OnnxRun` divides them as `Run` does, so calibrated probabilities survive export.
+        "temperatures": run.temperatures,
         "run": str(run.run_dir.path.resolve()) if run.run_dir else None,
         "transferkit": __version__,
     }

@@ -93,8 +93,12 @@ class OnnxRun(Predictor):
         items = preprocessed(
             inputs, self.transform, np.ndarray, lambda a: np.asarray(a, np.float32), "NumPy array"
         )
+        temperatures = self.info.get("temperatures") or {}
         for names, arrays in batched(items, batch_size):
             raw = self.outputs(np.stack(arrays))
+            for task, temperature in temperatures.items():
+                if task in raw and self.tasks[task].kind != "regression":
+                    raw[task] = raw[task] / temperature
             yield names, {t: probabilities(spec, raw[t]) for t, spec in self.tasks.items()}
 
 
