@@ -177,7 +177,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
                               freeze_norm_stats=freeze_stats,
                               unfrozen_lr_mult=recipe.schedule.unfrozen_lr_mult,
                               phase_warmup_epochs=recipe.schedule.phase_warmup_epochs,
-                              total_epochs=cfg.epochs)  # fmt: skip
+                              total_epochs=cfg.epochs,
+                              from_weights=bool(recipe.model.weights))  # fmt: skip
 
     train_set = TaskImageDataset(
         data.splits["train"],

@@ -106,9 +106,10 @@ class ScheduleSection:
     # The learning-rate multiplier of groups unfrozen after an earlier phase kept them frozen,
     # unless the phase's lr_mult names them.
     unfrozen_lr_mult: float = bounded(1.0, ge=0)
-    # A linear warmup at the start of every phase after the first, in epochs (at most a third
-    # of the phase): AdamW's first steps on newly unfrozen groups otherwise wreck the features
-    # the heads were fitted to (docs/quality.md). 0 turns it off.
+    # A linear warmup at the start of every phase after the first, and of the first when it
+    # trains backbone groups of loaded weights, in epochs (at most a third of the phase):
+    # AdamW's first steps at the full rate otherwise wreck the pretrained features before the
+    # heads fit them (docs/quality.md). 0 turns it off.
     phase_warmup_epochs: float = bounded(3.0, ge=0)
 
 
