@@ -116,6 +116,7 @@ def test_one_label_multilabel_task_trains_evaluates_and_predicts():
         "accuracy": tm.functional.accuracy(probs, labels, task="binary"),
         "f1": tm.functional.f1_score(probs, labels, task="binary"),
         "auroc": tm.functional.auroc(probs, labels, task="binary"),
+        "ece": tm.functional.calibration_error(probs, labels, task="binary"),
     }
     assert values.keys() == reference.keys()
     for name, value in reference.items():
