@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transferkit.cli import inspect, runs, train
+from transferkit.cli import cache, inspect, runs, train
 from transferkit.errors import UserError
 
 # In the order `transferkit --help` lists them.
-COMMANDS = [inspect, train, runs]
+COMMANDS = [inspect, train, runs, cache]
 
 
 def build_parser() -> argparse.ArgumentParser:
