@@ -87,6 +87,11 @@ def data_fingerprint(images) -> str:
     return f"files:{len(paths)}:{digest.hexdigest()}"
 
 
+def backbone_id(name: str, kwargs: dict) -> str:
+    """A backbone and its options, as the recipe's model section names them."""
+    return f"{name} {json.dumps(kwargs, sort_keys=True, default=str)}"
+
+
 def key_inputs(backbone, backbone_id: str, transform, data: str, device: torch.device) -> dict:
     """Everything that determines a split's features; `backbone_id` names the backbone and its
     options (`timm:resnet18 {}`), `data` is a `data_fingerprint`."""

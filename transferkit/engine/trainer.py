@@ -16,7 +16,6 @@ the epoch.
 
 from __future__ import annotations
 
-import json
 import math
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from transferkit.engine import feature_cache
 from transferkit.engine.batches import drop_last
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.evaluate import evaluate
-from transferkit.engine.feature_store import FeatureStore, cache_root, shared_cache
+from transferkit.engine.feature_store import FeatureStore, backbone_id, cache_root, shared_cache
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.setup import RunSetup, set_up
 from transferkit.errors import UserError
@@ -180,8 +179,7 @@ def cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
             "device": acc.device, "max_gb": cfg.feature_cache_max_gb, "accelerator": acc}  # fmt: skip
     if cfg.feature_cache_shared:
         store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
-        model = run.recipe.model
-        name = f"{model.backbone} {json.dumps(model.kwargs, sort_keys=True, default=str)}"
+        name = backbone_id(run.recipe.model.backbone, run.recipe.model.kwargs)
         (train_cache, hit), (val_cache, val_hit) = (
             shared_cache(store, run.backbone, name, split, **args)
             for split in (run.train_set, run.val_set)
