@@ -23,15 +23,19 @@ from transferkit.cli import main as cli
 from transferkit.data import TaskImageDataset, build_transforms, load_data
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.engine import train
+from transferkit.engine.evaluate import evaluate_run
 from transferkit.engine.feature_store import (
     MANIFEST,
     FeatureStore,
     data_fingerprint,
     shared_cache,
 )
+from transferkit.errors import UserError
+from transferkit.lr_find import range_test
 from transferkit.models import create_backbone
 from transferkit.models.backbone import Backbone
 from transferkit.recipes import parse_recipe
+from transferkit.run_dir import RunDir
 
 NAME = "timm:test_resnet {}"
 CPU = torch.device("cpu")
@@ -78,8 +82,8 @@ def _direct(backbone: Backbone, dataset) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ correctness
-def _probe(workdir: Path, name: str, cache: str, cache_dir: Path) -> Path:
-    recipe = parse_recipe({
+def _recipe(workdir: Path, name: str, cache: str, cache_dir: Path):
+    return parse_recipe({
         "name": name, "seed": 0, "model": {"backbone": "timm:test_resnet"},
         "tasks": {"digit": {"kind": "multiclass"}},
         "data": {"source": "manifest", "path": str(workdir / "data/digits/transfer/manifest.csv"),
@@ -88,7 +92,10 @@ def _probe(workdir: Path, name: str, cache: str, cache_dir: Path) -> Path:
         "train": {"epochs": 2, "batch_size": 16, "feature_cache": cache, "keep_checkpoints": 1,
                   "feature_cache_dir": str(cache_dir)},
     })  # fmt: skip
-    return train(recipe, output=str(cache_dir.parent / name))
+
+
+def _probe(workdir: Path, name: str, cache: str, cache_dir: Path) -> Path:
+    return train(_recipe(workdir, name, cache, cache_dir), output=str(cache_dir.parent / name))
 
 
 def test_heads_from_a_warm_cache_equal_cold_and_uncached(workdir, tmp_path, capsys, monkeypatch):
@@ -113,6 +120,14 @@ def test_heads_from_a_warm_cache_equal_cold_and_uncached(workdir, tmp_path, caps
         weights = epoch_end_weights(run)
         for key in heads:
             assert torch.allclose(weights[key], expected[key], rtol=0, atol=1e-5), (run, key)
+    assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".")) == entries
+
+    # lr-find on the probe phase and eval of the probe's heads read the same entries.
+    found = range_test(_recipe(workdir, "lr_find", "auto", cache_dir), steps=12)
+    assert len(found.lrs) >= 3 and found.suggestion > 0
+    values = evaluate_run(warm, split="validation")
+    best = RunDir(warm).summary()["best"]
+    assert values["validation/digit/accuracy"] == pytest.approx(best, abs=1e-6)
     assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".")) == entries
 
 
@@ -268,7 +283,7 @@ def _fake_entry(store: FeatureStore, key: str, megabytes: float, used: float) ->
 def test_least_recently_used_entries_go_first_until_the_cache_fits(tmp_path):
     store = FeatureStore(tmp_path, limit_gb=0.0025)  # 2.5 MB
     now = time.time()
-    for age, key in enumerate(["newest", "middle", "oldest", "older"]):
+    for age, key in enumerate(["newest", "middle", "older", "oldest"]):
         _fake_entry(store, key, 1.0, now - 100 * age)
     assert [e.key for e in store.entries()] == ["oldest", "older", "middle", "newest"]
     assert store.evict(keep="oldest") == ["older", "middle"]  # the kept one stays
@@ -296,3 +311,11 @@ def test_cache_list_and_clear(tmp_path, capsys):
     assert store.entries() == [] and "removed 3 entries" in capsys.readouterr().out
     assert cli(["cache", "list", "--json", "--dir", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["entries"] == []
+
+
+def test_an_unwritable_cache_folder_is_one_clear_error(tiny_data, tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    backbone = _backbone()
+    with pytest.raises(UserError, match="train.feature_cache_dir .* train.feature_cache_shared"):
+        _ask(FeatureStore(blocked / "cache"), backbone, _dataset(tiny_data, backbone))

@@ -22,6 +22,7 @@ After each build the least recently used entries are removed until the cache fit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from transferkit.engine.feature_cache import (
     shard_name,
     shard_rows,
 )
+from transferkit.errors import UserError
 
 MANIFEST = "manifest.json"
 LAST_USED = "last_used"
@@ -128,7 +130,11 @@ class Entry:
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for file in path.rglob("*"):
+        with contextlib.suppress(OSError):  # removed meanwhile by another process
+            total += file.stat().st_size if file.is_file() else 0
+    return total
 
 
 class FeatureStore:
@@ -179,12 +185,29 @@ class FeatureStore:
         for folder in self.root.iterdir():
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
-            used = folder / LAST_USED
-            when = used.stat().st_mtime if used.exists() else folder.stat().st_mtime
+            try:
+                used = folder / LAST_USED
+                when = used.stat().st_mtime if used.exists() else folder.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile by another process
             found.append(
                 Entry(folder.name, folder, self.manifest(folder.name), _size(folder), when)
             )
         return sorted(found, key=lambda e: e.last_used)
+
+    def check_writable(self) -> None:
+        """One clear error, naming the keys to change, when the cache folder cannot be used."""
+        try:
+            (self.root / LOCKS).mkdir(parents=True, exist_ok=True)
+            probe = self.root / LOCKS / f".write_test.{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise UserError(
+                f"cannot write the shared feature cache at {self.root}: {err.strerror}; set "
+                f"train.feature_cache_dir (or ${ENV_ROOT}) to a writable folder, or "
+                "train.feature_cache_shared: false"
+            ) from None
 
     def remove(self, key: str, wait: float = 0) -> bool:
         """Remove an entry unless it is being built (then False). The manifest goes first, so a
@@ -263,7 +286,10 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
                         data_fingerprint(dataset.images), device)  # fmt: skip
     key, count, width = make_key(inputs), len(dataset), backbone.num_features
     lock, manifest = None, None
+    if processes > 1:
+        key = broadcast_object_list([key])[0]  # the main process's view of the inputs decides
     if rank == 0:
+        store.check_writable()
         manifest = _usable(find_entry(store, key), count, width)
         if manifest is None:
             lock = store.lock(key)
