@@ -8,6 +8,9 @@ drop-path, and there are no auxiliary heads (they need feature maps). `train.fea
 says why one does not qualify), `forbid` never caches. Features are kept in memory, or, when
 their estimated size exceeds `train.feature_cache_max_gb`, written to disk batch by batch as they
 are computed (an Arrow file that `datasets` memory-maps), so RAM holds one batch of them at once.
+
+That is the cache of one run (`train.feature_cache_shared: false`). By default the features go
+to the cache shared by every run and command (`feature_store.py`), built from the same pieces.
 """
 
 from __future__ import annotations
