@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -46,3 +46,11 @@ bench: setup
 
 bench-multitask: setup
 	$(BIN)/python -m bench.multitask
+
+# Does fine-tuning deliver? Label budgets x methods x 3 seeds on the digits (about an hour on
+# 2 cores); results in bench/results/quality.md, summarized in docs/quality.md.
+bench-quality: setup
+	$(BIN)/python -m bench.quality
+# LP-FT against peft adapters and fine-tuning regularizers on the digits (docs/transfer_methods.md).
+bench-transfer: setup
+	$(BIN)/python -m bench.transfer_methods

@@ -171,3 +171,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def multitask_run(workdir, source_run):
+    """A short run of recipes/digits_transfer.yaml: three tasks (multiclass, binary with missing
+    labels, regression) on the source backbone; its folder is a finished run with a model card."""
+    from transferkit.engine import train
+    from transferkit.recipes import load_recipe
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        recipe = load_recipe(
+            ROOT / "recipes/digits_transfer.yaml", [*QUICK, f"model.weights={source_run}"]
+        )
+        return train(recipe, output=str(workdir / "runs" / "multitask")).resolve()
+    finally:
+        os.chdir(cwd)

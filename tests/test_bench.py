@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -71,3 +72,87 @@ def test_overlaid_digits_are_deterministic_with_two_labels(tmp_path):
     assert all(r["left"] in "0123456789" and r["right"] in "0123456789" for r in rows)
     image = rows[3]["image"]
     assert (first / image).read_bytes() == (second / image).read_bytes()
+
+
+@pytest.mark.slow
+def test_quality_bench_quick_reports_every_method_and_the_chain(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.quality import CHAIN_VARIANTS, RECIPE_METHODS, main
+
+    report = main(["--quick", "--out", str(tmp_path)])
+    methods = {cell["method"] for cell in report["a_budgets"]}
+    assert methods == {*RECIPE_METHODS, "hand-written LP-FT"}
+    assert all(0.0 <= cell["mean"] <= 1.0 for cell in report["a_budgets"])
+    assert {cell["variant"] for cell in report["b_chain"]} == set(CHAIN_VARIANTS)
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "| ImageNet LP-FT |" in markdown and "| both defaults |" in markdown
+
+
+def test_budget_split_keeps_validation_fixed_and_draws_training_per_seed(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import pandas as pd
+
+    from bench.quality import VAL_PER_CLASS, write_budget
+    from transferkit.digits import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    one, other = (pd.read_csv(write_budget(root, 5, seed)) for seed in (0, 1))
+    val_one, val_other = (f[f["split"] == "validation"] for f in (one, other))
+    assert sorted(val_one["image"]) == sorted(val_other["image"])
+    assert len(val_one) == 5 * VAL_PER_CLASS
+    train_one, train_other = (f[f["split"] == "train"] for f in (one, other))
+    assert (train_one["digit"].value_counts() == 5).all() and len(train_one) == 25
+    assert set(train_one["image"]) != set(train_other["image"])
+    assert not set(train_one["image"]) & set(val_one["image"])
+
+
+@pytest.mark.slow
+def test_transfer_methods_bench_quick_reports_every_measure(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.transfer_methods import main
+
+    main(["--quick", "--out", str(tmp_path), "--methods", "lpft,loha,bss"])
+    report = json.loads((tmp_path / "transfer_methods.json").read_text())
+    rows = report["results"]["5"]
+    assert set(rows) == {"lpft", "loha", "bss"} and all(r["error"] is None for r in rows.values())
+    for row in rows.values():
+        assert 0 <= row["accuracy_mean"] <= 1 and row["step_s"] > 0 and row["peak_memory_mb"] > 0
+    # The adapter trains a small part of what full fine-tuning (with BSS) trains.
+    assert rows["loha"]["trainable_params"] < rows["bss"]["trainable_params"] / 5
+    assert rows["bss"]["trainable_params"] == rows["lpft"]["trainable_params"]
+    assert "| 5 | loha |" in (tmp_path / "transfer_methods.md").read_text()
+
+
+@pytest.mark.slow  # about 80 s on 2 free cores: two short trainings per candidate
+def test_rank_validation_quick_correlates_scores_with_reached_accuracy(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.rank_validation import main
+
+    result = main(["--quick", "--out", str(tmp_path), "--data", str(tmp_path / "digits")])
+    saved = json.loads((tmp_path / "rank_validation.json").read_text())
+    assert saved["candidates"] == result["candidates"] and len(result["candidates"]) == 3
+    for row in result["candidates"]:
+        assert {"digit", "parity", "ink"} <= row["scores"].keys()
+        assert 0 <= row["reached"]["digit"] <= 1 and row["lpft_seconds"] > 0
+    assert set(result["correlations"]) == {"digit/logme", "digit/knn", "parity/logme", "parity/knn"}
+    for c in [*result["correlations"].values(), result["cuts"]["digit/logme"]]:
+        assert c["n"] >= 3 and (c["spearman"] is None or -1 <= c["spearman"] <= 1)
+    assert [r["group"] for r in result["cuts"]["rows"]].count("(output)") == 1
+    assert result["candidates"][0]["wise_ft"]["alphas"] == [0.0, 0.5, 1.0]
+    assert "| score vs LP-FT accuracy |" in (tmp_path / "rank_validation.md").read_text()
+
+
+@pytest.mark.slow  # three short trainings: about 20 s of CPU, more on a busy machine
+def test_features_bench_quick_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.features import main
+
+    report = main(["--quick", "--out", str(tmp_path), "--features", "ema,temperature"])
+    summary = report["summary"]
+    assert set(summary) == {"baseline", "ema", "temperature"}
+    # The temperature is fitted on validation and changes test confidence, never the class.
+    base, scaled = summary["baseline"], summary["temperature"]
+    assert scaled["digit/accuracy"] == base["digit/accuracy"]
+    assert scaled["digit/ece"]["mean"] != base["digit/ece"]["mean"]
+    table = (tmp_path / "features.md").read_text()
+    assert "| EMA (final model) |" in table and "| temperature |" in table

@@ -112,3 +112,18 @@ def test_later_phases_warm_up_over_at_most_a_third_of_their_length():
     assert factors[:4] == [1.0] * 4  # the first phase: no ramp (train.warmup_epochs is its own)
     ramp = factors[4:8]  # 6 epochs long: 2 epochs (4 steps) of ramp, not 3
     assert ramp == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5]) and factors[8:] == [1.0] * 8
+
+
+def test_the_first_phase_warms_up_only_when_it_fine_tunes_loaded_weights():
+    backbone = create_backbone("timm:test_resnet", None)
+    full = [PhaseSection(from_epoch=0, freeze="none")]
+    probe = [PhaseSection(from_epoch=0, freeze="all"), PhaseSection(from_epoch=4, freeze="none")]
+
+    def factors(phases, from_weights):
+        schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=1.0, total_epochs=8,
+                                  from_weights=from_weights)  # fmt: skip
+        return [schedule.warmup_factor(step, steps_per_epoch=2) for step in range(6)]
+
+    assert factors(full, True) == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0])
+    assert factors(full, False) == [1.0] * 6  # random weights: nothing to protect
+    assert factors(probe, True) == [1.0] * 6  # a probe trains the heads only

@@ -147,6 +147,7 @@ def test_tensorboard_and_eval_on_other_data(workdir, monkeypatch, capsys):
         "train/digit/accuracy",
         "train/digit/f1",
         "train/digit/auroc",
+        "train/digit/ece",
         "train/digit/count",
     }
     # All of the other data: the run's max_samples (48) and carving do not apply to it.

@@ -95,7 +95,7 @@ def range_test(
             batch = next(batches)
             outputs = model_outputs(run.model, batch, run.cfg.channels_last)
             _, task_losses = multitask_loss(outputs, batch["targets"], batch["mask"], run.tasks,
-                                            run.strategy.weights)  # fmt: skip
+                                            run.strategy.weights, run.strategy.loss_options)  # fmt: skip
             loss = run.strategy.loss(task_losses, batch, (0, step + 1))
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)

@@ -6,8 +6,13 @@ A run folder holds:
     metrics.jsonl          one JSON record per finished epoch (`records()`, `history()`)
     checkpoints/step_N[_end]/   resumable training state (`checkpoints()`)
     model.safetensors + model.json   the best model so far (the final model once complete)
+    README.md              the model card, written just before complete.json
+    adapter/               with a peft adapter: its weights and config in peft's format
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
+    model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
+    wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
+    reliability.png        written by `transferkit calibrate` (temperatures go into model.json)
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -33,6 +38,20 @@ CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks
 SKIPPED_IMAGES = "skipped_images.txt"
 TENSORBOARD = "tensorboard"
 FEATURE_CACHE = "feature_cache"
+MODEL_CARD = "README.md"
+# `transferkit export`'s default files, by format; the torch formats get a JSON beside them.
+EXPORTED = {
+    "onnx": "model.onnx",
+    "torchscript": "model.torchscript.pt",
+    "exported-program": "model.pt2",
+}
+# Folders only training uses (resume state, cached features): left out when a run is published.
+TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
+ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+WISE_FT = "wise_ft"  # .json and .png: the WiSE-FT curve of `transferkit interpolate`
+RELIABILITY = "reliability.png"  # `transferkit calibrate`: reliability diagram, before/after
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -91,6 +110,29 @@ class RunDir:
     def skipped_images_path(self) -> Path:
         return self.path / SKIPPED_IMAGES
 
+    @property
+    def card_path(self) -> Path:
+        return self.path / MODEL_CARD
+
+    def exported_path(self, fmt: str) -> Path:
+        """Where `transferkit export --format fmt` writes by default."""
+        return self.path / EXPORTED[fmt]
+
+    def write_card(self, text: str) -> None:
+        _write_atomic(self.card_path, text)
+
+    @property
+    def wise_ft_json(self) -> Path:
+        return self.path / f"{WISE_FT}.json"
+
+    @property
+    def wise_ft_plot(self) -> Path:
+        return self.path / f"{WISE_FT}.png"
+
+    @property
+    def reliability_path(self) -> Path:
+        return self.path / RELIABILITY
+
     # ---- state
     def has_model(self) -> bool:
         """A model was saved (the best so far, or the final one once complete)."""
@@ -144,6 +186,29 @@ class RunDir:
         }
         save_safetensors(model, str(tmp_weights), metadata=metadata)
         tmp_weights.replace(self.weights_path)
+        _write_atomic(self.info_path, json.dumps(info, indent=2))
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
+
+    def save_adapter(self, state: dict, config: dict) -> None:
+        """The adapter alone, as peft's `save_pretrained` writes it (loadable with peft)."""
+        from safetensors.torch import save_file
+
+        self.adapter_dir.mkdir(exist_ok=True)
+        tmp = self.adapter_dir / (ADAPTER_WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(self.adapter_dir / ADAPTER_WEIGHTS)
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        _write_atomic(self.adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str))
+
+    def update_info(self, updates: dict[str, Any]) -> None:
+        """Add or replace keys of model.json (calibration's temperatures), atomically. A model
+        saved later (a better epoch) writes a new model.json, without them: they belong to
+        the weights they were fitted on."""
+        info = self.info()
+        info.update(updates)
         _write_atomic(self.info_path, json.dumps(info, indent=2))
 
     # ---- metrics

@@ -34,3 +34,12 @@ def recipe_overrides(
     parser: argparse.ArgumentParser, help: str = "override a recipe value (repeatable)"
 ) -> None:
     parser.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help=help)
+
+
+def tta_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta",
+        metavar="VIEWS",
+        help="test-time augmentation: hflip, crops (comma-separated) or none; "
+        "default: the recipe's data.tta",
+    )

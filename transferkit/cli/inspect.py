@@ -22,6 +22,19 @@ def register(sub) -> None:
         default="none",
         help="freeze spec, e.g. all, up_to:layer3, train:layer4, regex:PATTERN",
     )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="count what a peft adapter trains: lora, dora, loha or ia3 (with --adapter-targets)",
+    )
+    parser.add_argument(
+        "--adapter-targets",
+        nargs="+",
+        default=[],
+        metavar="TARGET",
+        help="layer groups or regex:PATTERN for --adapter (as model.adapter.targets)",
+    )
+    parser.add_argument("--adapter-r", type=int, default=8, help="the adapter's rank (default 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -32,7 +45,20 @@ def run(args: argparse.Namespace) -> int:
     # Without weights the structure is all we need: build on the meta device (no memory, instant).
     device = "meta" if args.weights in (None, "none", "random") else None
     backbone = create_backbone(args.backbone, weights=args.weights, device=device)
+    adapter = None
+    if args.adapter:
+        from transferkit.models.adapters import AdapterSpec, attach_adapter
+
+        spec = AdapterSpec(args.adapter, tuple(args.adapter_targets), r=args.adapter_r)
+        adapter = attach_adapter(backbone, spec)
     backbone.freeze(args.freeze)
+    adapter_info = adapter and {
+        "method": adapter.spec.method,
+        "modules": len(adapter.modules),
+        "params": sum(
+            p.numel() for n, p in backbone.model.named_parameters() if n in adapter.tensors
+        ),
+    }
     groups = backbone.group_summary()
     total = sum(g["params"] for g in groups)
     trainable = sum(g["trainable_params"] for g in groups)
@@ -47,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             "trainable_params": trainable,
             "groups": groups,
             "load_report": str(backbone.load_report) if backbone.load_report else None,
+            "adapter": adapter_info,
         }
         print(json.dumps(report, indent=2))
         return 0
@@ -54,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{backbone.name}   features: {backbone.num_features}   freeze: {backbone.freeze_spec}")
     if backbone.load_report:
         print(f"weights: {backbone.load_report}")
+    if adapter_info:
+        print(f"adapter: {adapter_info['method']} on {adapter_info['modules']} layers, "
+              f"{adapter_info['params']:,} parameters (the layers it adapts stay frozen)")  # fmt: skip
     print(
         f"preprocessing: input {'x'.join(map(str, dc.input_size))}, mean {fmt(dc.mean)}, std {fmt(dc.std)}, "
         f"{dc.interpolation}, crop_pct {dc.crop_pct} ({dc.crop_mode})"

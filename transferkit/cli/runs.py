@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from transferkit.cli.common import device_options, short
+from transferkit.cli.common import device_options, short, tta_option
+from transferkit.errors import UserError
 
 
 def register(sub) -> None:
@@ -21,13 +22,29 @@ def register(sub) -> None:
         "--data", help="another data source: a manifest file, image folder or saved dataset"
     )
     evaluate.add_argument("--json", action="store_true")
+    tta_option(evaluate)
     device_options(evaluate)
     evaluate.set_defaults(func=run_eval)
 
-    predict = sub.add_parser("predict", help="predict every task for images or folders of images")
-    predict.add_argument("run_dir")
+    predict = sub.add_parser(
+        "predict",
+        help="predict every task for images or folders of images (a run folder or a .onnx file)",
+    )
+    predict.add_argument("run_dir", metavar="RUN_DIR_OR_ONNX")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--json", action="store_true")
+    predict.add_argument(
+        "--output", metavar="FILE", help="write a table (.csv or .parquet), one row per image"
+    )
+    table = predict.add_mutually_exclusive_group()
+    table.add_argument(
+        "--resume", action="store_true", help="--output exists: add only the images it lacks"
+    )
+    table.add_argument("--overwrite", action="store_true", help="--output exists: replace it")
+    predict.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while writing --output"
+    )
+    tta_option(predict)
     device_options(predict)
     predict.set_defaults(func=run_predict)
 
@@ -55,10 +72,11 @@ def register(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from transferkit.engine.evaluate import evaluate_run
+    from transferkit.inference import parse_tta
 
     values = evaluate_run(
         args.run_dir, split=args.split, data=args.data, device=args.device,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, tta=parse_tta(args.tta),
     )  # fmt: skip
     if args.json:
         print(json.dumps(values, indent=2))
@@ -78,10 +96,29 @@ def print_predictions(results: list[dict], as_json: bool) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from transferkit.inference import load
+    from transferkit import load  # a .onnx file loads without torch
 
     run = load(args.run_dir)
-    results = run.predict_named(args.images, device=args.device, batch_size=args.batch_size or 64)
+    tta = None
+    if args.tta is not None:  # the views are named beside torch's transforms
+        from transferkit.inference import parse_tta
+
+        tta = parse_tta(args.tta)
+    if args.output:
+        from transferkit.prediction_table import write_predictions
+
+        summary = write_predictions(
+            run, args.images, args.output, resume=args.resume, overwrite=args.overwrite,
+            batch_size=args.batch_size or 64, device=args.device, progress=not args.no_progress,
+            tta=tta,
+        )  # fmt: skip
+        resumed = f" ({summary.already} were already there)" if summary.already else ""
+        print(f"wrote {summary.written} rows to {summary.path}{resumed}")
+        return 0
+    if args.resume or args.overwrite:
+        raise UserError("--resume and --overwrite apply to --output FILE")
+    results = run.predict_named(args.images, device=args.device,
+                                batch_size=args.batch_size or 64, tta=tta)  # fmt: skip
     print_predictions(results, args.json)
     return 0
 

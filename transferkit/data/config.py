@@ -4,7 +4,7 @@ here once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from transferkit.fields import bounded
@@ -13,11 +13,13 @@ from transferkit.models.heads import TASK_KINDS
 SOURCES = ("imagefolder", "manifest", "disk", "hub")
 AUGMENTS = ("none", "light", "strong")
 BAD_IMAGE_POLICIES = ("skip", "error")
+TTA_VIEWS = ("hflip", "crops")  # test-time views: the mirror image; four corner crops + center
 
 Source = Literal[SOURCES]  # type: ignore[valid-type]
 Augment = Literal[AUGMENTS]  # type: ignore[valid-type]
 BadImages = Literal[BAD_IMAGE_POLICIES]  # type: ignore[valid-type]
 TaskKind = Literal[TASK_KINDS]  # type: ignore[valid-type]
+TtaView = Literal[TTA_VIEWS]  # type: ignore[valid-type]
 
 
 @dataclass(kw_only=True)
@@ -31,6 +33,13 @@ class TaskSection:
     dropout: float = bounded(0.0, ge=0, lt=1)
     weight: float = bounded(1.0, ge=0)
     metrics: list[str] | None = None
+    # Classification only: targets move this far towards uniform (1/C; 1/2 for sigmoid tasks).
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
+    # One weight per class ([negative, positive] for binary, per label for multilabel), or
+    # "balanced": computed from the training labels (engine.losses.balanced_class_weights).
+    class_weights: list[float] | Literal["balanced"] | None = None
+    # Binary and multilabel: focal loss with this gamma instead of binary cross-entropy.
+    focal_gamma: float | None = bounded(None, gt=0)
 
 
 @dataclass(kw_only=True)
@@ -50,3 +59,10 @@ class DataSection:
     num_workers: int | None = bounded(None, ge=0)
     trust_remote_code: bool = False
     max_samples: int | None = bounded(None, ge=1)
+    # Whether images may be mirrored left-right (false for digits and text): the light and
+    # strong augment presets flip only when true, and test-time flips need it.
+    horizontal_flip: bool = True
+    # Views that `transferkit eval` and `predict` average by default (`--tta` overrides).
+    tta: list[TtaView] = field(default_factory=list)
+    # Draw training rows with equal total weight per class of this task (multiclass or binary).
+    balanced_sampler: str | None = None

@@ -1,7 +1,7 @@
-"""Opening images strictly, finding unreadable ones up front, and reading images to predict on.
+"""Finding unreadable images up front, and reading images to predict on.
 
-An image is "readable" only if it decodes completely: `PIL.Image.verify()` accepts a truncated
-JPEG, so every check here calls `load()`, with `ImageFile.LOAD_TRUNCATED_IMAGES` off.
+Decoding itself (`open_image`) and listing image files live in the torch-free
+`transferkit.image_files` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -9,77 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import datasets
 import PIL.Image
-import PIL.ImageOps
-from PIL import ImageFile
 
 from transferkit.errors import UserError
-
-IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jfif",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".tif",
-        ".tiff",
-        ".webp",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-    }
-)
-
-
-def list_image_files(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively, by extension, hidden entries skipped), sorted."""
-    files = [
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-    return sorted(files)
-
-
-def open_image(source: Any) -> PIL.Image.Image:
-    """Fully decode an image and return it in RGB.
-
-    `source` is a path, a `datasets.Image` storage dict (`{"bytes", "path"}`), raw bytes or a PIL
-    image. Raises whatever PIL raises for an unreadable image (callers decide skip or error).
-    """
-    # Another library may have switched this on; it would hide truncated files, so force it off.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    if isinstance(source, PIL.Image.Image):
-        image = source
-    elif isinstance(source, dict):
-        if source.get("bytes") is not None:
-            image = PIL.Image.open(BytesIO(source["bytes"]))
-        elif source.get("path"):
-            image = PIL.Image.open(source["path"])
-        else:
-            raise ValueError("no image (empty bytes and path)")
-    elif isinstance(source, (bytes, bytearray)):
-        image = PIL.Image.open(BytesIO(source))
-    elif isinstance(source, (str, os.PathLike)):
-        image = PIL.Image.open(source)
-    else:
-        raise ValueError("no image" if source is None else f"not an image: {type(source).__name__}")
-    image.load()
-    # Same orientation handling as `datasets.Image`, so training and prediction see the same pixels.
-    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
-        image = PIL.ImageOps.exif_transpose(image)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL warns when a palette with transparency goes to RGB
-    return image if image.mode == "RGB" else image.convert("RGB")
+from transferkit.image_files import IMAGE_EXTENSIONS, list_image_files, open_image
 
 
 def image_id(source: Any, fallback: str) -> str:

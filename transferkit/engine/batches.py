@@ -72,15 +72,16 @@ def drop_last(samples: int, batch_size: int, processes: int = 1) -> bool:
 
 
 def make_loaders(
-    train_set, val_set, cfg, workers: int, processes: int = 1
+    train_set, val_set, cfg, workers: int, processes: int = 1, sampler=None
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training batches and ordered validation batches (images or cached features)."""
+    """Shuffled training batches (or drawn by `sampler`) and ordered validation batches."""
     # No persistent workers: each epoch's workers must see the dataset's new `epoch` (seeds).
     args = {"collate_fn": collate, "num_workers": workers, "pin_memory": torch.cuda.is_available()}
     train_loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=drop_last(len(train_set), cfg.batch_size, processes),
         **args,
     )

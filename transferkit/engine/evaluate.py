@@ -112,22 +112,27 @@ def evaluate_run(
     data: str | None = None,
     device: str | None = None,
     batch_size: int | None = None,
+    tta: list[str] | None = None,
 ) -> dict[str, float]:
     """Per-task metrics of a run's model; `data` replaces the recipe's data (same columns).
 
-    `device`: None picks the GPU when there is one.
+    `device`: None picks the GPU when there is one. The model is calibrated when the run was
+    (`transferkit calibrate`) and averages `tta` views (default: the recipe's `data.tta`).
     """
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run = load(folder)
+    model = run.adjusted(tta)  # before loading data: a forbidden flip fails fast
     recipe, rows, specs = eval_split(folder, split, data)
     check_tasks(folder.path, run.tasks, specs)
     dataset = TaskImageDataset(
         rows, list(run.tasks.values()), run.transform, bad_images=recipe.data.bad_images
     )
     size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size or 64
-    model = run.model.to(resolve_device(device))
     cfg = recipe.train
-    if cfg.feature_cache != "forbid" and cfg.feature_cache_shared:
+    # Test-time views and temperatures need the images and the adjusted model; plain heads
+    # can read features from the shared cache instead.
+    plain = not model.views and not model.temperatures
+    if plain and cfg.feature_cache != "forbid" and cfg.feature_cache_shared:
         # The heads of a run whose backbone was never trained (a linear probe) read the
         # features its training stored; other runs store theirs for the next evaluation.
         from transferkit.engine.feature_store import (
@@ -137,6 +142,7 @@ def evaluate_run(
             shared_cache,
         )
 
+        model = run.model.to(resolve_device(device))
         model.backbone.freeze("all")  # the key of a fully frozen backbone: eval runs one
         store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
         name = backbone_id(run.info["backbone"], run.info.get("model_kwargs", {}))
@@ -144,4 +150,4 @@ def evaluate_run(
         dataset, _ = shared_cache(store, model.backbone.eval(), name, dataset, size, 0, device_,
                                   cfg.feature_cache_max_gb)  # fmt: skip
     loader = DataLoader(dataset, batch_size=size, collate_fn=collate)
-    return evaluate(model, loader, run.tasks, prefix=split)
+    return evaluate(model.to(resolve_device(device)), loader, run.tasks, prefix=split)

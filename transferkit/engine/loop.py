@@ -43,12 +43,17 @@ class TrainLoop:
         seed: int,
         strategy=None,
         checkpoint: Callable[[dict], None] | None = None,
+        regularizers=None,
+        ema=None,
+        mixer=None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
         self.strategy = strategy or PlainSum(accelerator, {})
         self.checkpoint = checkpoint
+        self.regularizers = regularizers  # engine.regularizers.Regularizers, or None
         self.forward_module = model  # the compiled model when train.compile is on
+        self.ema, self.mixer = ema, mixer  # train.ema (timm ModelEmaV3), train.mixup (TaskMixer)
 
     def epoch(self, loader, state: dict) -> dict:
         acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
@@ -68,17 +73,21 @@ class TrainLoop:
             )
             state["batches"] += 1
             position = (state["epoch"], state["batches"])
+            if self.mixer is not None:
+                batch = self.mixer(batch, *position)
             with acc.accumulate(self.model):
                 with strategy.forward_context(self.model):
                     outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
-                _, losses = multitask_loss(
-                    outputs, batch["targets"], batch["mask"], self.tasks, strategy.weights
-                )
+                _, losses = multitask_loss(outputs, batch["targets"], batch["mask"], self.tasks,
+                                           strategy.weights, strategy.loss_options)  # fmt: skip
                 loss = strategy.loss(losses, batch, position)
+                penalty = self.regularizers.penalty(batch) if self.regularizers else None
+                if penalty is not None:
+                    loss = loss + penalty
                 if not self._finite(loss):
                     self._nonfinite(losses, state)
                     continue
-                strategy.backward(loss, losses, batch, position)
+                strategy.backward(loss, losses, batch, position, penalty)
                 if cfg.clip_grad and acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
                 self.optimizer.step()
@@ -94,7 +103,11 @@ class TrainLoop:
             if not acc.sync_gradients:
                 continue
             state["step"] += 1
+            if self.ema is not None:  # the step number drives its warmup: replayed on resume
+                self.ema.update(acc.unwrap_model(self.model), step=state["step"])
             balance = strategy.log_values()
+            if self.regularizers:
+                balance.update(self.regularizers.values)
             for key, value in balance.items():
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1

@@ -1,26 +1,79 @@
-"""Per-task losses with missing labels masked out; `dict[task, Tensor]` in and out."""
+"""Per-task losses with missing labels masked out; `dict[task, Tensor]` in and out.
+
+A task's loss follows its recipe options (`LossOptions`): label smoothing, class weights and
+focal loss. Targets may be soft (mixup/CutMix): multiclass targets are then class
+probabilities `[B, C]` instead of indices, binary and multilabel targets fractions in [0, 1].
+
+Class weights, by kind: multiclass, one weight per class (cross-entropy's `weight`, the mean
+normalized by the weights of the rows); binary, `[negative, positive]` (the same weighted mean);
+multilabel, one weight per label on its positive term (BCE's `pos_weight`, a plain mean).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
 
 from transferkit.models.heads import TaskSpec
 from transferkit.models.multitask import MultiTaskModel
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """How one task's loss is computed (recipe keys `tasks.NAME.label_smoothing`,
+    `class_weights`, `focal_gamma`); the default is the plain loss of its kind."""
+
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None
+    focal_gamma: float | None = None
+
+
+PLAIN = LossOptions()
+
+
 def task_loss(
-    task: TaskSpec, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    task: TaskSpec,
+    output: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    options: LossOptions = PLAIN,
 ) -> torch.Tensor:
     """Mean loss over the rows that have a label; zero (with a graph) when none has."""
     if not bool(mask.any()):
         return output.sum() * 0.0
     output, target = output[mask].float(), target[mask]
+    weights = options.class_weights
+    if weights is not None:
+        weights = weights.to(output.device, torch.float32)
     if task.kind == "multiclass":
-        return F.cross_entropy(output, target.long())
+        # Soft targets (mixup) are class probabilities; hard ones class indices.
+        target = target.float() if target.is_floating_point() else target.long()
+        return F.cross_entropy(
+            output, target, weight=weights, label_smoothing=options.label_smoothing
+        )
     if task.kind in ("binary", "multilabel"):
-        return F.binary_cross_entropy_with_logits(output, target.float())
+        return _sigmoid_loss(task, output, target.float(), options, weights)
     return F.mse_loss(output, target.float())
+
+
+def _sigmoid_loss(task, output, target, options: LossOptions, weights) -> torch.Tensor:
+    """BCE or focal loss, with label smoothing towards 1/2 and class weights per element."""
+    if options.label_smoothing:
+        target = target * (1 - options.label_smoothing) + options.label_smoothing / 2
+    if options.focal_gamma is not None:
+        # alpha -1: no fixed positive/negative balance, class_weights do that when asked.
+        losses = sigmoid_focal_loss(output, target, alpha=-1, gamma=options.focal_gamma)
+    else:
+        losses = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+    if weights is None:
+        return losses.mean()
+    if task.kind == "binary":
+        element = weights[0] * (1 - target) + weights[1] * target
+        return (losses * element).sum() / element.sum().clamp_min(1e-12)
+    return (losses * (1 + (weights - 1) * target)).mean()  # pos_weight, soft targets included
 
 
 def multitask_loss(
@@ -29,15 +82,33 @@ def multitask_loss(
     masks: dict[str, torch.Tensor],
     tasks: dict[str, TaskSpec],
     weights: dict[str, float],
+    options: dict[str, LossOptions] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of every output's loss (auxiliary heads use their task's target and weight)."""
-    losses = {}
+    losses, options = {}, options or {}
     for key, output in outputs.items():
         task = MultiTaskModel.task_of(key)
-        losses[key] = task_loss(tasks[task], output, targets[task], masks[task])
+        losses[key] = task_loss(
+            tasks[task], output, targets[task], masks[task], options.get(task, PLAIN)
+        )
     return weighted_sum(losses, weights), losses
 
 
 def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """Each output's loss times its task's static weight, summed (auxiliary heads: their task's)."""
     return sum(weights.get(MultiTaskModel.task_of(k), 1.0) * v for k, v in losses.items())
+
+
+def balanced_class_weights(
+    task: TaskSpec, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """`class_weights: balanced` from the training labels: n / (classes * count) per class
+    (scikit-learn's "balanced") for multiclass and binary; negatives / positives per label
+    for multilabel. A class without a labelled row counts as one."""
+    target = target[mask]
+    if task.kind == "multilabel":
+        positives = target.float().sum(0)
+        return (len(target) - positives) / positives.clamp_min(1)
+    classes = 2 if task.kind == "binary" else task.num_outputs
+    counts = torch.bincount(target.long().reshape(-1), minlength=classes).float()
+    return len(target) / (classes * counts.clamp_min(1))

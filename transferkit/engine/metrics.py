@@ -20,7 +20,7 @@ def metric_names(task: TaskSpec, names: list[str] | None = None) -> list[str]:
 
 
 def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCollection:
-    """accuracy, f1 (macro), auroc for classification; mae, rmse, r2 for regression."""
+    """accuracy, f1 (macro), auroc, ece for classification; mae, rmse, r2 for regression."""
     if task.kind == "regression":
         available = {
             "mae": lambda: tm.MeanAbsoluteError(),
@@ -36,8 +36,25 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
             "accuracy": lambda: tm.Accuracy(task=kind, **kwargs),
             "f1": lambda: tm.F1Score(task=kind, **kwargs, **average),
             "auroc": lambda: tm.AUROC(task=kind, **kwargs, **average),
+            # torchmetrics has no multilabel ECE: every label's probability counts as one
+            # binary prediction (the usual "flattened" ECE).
+            "ece": lambda: (
+                _FlatCalibrationError(n_bins=ECE_BINS)
+                if kind == "multilabel"
+                else tm.CalibrationError(task=kind, n_bins=ECE_BINS, **kwargs)
+            ),
         }
     return tm.MetricCollection({n: available[n]() for n in metric_names(task, names)})
+
+
+ECE_BINS = 15
+
+
+class _FlatCalibrationError(tm.classification.BinaryCalibrationError):
+    """Binary ECE over all labels of a multilabel task (`[N, L]` flattened)."""
+
+    def update(self, preds, target) -> None:
+        super().update(preds.reshape(-1), target.reshape(-1))
 
 
 def _classification_kind(task: TaskSpec) -> str:

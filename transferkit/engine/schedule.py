@@ -31,6 +31,7 @@ class FreezeSchedule:
         unfrozen_lr_mult: float = 1.0,
         phase_warmup_epochs: float = 0.0,
         total_epochs: int | None = None,
+        from_weights: bool = False,
     ) -> None:
         self.backbone = backbone
         self.layer_decay = layer_decay
@@ -64,14 +65,21 @@ class FreezeSchedule:
             self.defaults.append(dict.fromkeys(trainable & frozen_before, unfrozen_lr_mult))
             frozen_before |= set(backbone.group_names) - trainable
         self.phase_warmup_epochs, self.total_epochs = phase_warmup_epochs, total_epochs
+        # The first phase warms up too when it trains backbone groups of loaded weights (full
+        # fine-tuning from the first step): a random head's gradients at the full rate wreck
+        # the pretrained features before the head is any good (chance accuracy at 5 labels per
+        # class without it, docs/quality.md). A probe, or random weights, needs no ramp here.
+        first = set(self.phases[0][1].trainable_groups(backbone)) & set(backbone.group_names)
+        self.warm_first_phase = from_weights and bool(first)
         self.epoch = 0
 
     def warmup_factor(self, step: int, steps_per_epoch: int) -> float:
-        """A linear ramp over the first steps of every phase after the first: the groups that
-        just joined, and the heads, start gently from the features the last phase left. It
-        lasts `phase_warmup_epochs`, at most a third of the phase."""
+        """A linear ramp over the first steps of every phase after the first (the groups that
+        just joined, and the heads, start gently from the features the last phase left), and
+        of the first when it fine-tunes loaded weights. It lasts `phase_warmup_epochs`, at most
+        a third of the phase."""
         index = self.phase_index(step // max(steps_per_epoch, 1))
-        if index == 0 or not self.phase_warmup_epochs:
+        if (index == 0 and not self.warm_first_phase) or not self.phase_warmup_epochs:
             return 1.0
         start = self.phases[index][0]
         end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs

@@ -46,11 +46,16 @@ from transferkit.engine.batches import (
     make_loaders,
     num_workers,
 )
+from transferkit.engine.ema import build_ema
+from transferkit.engine.imbalance import balanced_sampler, loss_options
+from transferkit.engine.mixing import build_mixer
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
+from transferkit.engine.regularizers import Regularizers, build_regularizers
 from transferkit.engine.schedule import FreezeSchedule
 from transferkit.engine.strategies import build_strategy
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
+from transferkit.models.adapters import AdapterSpec, attach_adapter
 from transferkit.recipes import Recipe, save_recipe
 from transferkit.run_dir import RunDir
 
@@ -78,6 +83,11 @@ class RunSetup:
     strategy: Any
     balancer: Balancer | None
     workers: int
+    regularizers: Regularizers | None = None
+    loss_options: dict = dataclasses.field(default_factory=dict)  # per task (engine.losses)
+    sampler: Any = None  # data.balanced_sampler's, else None (shuffled)
+    ema: Any = None  # train.ema's timm ModelEmaV3, else None
+    mixer: Any = None  # train.mixup's TaskMixer, else None
 
 
 def prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
@@ -143,6 +153,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     backbone = create_backbone(recipe.model.backbone, recipe.model.weights, **recipe.model.kwargs)
     if backbone.load_report and main:
         print(f"backbone weights: {backbone.load_report}")
+    if recipe.model.adapter is not None:
+        attach_adapter(backbone, adapter_spec(recipe))
     data = load_shared_data(recipe, accelerator)
     metric_names = {name: section.metrics for name, section in recipe.tasks.items()}
     monitor = cfg.monitor or default_monitor(data.tasks, metric_names)
@@ -165,12 +177,15 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
                               freeze_norm_stats=freeze_stats,
                               unfrozen_lr_mult=recipe.schedule.unfrozen_lr_mult,
                               phase_warmup_epochs=recipe.schedule.phase_warmup_epochs,
-                              total_epochs=cfg.epochs)  # fmt: skip
+                              total_epochs=cfg.epochs,
+                              from_weights=bool(recipe.model.weights))  # fmt: skip
 
     train_set = TaskImageDataset(
         data.splits["train"],
         data.tasks,
-        build_transforms(backbone.data_config, True, recipe.data.augment, size),
+        build_transforms(
+            backbone.data_config, True, recipe.data.augment, size, hflip=recipe.data.horizontal_flip
+        ),
         bad_images=recipe.data.bad_images,
         seed=recipe.seed,
     )
@@ -183,8 +198,9 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     if cfg.auto_batch_size:
         cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
     workers = num_workers(recipe.data.num_workers)
+    sampler = balanced_sampler(recipe, train_set)
     train_loader, val_loader = make_loaders(
-        train_set, val_set, cfg, workers, accelerator.num_processes
+        train_set, val_set, cfg, workers, accelerator.num_processes, sampler
     )
 
     if cfg.channels_last:
@@ -194,7 +210,11 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
         balancer = Balancer(recipe.multitask.method, model.output_keys, recipe.multitask.options,
                             recipe.seed, weights=weights)  # fmt: skip
         balancer.impl.to(accelerator.device)
-    optimizer = build_optimizer(model, cfg)
+    regularizers = build_regularizers(recipe.regularizers, model, accelerator.device)
+    # L2-SP pulls towards the pretrained weights (and its beta term towards zero): weight
+    # decay, which pulls everything towards zero, would fight it.
+    l2_sp = recipe.regularizers.l2_sp is not None
+    optimizer = build_optimizer(model, dataclasses.replace(cfg, weight_decay=0.0) if l2_sp else cfg)
     if balancer is not None and balancer.kind == "loss" and balancer.impl.learnable:
         # UW and IMTL-L learn their weights by gradient descent with the model.
         optimizer.add_param_group({"params": list(balancer.impl.parameters()), "weight_decay": 0.0,
@@ -207,6 +227,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
         calls_per_step=accelerator.num_processes,
     )  # fmt: skip
     check_fsdp(accelerator, balancer)
+    ema = build_ema(cfg.ema, model, accelerator)  # before prepare: see engine/ema.py
     # Prepared while every parameter requires grad, so DDP registers all of them (see module doc).
     model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, lr_scheduler
@@ -216,10 +237,23 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     accelerator.register_for_checkpointing(schedule)
     if balancer is not None:
         accelerator.register_for_checkpointing(balancer)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     strategy = build_strategy(accelerator, model, weights, balancer)
+    strategy.loss_options = loss_options(recipe, tasks, train_set, accelerator.device)
+    mixer = build_mixer(cfg.mixup, tasks, recipe.seed, accelerator)
     return RunSetup(recipe, cfg, run_dir, accelerator, backbone, model, tasks, metric_names,
                     monitor, schedule, train_set, val_set, train_loader, val_loader, optimizer,
-                    lr_scheduler, strategy, balancer, workers)  # fmt: skip
+                    lr_scheduler, strategy, balancer, workers, regularizers,
+                    strategy.loss_options, sampler, ema, mixer)  # fmt: skip
+
+
+def adapter_spec(recipe: Recipe) -> AdapterSpec:
+    """The recipe's `model.adapter` as the model layer's spec."""
+    section = recipe.model.adapter
+    targets = [section.targets] if isinstance(section.targets, str) else section.targets
+    return AdapterSpec(section.method, tuple(targets), section.r, section.alpha, section.dropout,
+                       section.train_rest)  # fmt: skip
 
 
 def check_fsdp(accelerator: Accelerator, balancer: Balancer | None) -> None:

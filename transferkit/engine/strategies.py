@@ -3,9 +3,13 @@
 The step loop calls the same methods whatever the strategy, and never branches on its kind:
 
     loss = strategy.loss(losses, batch, position)     # the scalar that is logged and checked
-    strategy.backward(loss, losses, batch, position)  # gradients into `.grad`
+    strategy.backward(loss, losses, batch, position, penalty)  # gradients into `.grad`
     ... optimizer.step() ...
     strategy.after_step(batch)                        # at the end of an accumulation window
+
+A regularizer's penalty (`regularizers.py`) is already in `loss`, and passed apart as well:
+the loss-based strategies back-propagate `loss`; the Jacobian one adds the penalty's gradient to
+the aggregated direction, unbalanced.
 
 - `PlainSum`: the weighted sum of task losses, one `accelerator.backward`.
 - `CombinedLoss`: a loss-based balancer (UW, DWA, FAMO, ...) turns the loss vector into the
@@ -35,6 +39,7 @@ class PlainSum:
 
     def __init__(self, accelerator: Accelerator, weights: dict[str, float]) -> None:
         self.accelerator, self.weights = accelerator, weights
+        self.loss_options: dict = {}  # per task (engine.losses.LossOptions), set by set-up
 
     def forward_context(self, model):
         return contextlib.nullcontext()
@@ -42,7 +47,9 @@ class PlainSum:
     def loss(self, losses: dict[str, Tensor], batch: dict, position: tuple) -> Tensor:
         return weighted_sum(losses, self.weights)
 
-    def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
+    def backward(
+        self, loss: Tensor, losses: dict, batch: dict, position: tuple, penalty=None
+    ) -> None:
         self.accelerator.backward(loss)
 
     def discard(self) -> None:
@@ -98,7 +105,9 @@ class CombinedLoss(_Balanced):
         vector, present = self.balancer.stack(losses)
         return self.balancer.combine(vector, self.present(batch, present), *position)
 
-    def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
+    def backward(
+        self, loss: Tensor, losses: dict, batch: dict, position: tuple, penalty=None
+    ) -> None:
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
             # UW / IMTL-L parameters live outside the DDP model: average their gradients here.
@@ -118,7 +127,7 @@ class CombinedLoss(_Balanced):
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             outputs = model_outputs(model, batch, channels_last)
             _, losses = multitask_loss(
-                outputs, batch["targets"], batch["mask"], tasks, self.weights
+                outputs, batch["targets"], batch["mask"], tasks, self.weights, self.loss_options
             )
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
@@ -145,12 +154,34 @@ class JacobianAggregation(_Balanced):
         model = self.accelerator.unwrap_model(self.model)
         return model, [p for p in model.backbone.parameters() if p.requires_grad]
 
-    def backward(self, loss: Tensor, losses: dict, batch: dict, position: tuple) -> None:
-        self._accumulate(losses, batch)
+    def backward(
+        self, loss: Tensor, losses: dict, batch: dict, position: tuple, penalty=None
+    ) -> None:
+        self._accumulate(losses, batch, penalty)
         if self.accelerator.sync_gradients:
             self._aggregate(position)
 
-    def _accumulate(self, losses: dict, batch: dict) -> None:
+    def _penalty_gradient(self, penalty, model, shared: list, scale: float) -> Tensor | None:
+        """The penalty's gradient: added to `.grad` of the heads, returned flat for the shared
+        parameters (before the objectives' backward passes free the graph)."""
+        if penalty is None or not penalty.requires_grad:
+            return None
+        shared_ids = {id(p) for p in shared}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        factor = scale / self.accelerator.gradient_accumulation_steps
+        grads = torch.autograd.grad(
+            penalty * factor, [*shared, *rest], retain_graph=True, allow_unused=True
+        )
+        for param, grad in zip(rest, grads[len(shared) :]):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
+        flat = [
+            (torch.zeros_like(p) if g is None else g).reshape(-1).float()
+            for p, g in zip(shared, grads[: len(shared)])
+        ]
+        return torch.cat(flat) if flat else None
+
+    def _accumulate(self, losses: dict, batch: dict, penalty=None) -> None:
         """Add this micro-batch's per-objective gradients to the accumulation window."""
         acc, balancer = self.accelerator, self.balancer
         model, shared = self._shared()
@@ -161,6 +192,7 @@ class JacobianAggregation(_Balanced):
             # `scale()` creates (`optimizer.step()` refuses to run without it).
             objectives = [acc.scaler.scale(loss) for loss in objectives]
             scale = acc.scaler.get_scale()
+        regularized = self._penalty_gradient(penalty, model, shared, scale)
         own = [list(model.head_of(k).parameters()) for k in keys]
         # As `accelerator.backward` does: divide by the accumulation steps.
         factor = 1.0 / acc.gradient_accumulation_steps
@@ -175,24 +207,29 @@ class JacobianAggregation(_Balanced):
         labelled = self.present(batch, present).float()
         if self._window is None:
             self._window = {"jacobian": jacobian, "losses": vector.detach(), "labelled": labelled,
-                            "micro": 1, "scale": scale}  # fmt: skip
+                            "micro": 1, "scale": scale, "penalty": regularized}  # fmt: skip
         else:
             self._window["jacobian"] += jacobian
             self._window["losses"] += vector.detach()
             self._window["labelled"] += labelled
             self._window["micro"] += 1
+            if regularized is not None:
+                previous = self._window["penalty"]
+                self._window["penalty"] = regularized + (0 if previous is None else previous)
 
     def _aggregate(self, position: tuple) -> None:
         """End of a window: average over processes, aggregate, write `.grad`."""
         acc, window, self._window = self.accelerator, self._window, None
         model, shared = self._shared()
-        jacobian, scale = window["jacobian"], window["scale"]
+        jacobian, scale, penalty = window["jacobian"], window["scale"], window["penalty"]
         losses = window["losses"] / window["micro"]
         if acc.num_processes > 1:
             # Every rank must aggregate the same global Jacobian: a nonlinear aggregator of
             # per-rank Jacobians, averaged afterwards, is not the aggregator of the average.
             jacobian = acc.reduce(jacobian, reduction="mean")
             losses = acc.reduce(losses, reduction="mean")
+            if penalty is not None:
+                penalty = acc.reduce(penalty, reduction="mean")
             shared_ids = {id(p) for p in shared}
             heads = [
                 p for p in model.parameters() if p.grad is not None and id(p) not in shared_ids
@@ -206,7 +243,7 @@ class JacobianAggregation(_Balanced):
             return  # a linear probe: heads have their gradients, nothing is shared
         present = window["labelled"] > 0
         direction = self.balancer.scaled_direction(jacobian, losses, present, scale, *position)
-        write_direction(direction, shared)
+        write_direction(direction if penalty is None else direction + penalty, shared)
 
 
 def build_strategy(accelerator: Accelerator, model, weights: dict, balancer: Balancer | None):

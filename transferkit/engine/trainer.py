@@ -28,11 +28,15 @@ from transferkit.data import collate
 from transferkit.engine import feature_cache
 from transferkit.engine.batches import drop_last
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.engine.ema import PREFIX as EMA_PREFIX
+from transferkit.engine.ema import monitored
 from transferkit.engine.evaluate import evaluate
 from transferkit.engine.feature_store import FeatureStore, backbone_id, cache_root, shared_cache
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.setup import RunSetup, set_up
 from transferkit.errors import UserError
+from transferkit.model_card import render as render_card
+from transferkit.models.adapters import adapter_state
 from transferkit.models.task_outputs import LOWER_IS_BETTER
 from transferkit.recipes import Recipe
 from transferkit.run_dir import checkpoint_name
@@ -56,7 +60,8 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
     resume_batches = 0 if state["epoch_done"] else state["batches"]
     checkpoint = partial(save_checkpoint, acc, run_dir, keep=cfg.keep_checkpoints)
     loop = TrainLoop(acc, run.model, run.optimizer, run.lr_scheduler, run.tasks, cfg, recipe.seed,
-                     run.strategy, checkpoint)  # fmt: skip
+                     run.strategy, checkpoint, run.regularizers, run.ema, run.mixer)  # fmt: skip
+    monitor = monitored(run.monitor, cfg.ema)  # the EMA's metric when it is the final model
     current_phase, loaders = None, (run.train_loader, run.val_loader)
     stopped = "finished"
 
@@ -82,19 +87,22 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             state["batches"] = 0
         stats = loop.epoch(loader, state)
         values = evaluate(loop.forward_module, val_loader, run.tasks, acc, "val", run.metric_names)
+        if run.ema is not None:
+            values |= evaluate(run.ema.module, val_loader, run.tasks, acc, EMA_PREFIX,
+                               run.metric_names)  # fmt: skip
         record = {"epoch": epoch, "step": state["step"], "phase": phase, **stats, **values,
                   "skipped_steps": state["skipped_steps"], **_footprint(run)}  # fmt: skip
         record["lr"] = {g["group"]: g["lr"] for g in run.optimizer.param_groups if "group" in g}
         acc.log(
             {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["step"]
         )
-        improved = _update_best(state, record, run.monitor, cfg.monitor_mode, cfg.early_stopping)
+        improved = _update_best(state, record, monitor, cfg.monitor_mode, cfg.early_stopping)
         state["epoch_done"] = True
         if improved:
             state["best_checkpoint"] = checkpoint_name(state["step"], True)
         if main:
             run_dir.append_record(record)
-            print(_summary(record, run.monitor))
+            print(_summary(record, monitor))
         save_checkpoint(acc, run_dir, state, cfg.keep_checkpoints)
         if improved:
             _save_model(run, epoch)
@@ -105,7 +113,7 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
             stopped = "early_stopping"
             if main:
                 print(
-                    f"early stopping: {run.monitor} has not improved for {state['bad_epochs']} epochs"
+                    f"early stopping: {monitor} has not improved for {state['bad_epochs']} epochs"
                 )
             break
     # The main process decides (other machines may not see its folder), and all take part:
@@ -114,11 +122,40 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         _save_model(run, state["epoch"])
     acc.wait_for_everyone()
     if main:  # last: only now does the folder count as a finished run
-        run_dir.mark_complete({"stopped": stopped, "monitor": run.monitor, "best": state["best"],
-                               "best_epoch": state["best_epoch"], "epochs": state["epoch"] + 1,
-                               "steps": state["step"]})  # fmt: skip
+        summary = {"stopped": stopped, "monitor": monitor, "best": state["best"],
+                   "best_epoch": state["best_epoch"], "epochs": state["epoch"] + 1,
+                   "steps": state["step"], "card": _card_facts(run)}  # fmt: skip
+        _write_card(run_dir, summary)
+        run_dir.mark_complete(summary)
     acc.end_training()
     return run_dir.path
+
+
+def _card_facts(run: RunSetup) -> dict:
+    """What only training knows, for the model card: split sizes, label coverage, hardware."""
+    data = {
+        split: {"images": len(ds), "labelled": {t: int(m.sum()) for t, m in ds.masks.items()}}
+        for split, ds in (("train", run.train_set), ("validation", run.val_set))
+    }
+    acc = run.accelerator
+    device = acc.device.type
+    if device == "cuda":
+        device = torch.cuda.get_device_name(acc.device)
+    report = run.backbone.load_report
+    return {
+        "data": data,
+        "hardware": f"{acc.num_processes} x {device}, mixed precision {acc.mixed_precision}, "
+        f"torch {torch.__version__}",
+        "weights_report": str(report) if report else None,
+    }
+
+
+def _write_card(run_dir, summary: dict) -> None:
+    """README.md before complete.json; a card that cannot be written must not fail a trained run."""
+    try:
+        run_dir.write_card(render_card(run_dir, summary))
+    except Exception as err:  # documentation only: say so and finish the run
+        print(f"warning: model card {run_dir.card_path} not written: {type(err).__name__}: {err}")
 
 
 def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader, DataLoader]:
@@ -136,6 +173,13 @@ def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader
                 "run the backbone outside FSDP, on a shard of its weights; use auto or forbid"
             )
         use_cache, why = False, "features: computed every step (FSDP shards the backbone)"
+    if use_cache and run.mixer is not None:
+        if cfg.feature_cache == "force":
+            raise UserError(
+                "train.feature_cache: force, but train.mixup mixes images, which cached features "
+                "are not; use auto or forbid, or remove train.mixup"
+            )
+        use_cache, why = False, "features: computed every step (train.mixup mixes the images)"
     if run.accelerator.is_main_process:
         print(why)
         note = _norm_note(run)
@@ -198,8 +242,9 @@ def cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
                      f"rows ({len(feature_cache.shard_rows(count, 0, processes))} here)")  # fmt: skip
         print(f"features: {said}")
     last = drop_last(len(train_cache), cfg.batch_size, acc.num_processes)
-    train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=True,
-                              drop_last=last, collate_fn=collate)  # fmt: skip
+    # The balanced sampler draws row numbers, which the cache keeps (its rows are the images').
+    train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=run.sampler is None,
+                              sampler=run.sampler, drop_last=last, collate_fn=collate)  # fmt: skip
     val_loader = DataLoader(
         val_cache, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate
     )
@@ -244,7 +289,11 @@ def _save_model(run: RunSetup, epoch: int) -> None:
                        for k, v in weights.items()}  # fmt: skip
             run.run_dir.save_model(_GatheredWeights(weights), _info(run, epoch))
     elif acc.is_main_process:
-        run.run_dir.save_model(acc.unwrap_model(run.model), _info(run, epoch))
+        final = run.ema.module if run.ema is not None and run.cfg.ema.final_model else None
+        model = final or acc.unwrap_model(run.model)
+        run.run_dir.save_model(model, _info(run, epoch))
+        if model.backbone.adapter is not None:  # also peft's own files, to share the adapter
+            run.run_dir.save_adapter(*adapter_state(model.backbone))
 
 
 class _GatheredWeights(torch.nn.Module):
@@ -270,7 +319,12 @@ def _info(run: RunSetup, epoch: int) -> dict:
         "data_config": model.backbone.data_config.to_dict(),
         "image_size": recipe.data.image_size,
         "epoch": epoch,
-        "monitor": run.monitor,
+        "monitor": monitored(run.monitor, run.cfg.ema),
+        "adapter": model.backbone.adapter.spec.to_dict() if model.backbone.adapter else None,
+        "ema": bool(run.cfg.ema and run.cfg.ema.final_model),  # these weights are the average
+        # Test-time augmentation: the views eval and predict use, and whether flips are allowed.
+        "tta": list(recipe.data.tta),
+        "horizontal_flip": recipe.data.horizontal_flip,
     }
 
 

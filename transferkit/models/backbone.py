@@ -118,17 +118,10 @@ class Backbone(nn.Module):
         self.num_features = int(num_features)
         self.data_config = data_config
         self.load_report = load_report
-        params = dict(model.named_parameters())
-        self.groups: list[LayerGroup] = [
-            LayerGroup(
-                g.name,
-                g.tensors,
-                g.output_module,
-                sum(params[t].numel() for t in g.tensors if t in params),
-            )
-            for g in groups
-        ]
-        self._group_of = {t: g.name for g in self.groups for t in g.tensors}
+        self.set_groups(groups)
+        # A peft adapter in the model (`adapters.attach_adapter`): freezing then trains its
+        # weights and keeps the layers it adapts frozen.
+        self.adapter = None
         self.freeze_spec = FreezeSpec.parse("none")
         # Normalization modules kept in eval mode whatever `.train()` says (frozen statistics).
         self._eval_norm_names: list[str] = []
@@ -185,6 +178,16 @@ class Backbone(nn.Module):
             f"Groups: {', '.join(self.group_names)}"
         )
 
+    def set_groups(self, groups: Sequence[LayerGroup]) -> None:
+        """Set the layer groups (again, once an adapter renamed the tensors), counting parameters."""
+        params = dict(self.model.named_parameters())
+        self.groups: list[LayerGroup] = [
+            LayerGroup(g.name, g.tensors, g.output_module,
+                       sum(params[t].numel() for t in g.tensors if t in params))
+            for g in groups
+        ]  # fmt: skip
+        self._group_of = {t: g.name for g in self.groups for t in g.tensors}
+
     def group_of(self, tensor_name: str) -> str:
         """The group that owns a parameter or buffer (name relative to the wrapped model)."""
         return self._group_of[tensor_name]
@@ -198,6 +201,8 @@ class Backbone(nn.Module):
         """
         spec = FreezeSpec.parse(spec) if isinstance(spec, str) else spec
         is_trainable = spec.trainable_predicate(self)
+        if self.adapter is not None:
+            is_trainable = self.adapter.restrict(is_trainable)
         for name, param in self.model.named_parameters():
             param.requires_grad_(is_trainable(name))
         self._eval_norm_names = []

@@ -14,61 +14,9 @@ import torch
 from torch import nn
 
 from transferkit.errors import UserError
+from transferkit.task_spec import TASK_KINDS, TaskSpec
 
-TASK_KINDS: tuple[str, ...] = ("multiclass", "binary", "multilabel", "regression")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One prediction task: its kind, output size and head shape.
-
-    `num_outputs` is the number of classes (multiclass), labels (multilabel) or targets
-    (regression); binary tasks have one output. `hidden` adds an MLP layer of that width.
-    """
-
-    name: str
-    kind: str
-    num_outputs: int = 1
-    hidden: int | None = None
-    dropout: float = 0.0
-    class_names: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.name or "." in self.name or "@" in self.name:
-            raise UserError(f"task name {self.name!r} must be non-empty and contain no '.' or '@'")
-        if self.kind not in TASK_KINDS:
-            raise UserError(
-                f"task {self.name!r}: kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}"
-            )
-        if self.kind == "binary" and self.num_outputs != 1:
-            raise UserError(
-                f"task {self.name!r}: a binary task has one output, got num_outputs={self.num_outputs}"
-            )
-        if self.kind == "multiclass" and self.num_outputs < 2:
-            raise UserError(f"task {self.name!r}: a multiclass task needs at least 2 classes")
-        if self.num_outputs < 1:
-            raise UserError(f"task {self.name!r}: num_outputs must be at least 1")
-        named = self.class_names is not None and self.kind in ("multiclass", "multilabel")
-        if named and len(self.class_names) != self.num_outputs:
-            raise UserError(
-                f"task {self.name!r}: {len(self.class_names)} class names for {self.num_outputs} outputs"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"task {self.name!r}: dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict (inverse of `from_dict`)."""
-        data = asdict(self)
-        data["class_names"] = list(self.class_names) if self.class_names is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TaskSpec:
-        """Build from `to_dict` output."""
-        data = dict(data)
-        if data.get("class_names") is not None:
-            data["class_names"] = tuple(str(c) for c in data["class_names"])
-        return cls(**data)
+__all__ = ["TASK_KINDS", "AuxHead", "AuxHeadSpec", "Head", "TaskSpec", "pool_dims"]
 
 
 class Head(nn.Module):

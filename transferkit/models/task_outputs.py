@@ -7,9 +7,10 @@ import torch
 
 from transferkit.models.heads import TaskSpec
 
-CLASSIFICATION_METRICS = ("accuracy", "f1", "auroc")
+# ece: expected calibration error (15 bins), how far the predicted confidence is from accuracy.
+CLASSIFICATION_METRICS = ("accuracy", "f1", "auroc", "ece")
 REGRESSION_METRICS = ("mae", "rmse", "r2")
-LOWER_IS_BETTER = ("mae", "rmse", "loss")  # metric names that improve downwards
+LOWER_IS_BETTER = ("mae", "rmse", "loss", "ece")  # metric names that improve downwards
 
 
 def probabilities(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.errors import UserError, did_you_mean
 from transferkit.fields import bounded
+from transferkit.models.adapters import ADAPTER_METHODS
 from transferkit.models.factory import SOURCES as BACKBONE_SOURCES
 from transferkit.models.freezing import NORM_STATS, FreezeSpec
 from transferkit.models.task_outputs import CLASSIFICATION_METRICS, REGRESSION_METRICS
@@ -36,11 +37,56 @@ class AuxHeadSection:
 
 
 @dataclass(kw_only=True)
+class AdapterSection:
+    """A peft adapter (docs/transfer_methods.md): `targets` are layer groups or regex:PATTERN."""
+
+    method: Literal[ADAPTER_METHODS]  # type: ignore[valid-type]
+    targets: list[str] | str
+    r: int = bounded(8, ge=1)
+    alpha: float = bounded(16.0, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    train_rest: bool = False
+
+
+@dataclass(kw_only=True)
 class ModelSection:
     backbone: str
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     aux_heads: list[AuxHeadSection] = field(default_factory=list)
+    adapter: AdapterSection | None = None
+
+
+@dataclass(kw_only=True)
+class L2SPSection:
+    """alpha/2 ||w - w0||^2 on the pretrained backbone, beta/2 ||w||^2 on heads and adapters."""
+
+    alpha: float = bounded(0.01, ge=0)
+    beta: float = bounded(0.01, ge=0)
+
+
+@dataclass(kw_only=True)
+class BSSSection:
+    """eta * the sum of the k smallest squared singular values of the batch's features."""
+
+    eta: float = bounded(0.001, ge=0)
+    k: int = bounded(1, ge=1)
+
+
+@dataclass(kw_only=True)
+class DeltaSection:
+    """beta/2 * the squared distance between the feature maps of the model and of its start,
+    per image, summed over `groups` (default: every layer group)."""
+
+    beta: float = bounded(0.01, ge=0)
+    groups: list[str] | None = None
+
+
+@dataclass(kw_only=True)
+class RegularizersSection:
+    l2_sp: L2SPSection | None = None
+    bss: BSSSection | None = None
+    delta: DeltaSection | None = None
 
 
 @dataclass(kw_only=True)
@@ -60,9 +106,10 @@ class ScheduleSection:
     # The learning-rate multiplier of groups unfrozen after an earlier phase kept them frozen,
     # unless the phase's lr_mult names them.
     unfrozen_lr_mult: float = bounded(1.0, ge=0)
-    # A linear warmup at the start of every phase after the first, in epochs (at most a third
-    # of the phase): AdamW's first steps on newly unfrozen groups otherwise wreck the features
-    # the heads were fitted to (docs/quality.md). 0 turns it off.
+    # A linear warmup at the start of every phase after the first, and of the first when it
+    # trains backbone groups of loaded weights, in epochs (at most a third of the phase):
+    # AdamW's first steps at the full rate otherwise wreck the pretrained features before the
+    # heads fit them (docs/quality.md). 0 turns it off.
     phase_warmup_epochs: float = bounded(3.0, ge=0)
 
 
@@ -70,6 +117,30 @@ class ScheduleSection:
 class EarlyStoppingSection:
     patience: int = bounded(3, ge=1)
     min_delta: float = bounded(0.0, ge=0)
+
+
+@dataclass(kw_only=True)
+class EmaSection:
+    """An exponential moving average of the weights (timm's ModelEmaV3), updated every step."""
+
+    decay: float = bounded(0.999, gt=0, lt=1)
+    # Warmup: decay = 1 - (1 + step)^-warmup_power, capped at `decay`, so early averages
+    # are not dominated by the random initial heads.
+    warmup: bool = True
+    warmup_power: float = bounded(0.75, gt=0)
+    # Save the EMA weights as the run's model (and pick the best epoch by its metrics).
+    final_model: bool = False
+
+
+@dataclass(kw_only=True)
+class MixupSection:
+    """Mixup and CutMix (timm's Mixup, batch mode) with mixed targets for every task."""
+
+    mixup_alpha: float = bounded(0.8, ge=0)
+    cutmix_alpha: float = bounded(1.0, ge=0)
+    prob: float = bounded(1.0, ge=0, le=1)  # chance that a batch is mixed at all
+    switch_prob: float = bounded(0.5, ge=0, le=1)  # chance of CutMix when both are on
+    regression: Literal["mix", "exclude"] = "mix"  # mixed rows: mixed values, or masked
 
 
 @dataclass(kw_only=True)
@@ -110,6 +181,8 @@ class TrainSection:
     compile_backend: str = "inductor"
     auto_batch_size: bool = False
     log_every: int = bounded(10, ge=1)
+    ema: EmaSection | None = None
+    mixup: MixupSection | None = None
 
 
 @dataclass(kw_only=True)
@@ -130,6 +203,7 @@ class Recipe:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     multitask: MultitaskSection = field(default_factory=MultitaskSection)
+    regularizers: RegularizersSection = field(default_factory=RegularizersSection)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +234,7 @@ def _check_task(name: str, task: TaskSection) -> list[str]:
             errors.append(
                 f"{where}.classes: {len(task.classes)} classes but {len(task.column)} columns"
             )
+    errors += _check_loss_options(where, task)
     allowed = REGRESSION_METRICS if task.kind == "regression" else CLASSIFICATION_METRICS
     for i, metric in enumerate(task.metrics or []):
         if metric not in allowed:
@@ -167,6 +242,58 @@ def _check_task(name: str, task: TaskSection) -> list[str]:
                 f"{where}.metrics.{i}: {metric!r} is not a {task.kind} metric "
                 f"(use {', '.join(allowed)}).{did_you_mean(metric, allowed)}"
             )
+    return errors
+
+
+def _check_loss_options(where: str, task: TaskSection) -> list[str]:
+    errors = []
+    if task.kind == "regression":
+        for key in ("label_smoothing", "class_weights"):
+            if getattr(task, key):
+                errors.append(f"{where}.{key}: a regression task has no classes; remove it")
+    if task.focal_gamma is not None and task.kind not in ("binary", "multilabel"):
+        errors.append(f"{where}.focal_gamma: focal loss is for binary and multilabel tasks")
+    weights = task.class_weights
+    if isinstance(weights, list):
+        expected = 2 if task.kind == "binary" else len(task.classes or ()) or None
+        if expected is not None and len(weights) != expected:
+            errors.append(
+                f"{where}.class_weights: {len(weights)} weights for {expected} classes; "
+                "give one weight per class, in class order" + (
+                    " ([negative, positive])" if task.kind == "binary" else "")
+            )  # fmt: skip
+        if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+            errors.append(f"{where}.class_weights: weights must be >= 0, and one > 0")
+    return errors
+
+
+def _check_data_options(recipe: Recipe) -> list[str]:
+    errors, data = [], recipe.data
+    if "hflip" in data.tta and not data.horizontal_flip:
+        errors.append(
+            "recipe key data.tta: hflip, but data.horizontal_flip is false (these images must "
+            "not be mirrored); remove hflip from data.tta"
+        )
+    task = recipe.tasks.get(data.balanced_sampler) if data.balanced_sampler else None
+    if data.balanced_sampler and task is None:
+        errors.append(
+            f"recipe key data.balanced_sampler: unknown task {data.balanced_sampler!r} "
+            f"(tasks: {', '.join(recipe.tasks)}).{did_you_mean(data.balanced_sampler, recipe.tasks)}"
+        )
+    elif task is not None and task.kind not in ("multiclass", "binary"):
+        errors.append(
+            f"recipe key data.balanced_sampler: task {data.balanced_sampler!r} is {task.kind}; "
+            "balance by a multiclass or binary task"
+        )
+    mixup = recipe.train.mixup
+    if mixup is not None:
+        if all(t.kind == "regression" for t in recipe.tasks.values()):
+            errors.append(
+                "recipe key train.mixup: every task is a regression task, and mixup/CutMix mix "
+                "class labels; remove train.mixup (or add a classification task)"
+            )
+        if mixup.mixup_alpha == 0 and mixup.cutmix_alpha == 0:
+            errors.append("recipe key train.mixup: mixup_alpha and cutmix_alpha are both 0")
     return errors
 
 
@@ -214,7 +341,31 @@ def cross_checks(recipe: Recipe) -> list[str]:
         for group, mult in phase.lr_mult.items():
             if mult < 0:
                 errors.append(f"{where}.lr_mult.{group}: must be >= 0, got {mult}")
+    errors += _check_data_options(recipe)
     errors += _check_multitask(recipe)
+    errors += _check_transfer_methods(recipe)
+    return errors
+
+
+def _check_transfer_methods(recipe: Recipe) -> list[str]:
+    errors = []
+    adapter = recipe.model.adapter
+    if adapter is not None:
+        if isinstance(adapter.targets, str):
+            adapter.targets = [adapter.targets]
+        if not adapter.targets:
+            errors.append(
+                "recipe key model.adapter.targets: name at least one layer group or regex:PATTERN"
+            )
+        if adapter.method == "ia3" and adapter.dropout:
+            errors.append("recipe key model.adapter.dropout: ia3 has no dropout; remove it")
+    chosen = [k for k, v in vars(recipe.regularizers).items() if v is not None]
+    if chosen and recipe.model.weights is None:
+        errors.append(
+            f"recipe key regularizers.{chosen[0]}: it pulls the model towards its pretrained "
+            "start, but model.weights is none (random weights); set model.weights to pretrained "
+            "or a file, or remove the regularizer"
+        )
     return errors
 
 

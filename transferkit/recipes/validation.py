@@ -50,6 +50,8 @@ def _describe(tp: Any) -> str:
         return "a list"
     if origin is dict or dataclasses.is_dataclass(tp):
         return "a mapping"
+    if origin is Literal:
+        return " or ".join(map(str, get_args(tp)))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 
