@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The shared feature cache of runs in tests (and their subprocesses) goes to a folder of this
+# session's own, never ~/.cache; tests of the cache itself give theirs explicitly.
+if "TRANSFERKIT_CACHE" not in os.environ:
+    os.environ["TRANSFERKIT_CACHE"] = tempfile.mkdtemp(prefix="transferkit_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["TRANSFERKIT_CACHE"], ignore_errors=True)
 torch.set_num_threads(1)
 
 

@@ -38,6 +38,11 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
     )  # freezing saves memory
     assert depths[-1]["trainable_params"] < depths[0]["trainable_params"]
     assert "| (a) step time" in (tmp_path / "results.md").read_text()
+    cache = results["b_feature_cache"]
+    assert (
+        cache["shared_warm_s"] > 0 and cache["sweep_uncached_s"] > 0 and cache["warm_speedup"] > 0
+    )
+    assert "warm shared cache" in (tmp_path / "results.md").read_text()
 
 
 def test_multitask_bench_quick_reports_delta_m_and_step_time(tmp_path, monkeypatch):

@@ -94,28 +94,39 @@ data: {source: manifest, path: data/digits/source/manifest.csv, val_split: null,
        augment: none, max_samples: 200, num_workers: 0}
 schedule: {phases: [{from_epoch: 0, freeze: all}]}
 train: {epochs: 2, batch_size: 16, optimizer: sgd, lr: 0.05, weight_decay: 0.0,
-        scheduler: cosine, feature_cache: CACHE, feature_cache_max_gb: MAX_GB}
+        scheduler: cosine, feature_cache: CACHE, feature_cache_max_gb: MAX_GB,
+        feature_cache_shared: SHARED, feature_cache_dir: CACHE_DIR}
 """
 
 
-def _probe(cache: str, max_gb: float) -> str:
-    return PROBE.replace("CACHE", cache).replace("MAX_GB", str(max_gb))
+def _probe(cache: str, max_gb: float, cache_dir: Path | None = None) -> str:
+    shared = "true" if cache_dir else "false"
+    return (PROBE.replace("CACHE_DIR", str(cache_dir or "null")).replace("CACHE", cache)
+            .replace("MAX_GB", str(max_gb)).replace("SHARED", shared))  # fmt: skip
 
 
 def test_sharded_feature_cache_trains_the_heads_of_an_uncached_two_process_run(workdir):
-    """Each process computes its shard of the features; the gathered cache (in memory, or shard
-    files on disk) feeds the heads the same samples in the same order as images do."""
+    """Each process computes its shard of the features; the gathered cache (in memory, shard
+    files on disk, or the shared cache, cold then warm) feeds the heads the same samples in the
+    same order as images do."""
     uncached = _torchrun(workdir, 2, "probe_images", _probe("forbid", 4.0))
     memory = _torchrun(workdir, 2, "probe_memory", _probe("force", 4.0))
     disk = _torchrun(workdir, 2, "probe_disk", _probe("force", 0.0))
+    store = workdir / "shared_feature_cache"
+    cold = _torchrun(workdir, 2, "probe_shared_cold", _probe("force", 4.0, store))
+    entries = [p for p in store.iterdir() if not p.name.startswith(".")]
+    warm = _torchrun(workdir, 2, "probe_shared_warm", _probe("force", 0.0, store))
+    assert sorted(p for p in store.iterdir() if not p.name.startswith(".")) == sorted(entries)
     expected = epoch_end_weights(uncached)
     heads = [k for k in expected if k.startswith("heads.")]
-    for run in (memory, disk):
+    for run in (memory, disk, cold, warm):
         weights = epoch_end_weights(run)
         for key in heads:
             assert torch.allclose(weights[key], expected[key], rtol=0, atol=1e-5), (run, key)
     shards = sorted(p.name for p in (disk / "feature_cache" / "train").iterdir())
     assert shards == ["shard_0_of_2", "shard_1_of_2"]
+    assert len(entries) == 2  # train and validation, each with a shard per process
+    assert all(sorted(p.name for p in e.glob("shard_*")) == shards for e in entries)
     for a, b in zip(records(uncached), records(memory)):
         assert a["val/digit/count"] == b["val/digit/count"]
         assert a["val/digit/accuracy"] == pytest.approx(b["val/digit/accuracy"], abs=1e-6)

@@ -62,6 +62,7 @@ def test_cache_is_used_only_where_valid(workdir, source_run, monkeypatch, capsys
 def test_cache_on_disk_gives_the_same_heads(workdir, source_run, monkeypatch):
     monkeypatch.chdir(workdir)
     probe = ["schedule.phases.1.from_epoch=10"]
+    probe.append("train.feature_cache_shared=false")  # the cache inside the run
     memory = transfer(workdir, source_run, "memory", *probe)
     disk = transfer(workdir, source_run, "disk", *probe, "train.feature_cache_max_gb=0")
     assert (disk / "feature_cache" / "train" / "features.arrow").is_file()

@@ -17,9 +17,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.utils import DistributedType
+
+from transferkit.engine import feature_cache
 from transferkit.engine.loop import model_outputs
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.setup import set_up
+from transferkit.engine.trainer import cached_loaders
 from transferkit.errors import UserError
 from transferkit.recipes import Recipe
 
@@ -75,9 +79,15 @@ def range_test(
         acc, optimizer = run.accelerator, run.optimizer
         run.schedule.apply(phases[phase].from_epoch)
         factors = [run.schedule.lr_factor(g.get("group", "")) for g in optimizer.param_groups]
+        # A phase that trains only heads runs on cached features, as training does: the shared
+        # cache makes the test as fast as the heads once any run has stored them.
+        use_cache, _ = feature_cache.decide(run.cfg.feature_cache, run.backbone, recipe.data.augment,
+                                            bool(recipe.model.aux_heads), phase)  # fmt: skip
+        fsdp = acc.distributed_type == DistributedType.FSDP
+        loader = cached_loaders(run)[0] if use_cache and not fsdp else run.train_loader
         run.model.train()
         lrs, losses, smoothed, best = [], [], 0.0, math.inf
-        batches = itertools.cycle(run.train_loader)
+        batches = itertools.cycle(loader)
         for step in range(steps):
             lr = min_lr * (max_lr / min_lr) ** (step / max(steps - 1, 1))
             for group, factor in zip(optimizer.param_groups, factors):

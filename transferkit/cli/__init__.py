@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transferkit.cli import calibrate, export, inspect, interpolate, rank, runs, train
+from transferkit.cli import cache, calibrate, export, inspect, interpolate, rank, runs, train
 from transferkit.errors import UserError
 
 # In the order `transferkit --help` lists them.
-COMMANDS = [inspect, train, runs, calibrate, export, interpolate, rank]
+COMMANDS = [inspect, train, runs, calibrate, export, interpolate, rank, cache]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,9 @@ drop-path, and there are no auxiliary heads (they need feature maps). `train.fea
 says why one does not qualify), `forbid` never caches. Features are kept in memory, or, when
 their estimated size exceeds `train.feature_cache_max_gb`, written to disk batch by batch as they
 are computed (an Arrow file that `datasets` memory-maps), so RAM holds one batch of them at once.
+
+That is the cache of one run (`train.feature_cache_shared: false`). By default the features go
+to the cache shared by every run and command (`feature_store.py`), built from the same pieces.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class _MemoryStore:
         self.features = torch.empty(count, width)
         self.filled = 0
 
-    def append(self, chunk: torch.Tensor) -> None:
+    def append(self, chunk: torch.Tensor, rows: torch.Tensor) -> None:
         self.features[self.filled : self.filled + len(chunk)] = chunk
         self.filled += len(chunk)
 
@@ -107,8 +110,9 @@ class _MemoryStore:
         return self.features[: self.filled]
 
 
-class _ArrowStore:
-    """Features streamed to `disk_dir/features.arrow`, one record batch per chunk.
+class ArrowStore:
+    """Features streamed to `disk_dir/features.arrow`, one record batch per chunk, with the
+    dataset row each came from (column "rows": the shared cache keeps them with the features).
 
     The file is written under a name of this process's own and renamed when complete: another
     process building the same cache, or a dataset of an earlier phase still mapping the old
@@ -122,18 +126,28 @@ class _ArrowStore:
         self.path = disk_dir / self.FILE
         self.partial = disk_dir / f".{self.FILE}.{os.getpid()}.partial"
         self.width = width
-        self.schema = pa.schema([pa.field("features", pa.list_(pa.float32(), width))])
+        self.schema = pa.schema(
+            [pa.field("features", pa.list_(pa.float32(), width)), pa.field("rows", pa.int64())]
+        )
         self.writer = pa.ipc.new_stream(str(self.partial), self.schema)  # what `datasets` reads
 
-    def append(self, chunk: torch.Tensor) -> None:
+    def append(self, chunk: torch.Tensor, rows: torch.Tensor) -> None:
         values = pa.array(chunk.numpy().reshape(-1))
         column = pa.FixedSizeListArray.from_arrays(values, self.width)
-        self.writer.write_batch(pa.record_batch([column], schema=self.schema))
+        batch = pa.record_batch([column, pa.array(rows.numpy())], schema=self.schema)
+        self.writer.write_batch(batch)
 
-    def finish(self) -> datasets.Dataset:
+    def close(self) -> None:
         self.writer.close()
         os.replace(self.partial, self.path)
+
+    def finish(self) -> datasets.Dataset:
+        self.close()
         return datasets.Dataset.from_file(str(self.path)).with_format("torch")
+
+
+def shard_name(rank: int, processes: int) -> str:
+    return f"shard_{rank}_of_{processes}"
 
 
 def shard_rows(count: int, rank: int, processes: int) -> range:
@@ -148,6 +162,28 @@ def interleave(shards: list[torch.Tensor], count: int) -> torch.Tensor:
     for rank, shard in enumerate(shards):
         out[rank::processes] = shard[: len(shard_rows(count, rank, processes))]
     return out
+
+
+@torch.no_grad()
+def compute_features(backbone: Backbone, dataset, rows: range, store, batch_size: int,
+                     num_workers: int, device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Run the backbone over `rows` of `dataset` into `store`, one batch at a time; returns the
+    dataset row each stored feature came from."""
+    from transferkit.data import collate
+
+    subset = rows != range(len(dataset))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, rows) if subset else dataset,
+        batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    )  # fmt: skip
+    order = []
+    for batch in loader:
+        # Not bound to a name: the chunk is freed once stored, before the next one is computed.
+        store.append(backbone(batch["image"].to(device)).float().cpu(), batch["index"])
+        order.append(batch["index"])
+    # Position k holds sample k; its row differs only when an unreadable image was replaced by
+    # the next readable one, whose targets then go with it, as on the image path.
+    return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -172,28 +208,15 @@ def build_cache(
     prepared loader over it shards and shuffles batches exactly as it does over images. In
     memory the shards are all-gathered; on disk each process writes its own shard file.
     """
-    from transferkit.data import collate
-
     rank, processes = (
         (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     )
     count, width = len(dataset), backbone.num_features
     mine = shard_rows(count, rank, processes)
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, mine) if processes > 1 else dataset,
-        batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-    )  # fmt: skip
     on_disk = count * width * 4 / 1e9 > max_gb
-    shard_dir = disk_dir / f"shard_{rank}_of_{processes}" if processes > 1 else disk_dir
-    store = _ArrowStore(shard_dir, width) if on_disk else _MemoryStore(len(mine), width)
-    order = []
-    for batch in loader:
-        # Not bound to a name: the chunk is freed once stored, before the next one is computed.
-        store.append(backbone(batch["image"].to(device)).float().cpu())
-        order.append(batch["index"])
-    # Position k holds sample k; its row differs only when an unreadable image was replaced by
-    # the next readable one, whose targets then go with it, as on the image path.
-    rows = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    shard_dir = disk_dir / shard_name(rank, processes) if processes > 1 else disk_dir
+    store = ArrowStore(shard_dir, width) if on_disk else _MemoryStore(len(mine), width)
+    rows = compute_features(backbone, dataset, mine, store, batch_size, num_workers, device)
     stored = store.finish()
     if processes > 1:
         stored, rows = _combine(stored, rows, count, disk_dir, accelerator)
@@ -215,7 +238,7 @@ def _combine(stored, rows: torch.Tensor, count: int, disk_dir: Path, accelerator
         features = accelerator.gather(padded.to(accelerator.device)).cpu()
         return interleave(list(features.view(processes, size, -1)), count), all_rows
     accelerator.wait_for_everyone()  # every shard file is complete
-    files = [disk_dir / f"shard_{r}_of_{processes}" / _ArrowStore.FILE for r in range(processes)]
+    files = [disk_dir / shard_name(r, processes) / ArrowStore.FILE for r in range(processes)]
     shards = [datasets.Dataset.from_file(str(f)) for f in files]
     starts = [sum(len(s) for s in shards[:r]) for r in range(processes)]
     order = [starts[k % processes] + k // processes for k in range(count)]

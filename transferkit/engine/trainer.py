@@ -31,6 +31,7 @@ from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.ema import PREFIX as EMA_PREFIX
 from transferkit.engine.ema import monitored
 from transferkit.engine.evaluate import evaluate
+from transferkit.engine.feature_store import FeatureStore, backbone_id, cache_root, shared_cache
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.setup import RunSetup, set_up
 from transferkit.errors import UserError
@@ -191,7 +192,7 @@ def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader
         loop.forward_module = torch.compile(run.model, backend=cfg.compile_backend)
     if not use_cache:
         return run.train_loader, run.val_loader
-    return _cached_loaders(run)
+    return cached_loaders(run)
 
 
 def _norm_note(run: RunSetup) -> str | None:
@@ -214,18 +215,32 @@ def _norm_note(run: RunSetup) -> str | None:
     return None
 
 
-def _cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
-    """Loaders over backbone features computed once, batched and shuffled like the image ones."""
+def cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
+    """Loaders over backbone features computed once (or read from the shared cache), batched
+    and shuffled like the image ones."""
     acc, cfg, folder = run.accelerator, run.cfg, run.run_dir.feature_cache_dir
-    build = partial(feature_cache.build_cache, run.backbone, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                    num_workers=run.workers, device=acc.device, max_gb=cfg.feature_cache_max_gb,
-                    accelerator=acc)  # fmt: skip
-    train_cache = build(run.train_set, disk_dir=folder / "train")
-    val_cache = build(run.val_set, disk_dir=folder / "validation")
+    args = {"batch_size": cfg.eval_batch_size or cfg.batch_size, "num_workers": run.workers,
+            "device": acc.device, "max_gb": cfg.feature_cache_max_gb, "accelerator": acc}  # fmt: skip
+    if cfg.feature_cache_shared:
+        store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
+        name = backbone_id(run.recipe.model.backbone, run.recipe.model.kwargs)
+        (train_cache, hit), (val_cache, val_hit) = (
+            shared_cache(store, run.backbone, name, split, **args)
+            for split in (run.train_set, run.val_set)
+        )
+        said = f"{'read from' if hit and val_hit else 'computed once into'} the shared cache ({store.root})"
+    else:
+        train_cache = feature_cache.build_cache(run.backbone, run.train_set, **args,
+                                                disk_dir=folder / "train")  # fmt: skip
+        val_cache = feature_cache.build_cache(run.backbone, run.val_set, **args,
+                                              disk_dir=folder / "validation")  # fmt: skip
+        hit, said = False, "computed for this run"
     if acc.is_main_process:
         count, processes = len(train_cache), acc.num_processes
-        print(f"features: each of {processes} processes computed its shard of the {count} "
-              f"training rows ({len(feature_cache.shard_rows(count, 0, processes))} here)")  # fmt: skip
+        if processes > 1 and not hit:
+            said += (f", each of {processes} processes computing its shard of the {count} training "
+                     f"rows ({len(feature_cache.shard_rows(count, 0, processes))} here)")  # fmt: skip
+        print(f"features: {said}")
     last = drop_last(len(train_cache), cfg.batch_size, acc.num_processes)
     # The balanced sampler draws row numbers, which the cache keeps (its rows are the images').
     train_loader = DataLoader(train_cache, batch_size=cfg.batch_size, shuffle=run.sampler is None,

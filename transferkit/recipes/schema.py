@@ -170,6 +170,12 @@ class TrainSection:
     nonfinite: Literal["stop", "skip"] = "stop"
     feature_cache: Literal["auto", "force", "forbid"] = "auto"
     feature_cache_max_gb: float = bounded(4.0, ge=0)
+    # Cached features are kept in a cache shared by every run and command (docs/feature_cache.md)
+    # at feature_cache_dir (default $TRANSFERKIT_CACHE, else ~/.cache/transferkit/features),
+    # which stays under feature_cache_limit_gb; false keeps them inside the run folder.
+    feature_cache_shared: bool = True
+    feature_cache_dir: str | None = None
+    feature_cache_limit_gb: float = bounded(20.0, gt=0)
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
