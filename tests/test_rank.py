@@ -143,3 +143,24 @@ def test_rank_bad_input_is_one_line(workdir, extra, message, monkeypatch, capsys
     assert main(["rank", recipe, *extra, "--set", "data.max_samples=16"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1  # no progress bar started
+
+
+def test_rank_reads_the_shared_feature_cache_a_probe_uses(
+    workdir, source_run, monkeypatch, tmp_path
+):
+    from transferkit.models import Backbone
+    from transferkit.transferability import rank
+
+    monkeypatch.chdir(workdir)
+    recipe = str(ROOT / "recipes/digits_transfer.yaml")
+    overrides = [*TINY, f"train.feature_cache_dir={tmp_path / 'cache'}"]
+    candidate = [f"timm:test_resnet@{source_run}"]
+    cold = rank(recipe, candidate, overrides=overrides, progress=False)
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1
+
+    def no_backbone(self, images):
+        raise AssertionError("a warm cache must not run the backbone")
+
+    monkeypatch.setattr(Backbone, "forward", no_backbone)
+    warm = rank(recipe, candidate, overrides=overrides, progress=False)
+    assert [r.scores for r in warm] == [r.scores for r in cold]

@@ -140,6 +140,36 @@ def feature_pass(backbone, dataset, groups: list[str], batch_size: int, device, 
     )
 
 
+@torch.no_grad()
+def stored_features(backbone, name: str, kwargs: dict, dataset, batch_size: int, device,
+                    workers: int, cfg):  # fmt: skip
+    """The pooled output's features through the shared feature cache (engine.feature_store):
+    the entry a linear probe of this backbone on this data reads too, so ranking candidates
+    and then probing the winner pay for one backbone pass, and ranking again for none."""
+    from transferkit.engine.feature_store import (
+        FeatureStore,
+        backbone_id,
+        cache_root,
+        shared_cache,
+    )
+
+    backbone.freeze("all")  # the key of a fully frozen backbone, as a probe's
+    store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
+    cached, _ = shared_cache(store, backbone.to(device).eval(), backbone_id(name, kwargs), dataset,
+                             batch_size, workers, device, cfg.feature_cache_max_gb)  # fmt: skip
+    rows, targets, masks = [], {}, {}
+    for batch in DataLoader(cached, batch_size=batch_size, collate_fn=collate):
+        rows.append(batch["features"].float().cpu())
+        for task, value in batch["targets"].items():
+            targets.setdefault(task, []).append(value)
+            masks.setdefault(task, []).append(batch["mask"][task])
+    return (
+        {OUTPUT: torch.cat(rows)},
+        {k: torch.cat(v) for k, v in targets.items()},
+        {k: torch.cat(v) for k, v in masks.items()},
+    )
+
+
 def score_features(features: torch.Tensor, tasks, targets, masks) -> dict[str, dict[str, float]]:
     """LogME and kNN of one feature matrix for every task, on the rows that task labels."""
     scores = {}
@@ -200,7 +230,13 @@ def rank(
         transform = build_transforms(backbone.data_config, False, "none", recipe.data.image_size)
         dataset = TaskImageDataset(data.splits["train"], data.tasks, transform,
                                    bad_images=recipe.data.bad_images)  # fmt: skip
-        features, targets, masks = feature_pass(backbone, dataset, names, size, device, workers)
+        cfg = recipe.train
+        if not names and cfg.feature_cache != "forbid" and cfg.feature_cache_shared:
+            cached = stored_features(backbone, candidate.backbone, kwargs, dataset, size, device,
+                                     workers, cfg)  # fmt: skip
+            features, targets, masks = cached
+        else:  # group maps are not what the store keeps: one pass with hooks
+            features, targets, masks = feature_pass(backbone, dataset, names, size, device, workers)
         seconds = time.perf_counter() - start
         for group in [*names, OUTPUT]:
             scores = score_features(features[group], data.tasks, targets, masks)
