@@ -191,12 +191,15 @@ from test_feature_store import _backbone, _dataset, _ask
 from transferkit.engine.feature_store import FeatureStore
 
 manifest, root, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+hold = sys.argv[6] == "hold"  # the build waits for the test's `.release` file before finishing
 backbone = _backbone()
 dataset = _dataset(Path(manifest), backbone)
 forward = backbone.forward
 
 def slow(images):
     time.sleep(delay)
+    while hold and not Path(out + ".release").exists():
+        time.sleep(0.02)
     return forward(images)
 
 backbone.forward = slow
@@ -204,6 +207,7 @@ ready, go = Path(out + ".ready"), Path(out + ".go")
 ready.touch()  # set up (imports, data): the test says when to ask
 while not go.exists():
     time.sleep(0.02)
+Path(out + ".asking").touch()
 start = time.time()
 cache, hit = _ask(FeatureStore(root), backbone, dataset)
 json.dump({"hit": hit, "start": start, "end": time.time(), "features": cache.features.tolist()},
@@ -211,12 +215,15 @@ json.dump({"hit": hit, "start": start, "end": time.time(), "features": cache.fea
 """
 
 
-def _start(tmp_path: Path, manifest: Path, out: str, delay: float) -> subprocess.Popen:
+def _start(
+    tmp_path: Path, manifest: Path, out: str, delay: float, hold: bool = False
+) -> subprocess.Popen:
     """A process that sets up, then asks for the features when `_go(tmp_path, out)` says so."""
     script = tmp_path / "build.py"
     script.write_text(BUILD)
     args = [sys.executable, str(script), str(manifest), str(tmp_path / "cache"),
-            str(tmp_path / out), str(delay), str(Path(__file__).parent)]  # fmt: skip
+            str(tmp_path / out), str(delay), str(Path(__file__).parent),
+            "hold" if hold else "go"]  # fmt: skip
     return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -258,11 +265,16 @@ def test_a_killed_build_leaves_nothing_complete_and_is_rebuilt(tiny_data, tmp_pa
 
 @pytest.mark.slow
 def test_two_processes_asking_at_once_build_once(tiny_data, tmp_path):
-    builder = _start(tmp_path, tiny_data, "first.json", delay=1.0)
-    reader = _start(tmp_path, tiny_data, "second.json", delay=1.0)
+    # The builder holds its build open until the reader has asked: the order is certain even
+    # on a loaded machine, where fixed delays were not.
+    builder = _start(tmp_path, tiny_data, "first.json", delay=0.1, hold=True)
+    reader = _start(tmp_path, tiny_data, "second.json", delay=0.1)
     _go(tmp_path, "first.json", builder)
     _building(tmp_path, builder)  # the first holds the lock and is computing
     _go(tmp_path, "second.json", reader)
+    _wait((tmp_path / "second.json.asking").exists, reader, "the second request")
+    time.sleep(0.5)  # the reader is now blocked on the builder's lock
+    (tmp_path / "first.json.release").touch()
     assert builder.wait(timeout=300) == 0 and reader.wait(timeout=300) == 0
     first = json.loads((tmp_path / "first.json").read_text())
     second = json.loads((tmp_path / "second.json").read_text())

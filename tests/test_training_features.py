@@ -272,9 +272,10 @@ DDP_RECIPE = """
 name: ema_mixup_ddp
 seed: 0
 model: {backbone: "timm:test_vit", kwargs: {img_size: 32}}
-tasks: {digit: {kind: multiclass, label_smoothing: 0.1}, parity: {kind: binary}}
+tasks: {digit: {kind: multiclass, label_smoothing: 0.1},
+        parity: {kind: binary, class_weights: balanced}}
 data: {source: manifest, path: data/digits/full_labels.csv, val_split: null, image_size: 32,
-       augment: none, max_samples: 128}
+       augment: none, max_samples: 128, balanced_sampler: digit}
 train: {epochs: 2, batch_size: 16, grad_accum: ACCUM, optimizer: sgd, lr: 0.05, momentum: 0.9,
         weight_decay: 0.0, scheduler: constant, ema: {decay: 0.9}, mixup: {prob: 1.0}}
 """
@@ -284,7 +285,8 @@ train: {epochs: 2, batch_size: 16, grad_accum: ACCUM, optimizer: sgd, lr: 0.05, 
 @pytest.mark.distributed
 def test_two_processes_match_one_with_ema_and_mixup(workdir, labelled):
     """2 gloo processes end with the weights and the EMA of 1 process that accumulates the same
-    two micro-batches: mixup pairs rows within each micro-batch and draws by its position."""
+    two micro-batches: mixup pairs rows within each micro-batch and draws by its position; the
+    balanced sampler and class weights (balanced) ride along."""
     import os
     import subprocess
     import sys
