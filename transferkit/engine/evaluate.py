@@ -128,7 +128,7 @@ def evaluate_run(
         rows, list(run.tasks.values()), run.transform, bad_images=recipe.data.bad_images
     )
     size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size or 64
-    cfg = recipe.train
+    cfg, target = recipe.train, resolve_device(device)
     # Test-time views and temperatures need the images and the adjusted model; plain heads
     # can read features from the shared cache instead.
     plain = not model.views and not model.temperatures
@@ -142,12 +142,11 @@ def evaluate_run(
             shared_cache,
         )
 
-        model = run.model.to(resolve_device(device))
+        model = run.model.to(target)
         model.backbone.freeze("all")  # the key of a fully frozen backbone: eval runs one
         store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
         name = backbone_id(run.info["backbone"], run.info.get("model_kwargs", {}))
-        device_ = next(model.parameters()).device
-        dataset, _ = shared_cache(store, model.backbone.eval(), name, dataset, size, 0, device_,
+        dataset, _ = shared_cache(store, model.backbone.eval(), name, dataset, size, 0, target,
                                   cfg.feature_cache_max_gb)  # fmt: skip
     loader = DataLoader(dataset, batch_size=size, collate_fn=collate)
-    return evaluate(model.to(resolve_device(device)), loader, run.tasks, prefix=split)
+    return evaluate(model.to(target), loader, run.tasks, prefix=split)
