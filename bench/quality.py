@@ -71,7 +71,7 @@ def write_budget(root: Path, per_class: int, seed: int) -> Path:
     return path
 
 
-def _recipe(name: str, manifest: Path, seed: int, changes: dict, epochs: int | None):
+def _recipe(name: str, manifest: Path, seed: int, changes: dict, epochs: int | None, sets=()):
     data = read_recipe_file(name)
     data["tasks"] = {"digit": data["tasks"]["digit"]}
     data["data"].update(path=str(manifest), val_split="validation", max_samples=None)
@@ -83,7 +83,7 @@ def _recipe(name: str, manifest: Path, seed: int, changes: dict, epochs: int | N
         data["train"]["epochs"] = epochs
         for index, phase in enumerate(data["schedule"]["phases"]):
             phase["from_epoch"] = max(index, int(phase["from_epoch"] * scale))
-    return parse_recipe(data, source=name)
+    return parse_recipe(data, list(sets), source=name)
 
 
 ONE_PHASE = {
@@ -151,25 +151,43 @@ def _summary(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
-def label_budgets(root: Path, work: Path, budgets, seeds, epochs, progress: Callable) -> list:
+HAND_WRITTEN = "hand-written LP-FT"
+METHODS = (*RECIPE_METHODS, HAND_WRITTEN)
+
+
+def label_budgets(
+    root: Path,
+    work: Path,
+    budgets,
+    seeds,
+    epochs,
+    progress: Callable,
+    methods=METHODS,
+    done=(),
+    sets=(),
+) -> list:
+    """Train every (method, budget, seed) not in `done` (rows of an earlier, interrupted run)."""
     rows = []
+    finished = {(r["method"], r["budget"], r["seed"]) for r in done}
     for budget in budgets:
         for seed in seeds:
             manifest = write_budget(root, budget, seed)
-            source = _source_run(root, work, seed, epochs)
-            for method, (name, changes) in RECIPE_METHODS.items():
-                if name == "digits_transfer":
-                    changes = {**changes, "model": {"weights": str(source)}}
-                recipe = _recipe(name, manifest, seed, changes, epochs)
+            for method in methods:
+                if (method, budget, seed) in finished:
+                    continue
                 start = time.perf_counter()
-                run = train(recipe, output=work / f"{method}_{budget}_{seed}".replace(" ", "_"))
-                accuracy = RunDir(run).final()["val/digit/accuracy"]
+                if method == HAND_WRITTEN:
+                    accuracy = hand_written_lpft(manifest, seed, epochs or 16, size=64)
+                else:
+                    name, changes = RECIPE_METHODS[method]
+                    if name == "digits_transfer":
+                        source = _source_run(root, work, seed, epochs)
+                        changes = {**changes, "model": {"weights": str(source)}}
+                    recipe = _recipe(name, manifest, seed, changes, epochs, sets)
+                    run = train(recipe, output=work / f"{method}_{budget}_{seed}".replace(" ", "_"))
+                    accuracy = RunDir(run).final()["val/digit/accuracy"]
                 rows.append(_row(method, budget, seed, accuracy, start))
                 progress(rows[-1])
-            start = time.perf_counter()
-            accuracy = hand_written_lpft(manifest, seed, epochs or 16, size=64)
-            rows.append(_row("hand-written LP-FT", budget, seed, accuracy, start))
-            progress(rows[-1])
     return rows
 
 
@@ -272,6 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sections", default="a,b", help="which sections to run (a, b)")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="labels per class")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--methods", default=",".join(METHODS), help="section (a)'s methods")
+    parser.add_argument(
+        "--rows", help="a JSON-lines file: each finished row is appended, and rows already in it "
+        "are not run again (resume a long benchmark; the tables cover every row in the file)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe override for every recipe method of section (a), to measure a variant",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root, work = write_digits(Path(tmp) / "digits"), Path(tmp) / "runs"
         if "a" in sections:
-            rows = label_budgets(root, work, budgets, seeds, epochs, _print)
+            methods = [m for m in args.methods.split(",") if m]
+            unknown = sorted(set(methods) - set(METHODS))
+            if unknown:
+                parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+            done = _read_rows(args.rows)
+            progress = _print if args.rows is None else _appender(args.rows)
+            rows = done + label_budgets(
+                root, work, budgets, seeds, epochs, progress, methods, done, args.set
+            )
             report["a_budgets"], table = _budget_table(rows)
             report["a_runs"] = rows
             markdown += ["## (a) Validation digit accuracy by labels per class", "", table, ""]
@@ -302,6 +337,21 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "quality.md").write_text("\n".join(markdown) + "\n")
     print("\n".join(markdown))
     return report
+
+
+def _read_rows(path: str | None) -> list:
+    if path is None or not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _appender(path: str) -> Callable:
+    def progress(row: dict) -> None:
+        _print(row)
+        with open(path, "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+    return progress
 
 
 def _print(row: dict) -> None:
