@@ -131,3 +131,53 @@ def test_resume_is_exact_with_an_adapter_regularizers_and_a_balancer(
     a, b = epoch_end_weights(straight), epoch_end_weights(resumed)
     assert any("lora_" in k for k in a) and set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one_with_an_adapter_regularizers_warmup_and_cosine(
+    workdir, source_run, labelled
+):
+    """2 gloo processes end with the weights of 1 process that accumulates the same two
+    micro-batches: a LoRA phase after a probe, L2-SP and DELTA (both per-row or per-parameter, so
+    a sum over processes equals the sum over micro-batches; BSS depends on the whole batch's
+    spectrum and is left out), a phase warmup and a cosine schedule."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    finals = {}
+    for procs, accum in ((1, 2), (2, 1)):
+        recipe = _recipe(
+            source_run,
+            model={"adapter": {"method": "lora", "targets": ["layer3", "layer4"], "r": 2}},
+            regularizers={"l2_sp": {"alpha": 0.1}, "delta": {"beta": 0.01}},
+            schedule={"phases": [{"from_epoch": 0, "freeze": "all"},
+                                 {"from_epoch": 1, "freeze": "up_to:layer2"}],
+                      "phase_warmup_epochs": 1},
+            train={"epochs": 3, "batch_size": 8, "grad_accum": accum, "optimizer": "adamw",
+                   "lr": 0.01, "scheduler": "cosine", "warmup_epochs": 1},
+        )  # fmt: skip
+        path = workdir / f"adapter_ddp_{procs}.yaml"
+        path.write_text(json.dumps(recipe))
+        out = workdir / f"adapter_ddp_{procs}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+               "--master_port", str(free_port()), "-m", "transferkit.cli", "train", str(path),
+               "--output", str(out)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            cmd, cwd=workdir, capture_output=True, text=True, timeout=600, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        finals[procs] = (epoch_end_weights(out), records(out))
+    (one, one_records), (two, two_records) = finals[1], finals[2]
+    assert [r["step"] for r in one_records] == [r["step"] for r in two_records]
+    for a, b in zip(one_records, two_records, strict=True):
+        assert a["lr"] == pytest.approx(b["lr"]), (a["epoch"], a["lr"], b["lr"])
+    assert one_records[-1]["reg/delta"] > 0 and any("lora_" in k for k in one)
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        assert torch.allclose(value, two[key], rtol=0, atol=1e-5), key
