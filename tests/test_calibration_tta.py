@@ -95,7 +95,8 @@ def test_calibrate_stores_temperatures_that_predict_and_eval_use(
     capsys.readouterr()
     assert main(["eval", str(digits_run), "--tta", "none", "--json"]) == 0
     before = json.loads(capsys.readouterr().out)
-    assert main(["calibrate", str(digits_run), "--json"]) == 0
+    # Single views here (the recipe's default, crops, has its own test below).
+    assert main(["calibrate", str(digits_run), "--tta", "none", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"digit", "parity"}  # classification tasks only
     for row in report.values():
@@ -143,3 +144,31 @@ def test_tta_in_predict_and_eval_follows_the_recipe(digits_run, workdir, monkeyp
     assert main(["eval", str(digits_run), "--tta", "crops", "--json"]) == 0
     values = json.loads(capsys.readouterr().out)
     assert values["validation/digit/count"] > 0 and 0 <= values["validation/digit/accuracy"] <= 1
+
+
+def test_calibrate_fits_the_views_predict_uses(digits_run, workdir, monkeypatch, capsys):
+    """The recipe's data.tta is [crops]: calibrate fits on crop-averaged logits by default, so
+    the ECE that eval then reports (with its default views) is the one calibrate promised."""
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    assert main(["calibrate", str(digits_run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    info = json.loads((digits_run / "model.json").read_text())
+    assert info["calibration"]["views"] == ["crops"]
+    assert info["temperatures"] == {n: r["temperature"] for n, r in report.items()}
+    assert main(["eval", str(digits_run), "--json"]) == 0  # default views: the recipe's crops
+    after = json.loads(capsys.readouterr().out)
+    assert after["validation/digit/ece"] == pytest.approx(report["digit"]["ece_after"], abs=1e-6)
+    assert main(["calibrate", str(digits_run), "--tta", "none", "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["digit"]["ece_before"] != pytest.approx(report["digit"]["ece_before"], abs=1e-6)
+
+
+def test_onnx_export_of_a_tta_run_says_its_predictions_are_single_view(digits_run, workdir):
+    from transferkit.export import export_run
+
+    result = export_run(digits_run, "onnx", output=workdir / "calibration" / "digits.onnx")
+    exported = transferkit.load(result.path)
+    image = str(sorted((workdir / "data/digits/transfer/images").iterdir())[2])
+    with pytest.warns(UserWarning, match="single-view"):
+        next(exported.probabilities([image]))

@@ -47,6 +47,15 @@ def test_label_smoothing_and_class_weights_on_multiclass():
     nll = -logits.log_softmax(-1)[torch.arange(6), target]
     w = weights[target]
     assert weighted.item() == pytest.approx(((w * nll)[mask].sum() / w[mask].sum()).item())
+    # Mixup's probability targets: a one-hot row weighs what its class index does (torch
+    # alone divides probability targets by the row count), with smoothing too.
+    one_hot = F.one_hot(target, 3).float()
+    for options in (LossOptions(class_weights=weights),
+                    LossOptions(class_weights=weights, label_smoothing=0.2)):  # fmt: skip
+        hard = task_loss(DIGIT, logits, target, mask, options)
+        assert task_loss(DIGIT, logits, one_hot, mask, options).item() == pytest.approx(
+            hard.item(), rel=1e-6
+        )
 
 
 def test_binary_and_multilabel_class_weights():
@@ -315,3 +324,27 @@ def test_two_processes_match_one_with_ema_and_mixup(workdir, labelled):
     assert finals[1].keys() == finals[2].keys()
     for key, value in finals[1].items():
         assert torch.allclose(value.float(), finals[2][key].float(), rtol=0, atol=1e-6), key
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_its_decay_and_warmup_options(warmup):
+    """train.ema's decay, warmup and warmup_power reach timm's average: after an update at
+    step s the average moves by 1 - decay(s), where decay(s) = 1 - (1 + (s - 1))^-power
+    (capped at `decay`) with warmup, and `decay` without."""
+    from accelerate import Accelerator
+
+    from transferkit.engine.ema import build_ema
+    from transferkit.recipes.schema import EmaSection
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    section = EmaSection(decay=0.9, warmup=warmup, warmup_power=0.5)
+    ema = build_ema(section, model, Accelerator(cpu=True))
+    expected = 0.0
+    for step in (2, 5, 200):
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema.update(model, step=step)
+        decay = min(1 - step ** -0.5, 0.9) if warmup else 0.9
+        expected = decay * expected + (1 - decay)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)

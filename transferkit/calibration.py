@@ -4,8 +4,10 @@ One temperature T per task (Guo et al. 2017): the logits are divided by T, which
 confidence of the predictions and never the predicted class (accuracy and F1 stay the same).
 T is fitted on the validation split by minimizing the negative log-likelihood with LBFGS (on
 log T, so T stays positive), over the labelled rows only; the temperatures go into the run's
-model.json, where `transferkit.load`, `predict` and `eval` pick them up. A reliability diagram
-(accuracy per confidence bin, before and after) is written as a PNG.
+model.json, where `transferkit.load`, `predict` and `eval` pick them up. The logits are those
+`predict` divides: averaged over the recipe's test-time views (`data.tta`) unless `tta` says
+otherwise, so a run that predicts with multi-crop is calibrated on multi-crop logits. A
+reliability diagram (accuracy per confidence bin, before and after) is written as a PNG.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import metrics as task_metrics
 from transferkit.engine.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
-from transferkit.inference import load, resolve_device
+from transferkit.inference import AdjustedModel, load, resolve_device
 from transferkit.models import TaskSpec
 from transferkit.models.task_outputs import probabilities
 from transferkit.run_dir import RunDir
@@ -54,11 +56,14 @@ def fit_temperature(task: TaskSpec, logits: torch.Tensor, target: torch.Tensor) 
 
 
 @torch.no_grad()
-def collect_logits(run, rows, device, batch_size: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Per classification task: (logits, targets) of the labelled rows, on the CPU."""
+def collect_logits(
+    run, rows, device, batch_size: int, views=()
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per classification task: (logits, targets) of the labelled rows, on the CPU; logits
+    averaged over the test-time `views`, before any temperature."""
     tasks = {n: t for n, t in run.tasks.items() if t.kind != "regression"}
     dataset = TaskImageDataset(rows, list(run.tasks.values()), run.transform)
-    model = run.model.to(device).eval()
+    model = AdjustedModel(run.model, run.tasks, views).to(device).eval()
     found: dict[str, list] = {name: [] for name in tasks}
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         outputs = model(batch["image"].to(device))
@@ -83,18 +88,21 @@ def calibrate_run(
     split: str = "validation",
     device: str | None = None,
     batch_size: int = 64,
+    tta: list[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fit, store and plot a temperature per classification task; returns, per task, the
-    temperature and the NLL and ECE before and after."""
+    temperature and the NLL and ECE before and after. `tta`: the test-time views to fit on
+    (default: the recipe's `data.tta`, the views `predict` and `eval` use)."""
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run = load(folder)
+    views = run.views(tta)
     if all(t.kind == "regression" for t in run.tasks.values()):
         raise UserError(f"{folder.path}: every task is a regression task; nothing to calibrate")
     _, rows, specs = eval_split(folder, split)
     check_tasks(folder.path, run.tasks, specs)
     report, curves = {}, {}
     for name, (logits, target) in collect_logits(
-        run, rows, resolve_device(device), batch_size
+        run, rows, resolve_device(device), batch_size, views
     ).items():
         task = run.tasks[name]
         if len(target) == 0:
@@ -110,7 +118,7 @@ def calibrate_run(
         }
         curves[name] = (task, logits, target, t)
     folder.update_info({"temperatures": {n: r["temperature"] for n, r in report.items()},
-                        "calibration": {"split": split, **report}})  # fmt: skip
+                        "calibration": {"split": split, "views": views, "tasks": report}})  # fmt: skip
     reliability_diagram(curves, folder.reliability_path)
     return report
 

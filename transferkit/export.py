@@ -147,6 +147,9 @@ def export_info(run: Run, fmt: str, keys: list[str], dynamic_batch: bool, opset)
         # `transferkit calibrate`'s temperatures: the graph's outputs stay raw logits, and
         # `OnnxRun` divides them as `Run` does, so calibrated probabilities survive export.
         "temperatures": run.temperatures,
+        # The run's test-time views (data.tta): the graph is one view's, so `OnnxRun` warns
+        # that its predictions are single-view where the run folder's would be averaged.
+        "tta": run.views(),
         "run": str(run.run_dir.path.resolve()) if run.run_dir else None,
         "transferkit": __version__,
     }

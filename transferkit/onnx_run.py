@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class OnnxRun(Predictor):
     tasks: dict[str, TaskSpec]
     info: dict[str, Any]
     path: Path
+    _warned_tta: bool = field(default=False, repr=False)
 
     def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs of a preprocessed float32 batch `[N, 3, H, W]`, by output name.
@@ -89,6 +91,15 @@ class OnnxRun(Predictor):
             raise UserError(
                 f"--tta {','.join(tta)}: test-time augmentation runs on a run folder, not on an "
                 "exported ONNX file; predict with the run folder, or without --tta"
+            )
+        if self.info.get("tta") and not self._warned_tta:
+            self._warned_tta = True
+            warnings.warn(
+                f"{self.path.name}: the run predicts with test-time views "
+                f"({', '.join(self.info['tta'])}, its data.tta) but an ONNX file runs one view "
+                "per image, so these predictions are single-view; predict with the run folder "
+                "for the averaged ones",
+                stacklevel=2,
             )
         items = preprocessed(
             inputs, self.transform, np.ndarray, lambda a: np.asarray(a, np.float32), "NumPy array"

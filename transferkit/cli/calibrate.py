@@ -18,6 +18,11 @@ def register(sub) -> None:
     calibrate.add_argument(
         "--split", default="validation", help="split to fit on (default: validation)"
     )
+    calibrate.add_argument(
+        "--tta",
+        help="test-time views to fit on, e.g. crops (default: the recipe's data.tta, which "
+        "predict and eval use; none for single images)",
+    )
     calibrate.add_argument("--json", action="store_true")
     device_options(calibrate)
     calibrate.set_defaults(func=run_calibrate)
@@ -25,9 +30,11 @@ def register(sub) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from transferkit.calibration import calibrate_run
+    from transferkit.inference import parse_tta
     from transferkit.run_dir import RunDir
 
-    report = calibrate_run(args.run_dir, args.split, args.device, args.batch_size or 64)
+    tta = parse_tta(args.tta)
+    report = calibrate_run(args.run_dir, args.split, args.device, args.batch_size or 64, tta)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -50,6 +50,8 @@ def task_loss(
         weights = weights.to(output.device, torch.float32)
     if task.kind == "multiclass":
         # Soft targets (mixup) are class probabilities; hard ones class indices.
+        if target.is_floating_point() and weights is not None:
+            return _weighted_soft_cross_entropy(output, target.float(), weights, options)
         target = target.float() if target.is_floating_point() else target.long()
         return F.cross_entropy(
             output, target, weight=weights, label_smoothing=options.label_smoothing
@@ -57,6 +59,18 @@ def task_loss(
     if task.kind in ("binary", "multilabel"):
         return _sigmoid_loss(task, output, target.float(), options, weights)
     return F.mse_loss(output, target.float())
+
+
+def _weighted_soft_cross_entropy(output, target, weights, options: LossOptions) -> torch.Tensor:
+    """Class-weighted cross-entropy of probability targets, normalized like torch's for class
+    indices: by the rows' weights (sum of w_c * y_c), not by the row count as torch does for
+    probabilities. A one-hot row then weighs what its index does, so a mixed batch's loss keeps
+    the scale of an unmixed one's."""
+    smoothing = options.label_smoothing
+    smoothed = target * (1 - smoothing) + smoothing / target.shape[-1]
+    log_p = F.log_softmax(output, dim=-1)
+    total = -(smoothed * weights * log_p).sum()
+    return total / (target * weights).sum().clamp_min(1e-12)
 
 
 def _sigmoid_loss(task, output, target, options: LossOptions, weights) -> torch.Tensor:
