@@ -345,6 +345,6 @@ def test_ema_follows_its_decay_and_warmup_options(warmup):
         with torch.no_grad():
             model.weight.fill_(1.0)
         ema.update(model, step=step)
-        decay = min(1 - step ** -0.5, 0.9) if warmup else 0.9
+        decay = min(1 - step**-0.5, 0.9) if warmup else 0.9
         expected = decay * expected + (1 - decay)
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
