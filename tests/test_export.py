@@ -89,7 +89,12 @@ def test_torchvision_backbone_exports_with_a_dynamic_batch(torchvision_run, work
     result = export_run(torchvision_run, "onnx", output=output, dynamic_batch=True, opset=18)
     assert result.images == 8 and set(result.parity) == {"digit"}
     assert result.parity["digit"] <= 1e-3
+    import onnx
+
+    opsets = {o.domain: o.version for o in onnx.load(str(output)).opset_import}
+    assert opsets.get("", opsets.get("ai.onnx")) == 18 and result.info["opset"] == 18
     run = transferkit.load(output)
+    assert run.info["opset"] == 18
     assert run.session.get_inputs()[0].shape[0] == "batch"
     batch = np.stack([run.transform(open_image(p)) for p in _images(workdir)])
     raw = run.outputs(batch)  # five images in one call
@@ -177,6 +182,10 @@ def test_broken_or_mismatched_run_folders_give_clear_errors(
         export_run(multitask_run, "onnx", output=tmp_path / "model.bin")
     with pytest.raises(UserError, match="--opset applies to --format onnx only"):
         export_run(multitask_run, "torchscript", opset=17)
+    # The exporter cannot take this model below opset 18: refused, not written at 18 anyway.
+    with pytest.raises(UserError, match="--opset 14: .* wrote opset 18"):
+        export_run(multitask_run, "onnx", output=tmp_path / "old.onnx", opset=14)
+    assert not (tmp_path / "old.onnx").exists()
 
     monkeypatch.chdir(tmp_path)  # the run's relative data paths do not resolve from here
     with pytest.raises(UserError, match="pass --images FOLDER"):

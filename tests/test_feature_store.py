@@ -331,3 +331,28 @@ def test_an_unwritable_cache_folder_is_one_clear_error(tiny_data, tmp_path):
     backbone = _backbone()
     with pytest.raises(UserError, match="train.feature_cache_dir .* train.feature_cache_shared"):
         _ask(FeatureStore(blocked / "cache"), backbone, _dataset(tiny_data, backbone))
+
+
+def test_an_entry_removed_while_being_read_is_built_again(tiny_data, tmp_path, monkeypatch):
+    """Readers take no lock: an entry that another process's eviction (or `cache clear`)
+    removes between finding and reading it is a miss, built again, never a crash."""
+    import transferkit.engine.feature_store as feature_store
+
+    store = FeatureStore(tmp_path / "cache")
+    backbone = _backbone()
+    dataset = _dataset(tiny_data, backbone)
+    built, hit = _ask(store, backbone, dataset)
+    assert not hit
+    read = feature_store.load_entry
+    removed = []
+
+    def removed_first(folder, *args):
+        if not removed:  # the first read finds the entry gone
+            shutil.rmtree(folder)
+            removed.append(folder)
+        return read(folder, *args)
+
+    monkeypatch.setattr(feature_store, "load_entry", removed_first)
+    again, hit = _ask(store, backbone, dataset)
+    assert removed and not hit and len(store.entries()) == 1
+    assert torch.allclose(again[0]["features"], built[0]["features"])

@@ -132,8 +132,12 @@ class _Interrupted:
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_prediction_table_resumes_after_an_interruption(suffix, onnx_model, workdir, tmp_path):
+def test_prediction_table_resumes_after_an_interruption(
+    suffix, onnx_model, workdir, tmp_path, monkeypatch
+):
     import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
 
     run = transferkit.load(onnx_model)
     folder = tmp_path / "images"
@@ -152,7 +156,9 @@ def test_prediction_table_resumes_after_an_interruption(suffix, onnx_model, work
         assert (tmp_path / "table.parquet.parts" / "part-000000.parquet").is_file()
     with pytest.raises(UserError, match="--resume"):
         write_predictions(run, folder, table, progress=False)
-    summary = write_predictions(run, folder, table, resume=True, batch_size=10, progress=False)
+    # Resumed from another directory with a relative path: the rows written are found.
+    monkeypatch.chdir(folder.parent)
+    summary = write_predictions(run, "images", table, resume=True, batch_size=10, progress=False)
     assert (summary.already, summary.written) == (10, 15)
 
     read = pd.read_csv if suffix == ".csv" else pd.read_parquet

@@ -164,3 +164,30 @@ def test_rank_reads_the_shared_feature_cache_a_probe_uses(
     monkeypatch.setattr(Backbone, "forward", no_backbone)
     warm = rank(recipe, candidate, overrides=overrides, progress=False)
     assert [r.scores for r in warm] == [r.scores for r in cold]
+
+
+def test_rank_reads_the_entry_a_probe_built(workdir, monkeypatch, tmp_path):
+    """A probe of ImageNet EfficientNet-Lite0 at the recipe's data.image_size builds the cache
+    entry that ranking the same backbone on the same data then reads, with no backbone pass
+    (the key includes the image size: rank keyed the weights' own 224 px and missed)."""
+    from transferkit.engine import train
+    from transferkit.models import Backbone
+    from transferkit.recipes import load_recipe
+    from transferkit.transferability import rank
+
+    monkeypatch.chdir(workdir)
+    recipe = str(ROOT / "recipes/digits_imagenet.yaml")
+    cache = tmp_path / "cache"
+    overrides = ["data.path=data/digits/transfer/manifest.csv", *TINY,
+                 f"train.feature_cache_dir={cache}"]  # fmt: skip
+    probe = [*overrides, "train.epochs=1"]  # phase 0: a linear probe, all frozen
+    train(load_recipe(recipe, probe), output=str(tmp_path / "probe"))
+    entries = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(entries) == 2  # the train and validation splits
+
+    def no_backbone(self, images):
+        raise AssertionError("the probe's entry must serve the ranking")
+
+    monkeypatch.setattr(Backbone, "forward", no_backbone)
+    rows = rank(recipe, overrides=overrides, progress=False)
+    assert rows and sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == entries

@@ -172,6 +172,17 @@ def _write(module, example, path: Path, fmt: str, info: dict, dynamic: bool, ops
             external_data=False, verbose=False,
         )  # fmt: skip
         model = onnx.load(str(path))
+        written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if opset is not None and written != opset:
+            # The dynamo exporter writes opset 18 and converts down with onnx's version
+            # converter; when that fails it keeps 18 and only logs it.
+            path.unlink()
+            raise UserError(
+                f"--opset {opset}: the ONNX exporter could not convert this model to opset "
+                f"{opset} and wrote opset {written}; use --opset {written} or newer (or leave "
+                "--opset out)"
+            )
+        info["opset"] = written  # what the file holds, also when --opset was left out
         entry = model.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(info)
         onnx.save(model, str(path))

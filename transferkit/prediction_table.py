@@ -1,6 +1,6 @@
 """Batch prediction to a table: `transferkit predict MODEL FOLDER --output predictions.csv`.
 
-One row per image, one column per task (label and score, the labels that are on and every
+One row per image (its absolute path), one column per task (label and score, the labels that are on and every
 label's score, or the value; `transferkit.predictions.table_columns`). Rows are written batch by
 batch, so a run over a large folder that stops can `resume`: images already in the table are
 skipped. A CSV grows in place (a torn last line is dropped on resume); a Parquet file cannot be
@@ -50,8 +50,10 @@ def write_predictions(
         )
     if overwrite:
         table.remove()
-    done = table.done(columns) if resume else set()
-    files = [str(f) for item in _as_list(inputs) for f in image_files(Path(item))]
+    # Absolute paths in the table, so a resume from another directory, or with the folder
+    # given another way, still finds the rows already written.
+    done = {_absolute(d) for d in table.done(columns)} if resume else set()
+    files = [_absolute(f) for item in _as_list(inputs) for f in image_files(Path(item))]
     todo = [f for f in files if f not in done]
     written = 0
     bar = _progress(len(files), len(files) - len(todo), progress)
@@ -71,6 +73,10 @@ def write_predictions(
     finally:
         bar.close()
     return TableSummary(output, written, len(files) - len(todo))
+
+
+def _absolute(path) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def _as_list(inputs) -> list:

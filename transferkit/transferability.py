@@ -226,6 +226,7 @@ def rank(
         kwargs = recipe.model.kwargs if candidate.backbone == recipe.model.backbone else {}
         start = time.perf_counter()
         backbone = create_backbone(candidate.backbone, candidate.weights, **kwargs)
+        backbone.use_image_size(recipe.data.image_size)  # as training does: the same cache key
         names = _groups_of(backbone, groups)  # scored besides the pooled output
         transform = build_transforms(backbone.data_config, False, "none", recipe.data.image_size)
         dataset = TaskImageDataset(data.splits["train"], data.tasks, transform,

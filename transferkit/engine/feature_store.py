@@ -321,7 +321,15 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
             store.evict(keep=key)
         if processes > 1:
             manifest = broadcast_object_list([manifest])[0]
-    return load_entry(store.path(key), manifest, dataset, max_gb), hit
+    try:
+        return load_entry(store.path(key), manifest, dataset, max_gb), hit
+    except FileNotFoundError:
+        if not hit or processes > 1:
+            raise
+        # Evicted (another process's build, or `cache clear`) between finding and reading it:
+        # readers hold no lock, so a vanished entry is a miss, built again.
+        return shared_cache(store, backbone, backbone_id, dataset, batch_size, num_workers,
+                            device, max_gb)  # fmt: skip
 
 
 def _usable(manifest: dict | None, count: int, width: int) -> dict | None:

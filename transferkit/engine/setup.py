@@ -166,8 +166,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
         )
     aux = [AuxHeadSpec(a.task, a.group, a.hidden, a.dropout) for a in recipe.model.aux_heads]
     size = recipe.data.image_size
-    if size:
-        backbone.data_config = dataclasses.replace(backbone.data_config, input_size=(3, size, size))
+    backbone.use_image_size(size)
     model = MultiTaskModel(backbone, data.tasks, aux)
     tasks = {t.name: t for t in data.tasks}
     weights = {name: section.weight for name, section in recipe.tasks.items()}

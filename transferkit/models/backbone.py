@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -221,6 +221,12 @@ class Backbone(nn.Module):
         self.freeze_spec = spec
         self.train(self.training)
         return spec
+
+    def use_image_size(self, size: int | None) -> None:
+        """Train and evaluate at `size` px (`data.image_size`) instead of the weights' own input
+        size: the data config (transforms, feature-cache keys, exports) says so from now on."""
+        if size:
+            self.data_config = replace(self.data_config, input_size=(3, size, size))
 
     def freeze_norm_statistics(self) -> int:
         """Keep the running statistics of every batch-norm layer fixed (eval mode), also in
