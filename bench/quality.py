@@ -99,8 +99,9 @@ RECIPE_METHODS: dict[str, tuple[str, dict]] = {
 }
 
 
-def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int) -> float:
-    """Plain PyTorch LP-FT of the same network; returns the final validation accuracy."""
+def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int, trace=None) -> float:
+    """Plain PyTorch LP-FT of the same network; returns the final validation accuracy (and
+    appends every epoch's to `trace`, a list, when given)."""
     from transferkit.data.transforms import build_transforms
     from transferkit.models import create_backbone
 
@@ -123,12 +124,19 @@ def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int) -> floa
     order = torch.Generator().manual_seed(seed)
     probe_epochs = epochs // 2
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+    def validate() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float((head(model(x_val)).argmax(1) == y_val).float().mean())
+
     for _ in range(probe_epochs):  # features once: the frozen backbone is deterministic
         for idx in torch.randperm(len(y_train), generator=order).split(16):
             loss = torch.nn.functional.cross_entropy(head(f_train[idx]), y_train[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if trace is not None:
+            trace.append(validate())
     params = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
     for _ in range(epochs - probe_epochs):
@@ -141,9 +149,9 @@ def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int) -> floa
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        return float((head(model(x_val)).argmax(1) == y_val).float().mean())
+        if trace is not None:
+            trace.append(validate())
+    return validate()
 
 
 def _summary(values: list[float]) -> dict:

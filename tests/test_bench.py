@@ -88,6 +88,18 @@ def test_quality_bench_quick_reports_every_method_and_the_chain(tmp_path, monkey
     assert "| ImageNet LP-FT |" in markdown and "| both defaults |" in markdown
 
 
+@pytest.mark.slow
+def test_phase_trace_quick_reports_each_epoch_around_the_unfreeze(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.phase_trace import HAND_WRITTEN, VARIANTS, main
+
+    rows = main(["--quick", "--budgets", "3", "--seeds", "0", "--out", str(tmp_path)])
+    assert {r["method"] for r in rows} == {*VARIANTS, HAND_WRITTEN}
+    assert all(len(r["accuracy"]) == 4 and all(0 <= a <= 1 for a in r["accuracy"]) for r in rows)
+    markdown = (tmp_path / "phase_trace.md").read_text()
+    assert all(f"| {method} | 3 | 1 |" in markdown for method in [*VARIANTS, HAND_WRITTEN])
+
+
 def test_budget_split_keeps_validation_fixed_and_draws_training_per_seed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     import pandas as pd
