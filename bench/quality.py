@@ -124,6 +124,7 @@ def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int, trace=N
     order = torch.Generator().manual_seed(seed)
     probe_epochs = epochs // 2
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+
     def validate() -> float:
         model.eval()
         with torch.no_grad():
