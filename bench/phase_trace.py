@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
-from bench.quality import RESULTS, _recipe, hand_written_lpft, write_budget
+from bench.quality import RESULTS, _recipe, _summary, hand_written_lpft, write_budget
 from transferkit.digits import write_digits
 from transferkit.engine import train
 from transferkit.run_dir import RunDir
@@ -56,8 +55,8 @@ def summarize(rows: list[dict], probe_epochs: int) -> str:
     """A markdown table: per method and budget, mean ± std over seeds of the four moments."""
 
     def cell(values: list[float]) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+        summary = _summary(values)
+        return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
 
     lines = [
         "| method | labels/class | seeds | end of probe | 1st fine-tune epoch | worst fine-tune "

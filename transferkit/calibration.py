@@ -117,8 +117,9 @@ def calibrate_run(
             "rows": len(target),
         }
         curves[name] = (task, logits, target, t)
-    folder.update_info({"temperatures": {n: r["temperature"] for n, r in report.items()},
-                        "calibration": {"split": split, "views": views, "tasks": report}})  # fmt: skip
+    temperatures = {n: r["temperature"] for n, r in report.items()}
+    calibration = {"split": split, "views": views, "tasks": report}
+    folder.update_info({"temperatures": temperatures, "calibration": calibration})
     reliability_diagram(curves, folder.reliability_path)
     return report
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ class OnnxRun(Predictor):
     tasks: dict[str, TaskSpec]
     info: dict[str, Any]
     path: Path
-    _warned_tta: bool = field(default=False, repr=False)
 
     def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs of a preprocessed float32 batch `[N, 3, H, W]`, by output name.
@@ -92,8 +91,7 @@ class OnnxRun(Predictor):
                 f"--tta {','.join(tta)}: test-time augmentation runs on a run folder, not on an "
                 "exported ONNX file; predict with the run folder, or without --tta"
             )
-        if self.info.get("tta") and not self._warned_tta:
-            self._warned_tta = True
+        if self.info.get("tta"):  # shown once per call site (Python's default filter)
             warnings.warn(
                 f"{self.path.name}: the run predicts with test-time views "
                 f"({', '.join(self.info['tta'])}, its data.tta) but an ONNX file runs one view "
