@@ -21,6 +21,7 @@ from transferkit.export import _Outputs, check_parity, export_run
 from transferkit.image_files import open_image
 from transferkit.onnx_run import METADATA_KEY
 from transferkit.recipes import load_recipe
+from transferkit.run_dir import RunDir
 
 TINY = ["train.epochs=1", "data.max_samples=32", "train.batch_size=16"]
 
@@ -187,11 +188,16 @@ def test_broken_or_mismatched_run_folders_give_clear_errors(
         export_run(multitask_run, "onnx", output=tmp_path / "old.onnx", opset=14)
     assert not (tmp_path / "old.onnx").exists()
 
-    monkeypatch.chdir(tmp_path)  # the run's relative data paths do not resolve from here
+    # From another directory, the run's relative data paths resolve where it was trained.
+    monkeypatch.chdir(tmp_path)
+    assert export_run(multitask_run, "onnx", output=tmp_path / "x.onnx").images > 0
+    moved = tmp_path / "moved"  # a copy on a machine that has not got its data
+    shutil.copytree(multitask_run, moved, ignore=shutil.ignore_patterns("checkpoints"))
+    RunDir(moved).write_origin()  # "trained" here, in tmp_path, where the data is not
     with pytest.raises(UserError, match="pass --images FOLDER"):
-        export_run(multitask_run, "onnx", output=tmp_path / "x.onnx")
+        export_run(moved, "onnx", output=tmp_path / "y.onnx")
     images = workdir / "data/digits/transfer/images"
-    result = export_run(multitask_run, "onnx", output=tmp_path / "x.onnx", images=images,
+    result = export_run(moved, "onnx", output=tmp_path / "y.onnx", images=images,
                         parity_images=3)  # fmt: skip
     assert result.images == 3
 

@@ -93,3 +93,16 @@ def test_resume_clears_the_marker_until_the_run_ends_again(source_run, tmp_path,
     run = RunDir(copy)
     assert run.is_complete() and [r["epoch"] for r in run.records()] == [0, 1, 2]
     assert json.loads((copy / COMPLETE).read_text())["epochs"] == 3
+
+
+def test_a_run_reads_its_relative_data_paths_from_any_directory(source_run, tmp_path, monkeypatch):
+    """The recipe says data/digits/...: relative to where training ran (origin.json), not to
+    wherever eval, export or resume is run from."""
+    run = RunDir(source_run)
+    written = load_recipe(run.recipe_path)
+    assert not written.data.path.startswith("/")  # the recipe on disk keeps what the user wrote
+    monkeypatch.chdir(tmp_path)
+    assert run.recipe().data.path == str(run.origin() / written.data.path)
+    assert evaluate_run(run)["validation/digit/count"] > 0
+    monkeypatch.chdir(run.origin())  # from where it ran, the path is left as written
+    assert run.recipe().data.path == written.data.path

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from transferkit.errors import UserError
 from transferkit.model_card import render
-from transferkit.run_dir import TRAINING_ONLY, RunDir
+from transferkit.run_dir import LOCAL_ONLY, TRAINING_ONLY, RunDir
 
 # Leftovers of interrupted atomic writes never leave the machine.
-IGNORE_PATTERNS = [f"{name}/*" for name in TRAINING_ONLY] + ["*.tmp", "*.parts/*"]
+IGNORE_PATTERNS = [f"{name}/*" for name in TRAINING_ONLY] + [*LOCAL_ONLY, "*.tmp", "*.parts/*"]
 
 
 @dataclass

@@ -3,6 +3,7 @@
 A run folder holds:
 
     recipe.yaml            the resolved recipe, written first
+    origin.json            where training ran: relative paths in the recipe are resolved there
     metrics.jsonl          one JSON record per finished epoch (`records()`, `history()`)
     checkpoints/step_N[_end]/   resumable training state (`checkpoints()`)
     model.safetensors + model.json   the best model so far (the final model once complete)
@@ -29,6 +30,7 @@ from typing import Any
 from transferkit.errors import UserError
 
 RECIPE = "recipe.yaml"
+ORIGIN = "origin.json"
 METRICS = "metrics.jsonl"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INFO = "model.json"
@@ -47,6 +49,7 @@ EXPORTED = {
 }
 # Folders only training uses (resume state, cached features): left out when a run is published.
 TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
+LOCAL_ONLY = (ORIGIN,)  # this machine's paths: left out when a run is published too
 ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -63,6 +66,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _from_origin(value: str, origin: Path) -> str:
+    """`value` as given when it exists from here (or is absolute); else under `origin` when it
+    exists there."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or not (origin / path).exists():
+        return value
+    return str(origin / path)
 
 
 class RunDir:
@@ -158,12 +170,34 @@ class RunDir:
 
     # ---- recipe and model
     def recipe(self, overrides: list[str] | tuple[str, ...] = ()):
-        """The run's resolved recipe (with optional `key=value` overrides), validated."""
+        """The run's resolved recipe (with optional `key=value` overrides), validated.
+
+        A relative `data.path` or `model.weights` file that does not exist from here but does
+        from the folder training ran in (`origin.json`) is made absolute, so eval, export and
+        resume work from any directory."""
         from transferkit.recipes import load_recipe
 
         if not self.recipe_path.is_file():
             raise UserError(f"{self.path} is not a run folder: it has no {RECIPE}")
-        return load_recipe(self.recipe_path, list(overrides))
+        recipe = load_recipe(self.recipe_path, list(overrides))
+        origin = self.origin()
+        if origin is not None:
+            if recipe.data.source != "hub" and recipe.data.path:
+                recipe.data.path = _from_origin(recipe.data.path, origin)
+            if recipe.model.weights not in (None, "pretrained"):
+                recipe.model.weights = _from_origin(recipe.model.weights, origin)
+        return recipe
+
+    def write_origin(self) -> None:
+        """Record the working directory training runs in (relative recipe paths start there)."""
+        _write_atomic(self.path / ORIGIN, json.dumps({"working_directory": os.getcwd()}))
+
+    def origin(self) -> Path | None:
+        """The working directory training ran in, if recorded."""
+        path = self.path / ORIGIN
+        if not path.is_file():
+            return None
+        return Path(json.loads(path.read_text())["working_directory"])
 
     def info(self) -> dict[str, Any]:
         """model.json: what is needed to rebuild the model and its preprocessing."""

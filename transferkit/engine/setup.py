@@ -148,6 +148,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     if main:
         run_dir.clear_complete()
         save_recipe(recipe, run_dir.recipe_path)
+        if not resume or run_dir.origin() is None:
+            run_dir.write_origin()
 
     # ---- model and data
     backbone = create_backbone(recipe.model.backbone, recipe.model.weights, **recipe.model.kwargs)
