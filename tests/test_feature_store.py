@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 import torch
 from conftest import epoch_end_weights
@@ -63,8 +64,10 @@ def _backbone() -> Backbone:
     return backbone
 
 
-def _dataset(manifest: Path, backbone: Backbone, size: int = 32) -> TaskImageDataset:
-    data = DataSection(source="manifest", path=str(manifest), val_split=None)
+def _dataset(
+    manifest: Path, backbone: Backbone, size: int = 32, rows: int | None = None
+) -> TaskImageDataset:
+    data = DataSection(source="manifest", path=str(manifest), val_split=None, max_samples=rows)
     loaded = load_data(
         data, {"digit": TaskSection(kind="multiclass")}, seed=0, carve_validation=False
     )
@@ -82,7 +85,7 @@ def _direct(backbone: Backbone, dataset) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ correctness
-def _recipe(workdir: Path, name: str, cache: str, cache_dir: Path):
+def _recipe(workdir: Path, name: str, cache: str, cache_dir: Path, limit_gb: float = 20.0):
     return parse_recipe({
         "name": name, "seed": 0, "model": {"backbone": "timm:test_resnet"},
         "tasks": {"digit": {"kind": "multiclass"}},
@@ -90,12 +93,13 @@ def _recipe(workdir: Path, name: str, cache: str, cache_dir: Path):
                  "val_split": None, "image_size": 32, "augment": "none", "max_samples": 64},
         "schedule": {"phases": [{"from_epoch": 0, "freeze": "all"}]},
         "train": {"epochs": 2, "batch_size": 16, "feature_cache": cache, "keep_checkpoints": 1,
-                  "feature_cache_dir": str(cache_dir)},
+                  "feature_cache_dir": str(cache_dir), "feature_cache_limit_gb": limit_gb},
     })  # fmt: skip
 
 
-def _probe(workdir: Path, name: str, cache: str, cache_dir: Path) -> Path:
-    return train(_recipe(workdir, name, cache, cache_dir), output=str(cache_dir.parent / name))
+def _probe(workdir: Path, name: str, cache: str, cache_dir: Path, limit_gb: float = 20.0) -> Path:
+    recipe = _recipe(workdir, name, cache, cache_dir, limit_gb)
+    return train(recipe, output=str(cache_dir.parent / name))
 
 
 def test_heads_from_a_warm_cache_equal_cold_and_uncached(workdir, tmp_path, capsys, monkeypatch):
@@ -139,6 +143,9 @@ def test_each_key_input_is_a_miss(tiny_data, tmp_path):
     assert not hit
     again, hit = _ask(store, _backbone(), _dataset(tiny_data, _backbone()))  # rebuilt: same key
     assert hit and torch.equal(again.features, first.features)
+    spelled_out = _backbone()  # the same freeze, written as the last group's prefix
+    spelled_out.freeze(f"up_to:{spelled_out.group_names[-1]}")
+    assert _ask(store, spelled_out, base)[1]
 
     changed_weights = _backbone()
     with torch.no_grad():
@@ -153,6 +160,7 @@ def test_each_key_input_is_a_miss(tiny_data, tmp_path):
         "size": (backbone, _dataset(tiny_data, backbone, size=40), NAME),
         "frozen groups": (partly_frozen, base, NAME),
         "backbone options": (backbone, base, 'timm:test_resnet {"global_pool": "max"}'),
+        "row selection": (backbone, _dataset(tiny_data, backbone, rows=20), NAME),
     }
     for what, (model, dataset, name) in changes.items():
         assert not _ask(store, model, dataset, name)[1], what
@@ -356,3 +364,83 @@ def test_an_entry_removed_while_being_read_is_built_again(tiny_data, tmp_path, m
     again, hit = _ask(store, backbone, dataset)
     assert removed and not hit and len(store.entries()) == 1
     assert torch.allclose(again[0]["features"], built[0]["features"])
+
+
+def test_a_run_evicts_older_entries_to_fit_its_limit_but_keeps_its_own(workdir, tmp_path):
+    """After a build, least recently used entries go until the cache fits
+    `train.feature_cache_limit_gb`; the run's train and validation entries both stay (the
+    validation build used to evict the train entry just built under a small limit)."""
+    stores = {}
+    for name, limit_gb in (("roomy", 20.0), ("tight", 1e-6)):  # the default; room for none
+        stores[name] = FeatureStore(tmp_path / name / "cache")
+        for age, key in enumerate(["old1", "old2"]):
+            _fake_entry(stores[name], key, 1.0, time.time() - 1000 * (age + 1))
+        _probe(workdir, "run", "auto", stores[name].root, limit_gb=limit_gb)
+    assert len(stores["roomy"].entries()) == 4  # everything fits: nothing removed
+    entries = stores["tight"].entries()
+    assert len(entries) == 2 and all(e.manifest and e.manifest["count"] for e in entries)
+    assert not {"old1", "old2"} & {e.key for e in entries}
+
+
+def test_features_stream_to_disk_while_the_entry_is_built(tiny_data, tmp_path, monkeypatch):
+    """RAM holds one batch of features: each is on disk before the next is computed."""
+    from transferkit.engine import feature_cache
+
+    sizes = []
+    append = feature_cache.ArrowStore.append
+
+    def spy(self, chunk, rows):
+        sizes.append(self.partial.stat().st_size)
+        append(self, chunk, rows)
+
+    monkeypatch.setattr(feature_cache.ArrowStore, "append", spy)
+    backbone = _backbone()
+    _ask(FeatureStore(tmp_path / "cache"), backbone, _dataset(tiny_data, backbone))
+    assert len(sizes) == 3  # 24 images in batches of 8
+    assert sizes[0] < sizes[1] < sizes[2]  # the file grew with every batch written
+
+
+@pytest.mark.parametrize("max_gb", [1.0, 0.0], ids=["in_memory", "memory_mapped"])
+def test_an_entry_cut_short_is_built_again(tiny_data, tmp_path, max_gb):
+    """A shard with fewer rows than its manifest says (a crash after the manifest went in) is
+    never read as features: the entry is rebuilt."""
+    store = FeatureStore(tmp_path / "cache")
+    backbone = _backbone()
+    dataset = _dataset(tiny_data, backbone)
+    built, _ = _ask(store, backbone, dataset)
+    (shard,) = store.path(store.entries()[0].key).rglob("features.arrow")
+    table = pa.ipc.open_stream(shard.read_bytes()).read_all().slice(0, 10)
+    with pa.ipc.new_stream(str(shard), table.schema) as writer:
+        writer.write_table(table)
+    again, hit = shared_cache(store, backbone, NAME, dataset, 8, 0, CPU, max_gb=max_gb)
+    assert not hit and len(again) == len(built)
+    assert torch.allclose(again[len(dataset) - 1]["features"], built[len(dataset) - 1]["features"])
+
+
+def test_an_entry_removed_after_its_manifest_was_read_is_a_miss(tiny_data, tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path / "cache")
+    backbone = _backbone()
+    dataset = _dataset(tiny_data, backbone)
+    _ask(store, backbone, dataset)
+    touch, gone = store.touch, []
+
+    def removed_meanwhile(key):
+        if not gone:  # another process removed the folder between the two calls
+            gone.append(key)
+            shutil.rmtree(store.path(key))
+        touch(key)
+
+    monkeypatch.setattr(store, "touch", removed_meanwhile)
+    again, hit = _ask(store, backbone, dataset)
+    assert gone and not hit and len(again) == len(dataset)
+
+
+def test_eval_with_a_read_only_cache_folder_evaluates_the_images(workdir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    run = _probe(workdir, "probe", "auto", cache_dir)
+    shutil.rmtree(cache_dir)
+    cache_dir.write_text("")  # a file where the folder was: nothing can be written there
+    values = evaluate_run(run, split="validation")
+    assert values["validation/digit/accuracy"] == pytest.approx(
+        RunDir(run).summary()["best"], abs=1e-6
+    )

@@ -100,3 +100,18 @@ def test_claims_of_live_and_dead_processes(tmp_path):
     )
     assert _claim(dead)  # its owner died: take it over
     assert json.loads((dead / "claim.json").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+def test_the_runs_of_a_probe_sweep_share_the_feature_cache(workdir, tmp_path, monkeypatch):
+    """Each run is its own process; the first computes the backbone features into the shared
+    cache, the others read them (their logs say which)."""
+    monkeypatch.chdir(workdir)
+    fixed = [*FIXED, f"train.feature_cache_dir={tmp_path / 'cache'}"]
+    grid = parse_grid(["train.lr=0.01,0.001,0.0001"])
+    root = tmp_path / "probe_sweep"
+    sweep(RECIPE, grid, str(root), fixed)
+    logs = [(root / run_name(i, c) / "train.log").read_text() for i, c in
+            enumerate(combinations(grid))]  # fmt: skip
+    assert "features: computed once into the shared cache" in logs[0]
+    assert all("features: read from the shared cache" in log for log in logs[1:])

@@ -133,20 +133,17 @@ def evaluate_run(
     # can read features from the shared cache instead.
     plain = not model.views and not model.temperatures
     if plain and cfg.feature_cache != "forbid" and cfg.feature_cache_shared:
-        # The heads of a run whose backbone was never trained (a linear probe) read the
-        # features its training stored; other runs store theirs for the next evaluation.
-        from transferkit.engine.feature_store import (
-            FeatureStore,
-            backbone_id,
-            cache_root,
-            shared_cache,
-        )
+        from transferkit.engine import feature_store as fs
 
-        model = run.model.to(target)
-        model.backbone.freeze("all")  # the key of a fully frozen backbone: eval runs one
-        store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
-        name = backbone_id(run.info["backbone"], run.info.get("model_kwargs", {}))
-        dataset, _ = shared_cache(store, model.backbone.eval(), name, dataset, size, 0, target,
-                                  cfg.feature_cache_max_gb)  # fmt: skip
+        store = fs.FeatureStore(fs.cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
+        # The heads of a run whose backbone was never trained (a linear probe) read the
+        # features its training stored; other runs store theirs for the next evaluation. A
+        # read-only cache folder is no error here: the images are evaluated instead.
+        if store.writable() is None:
+            model = run.model.to(target)
+            model.backbone.freeze("all")  # the key of a fully frozen backbone: eval runs one
+            name = fs.backbone_id(run.info["backbone"], run.info.get("model_kwargs", {}))
+            dataset, _ = fs.shared_cache(store, model.backbone.eval(), name, dataset, size, 0,
+                                         target, cfg.feature_cache_max_gb)  # fmt: skip
     loader = DataLoader(dataset, batch_size=size, collate_fn=collate)
     return evaluate(model.to(target), loader, run.tasks, prefix=split)

@@ -162,7 +162,8 @@ class FeatureStore:
         """An empty folder for a new build (hold the lock): a killed build's files go."""
         folder = self.path(key)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        # exist_ok: a reader's touch during a removal can leave the folder behind.
+        folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def commit(self, key: str, manifest: dict) -> None:
@@ -195,14 +196,21 @@ class FeatureStore:
             )
         return sorted(found, key=lambda e: e.last_used)
 
-    def check_writable(self) -> None:
-        """One clear error, naming the keys to change, when the cache folder cannot be used."""
+    def writable(self) -> OSError | None:
+        """None when entries can be built here, else the error that says why not."""
         try:
             (self.root / LOCKS).mkdir(parents=True, exist_ok=True)
             probe = self.root / LOCKS / f".write_test.{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as err:
+            return err
+        return None
+
+    def check_writable(self) -> None:
+        """One clear error, naming the keys to change, when the cache folder cannot be used."""
+        err = self.writable()
+        if err is not None:
             raise UserError(
                 f"cannot write the shared feature cache at {self.root}: {err.strerror}; set "
                 f"train.feature_cache_dir (or ${ENV_ROOT}) to a writable folder, or "
@@ -220,15 +228,17 @@ class FeatureStore:
             return False
         return True
 
-    def evict(self, keep: str | None = None) -> list[str]:
-        """Remove least recently used entries (never `keep`) until the cache fits its limit."""
+    def evict(self, keep=()) -> list[str]:
+        """Remove least recently used entries (never those in `keep`) until the cache fits its
+        limit."""
+        keep = {keep} if isinstance(keep, str) else set(keep)
         entries = self.entries()
         total = sum(e.size_bytes for e in entries)
         removed = []
         for entry in entries:
             if total <= self.limit_bytes:
                 break
-            if entry.key != keep and self.remove(entry.key):
+            if entry.key not in keep and self.remove(entry.key):
                 total -= entry.size_bytes
                 removed.append(entry.key)
         return removed
@@ -238,16 +248,33 @@ def find_entry(store: FeatureStore, key: str) -> dict | None:
     """A complete entry's manifest (and mark it used), or None."""
     manifest = store.manifest(key)
     if manifest is not None:
-        store.touch(key)
+        try:
+            store.touch(key)
+        except FileNotFoundError:  # removed since the manifest was read: a miss
+            return None
     return manifest
 
 
 # ------------------------------------------------------------------------- build or read one
+class EntryGone(Exception):
+    """An entry vanished or came up short while being read (evicted, cleared, truncated)."""
+
+
 def load_entry(folder: Path, manifest: dict, dataset, max_gb: float) -> CachedFeatures:
     """A complete entry as a cache over `dataset`'s targets, in dataset order: read into RAM
     when it fits `max_gb`, else memory-mapped (`datasets` over the Arrow files)."""
     count, width, processes = manifest["count"], manifest["width"], manifest["processes"]
     files = [folder / shard_name(r, processes) / ArrowStore.FILE for r in range(processes)]
+    try:
+        stored, rows = _read_entry(files, count, width, processes, max_gb)
+    except (OSError, ValueError, pa.ArrowInvalid) as err:
+        raise EntryGone(str(err)) from None
+    targets = {t: v[rows] for t, v in dataset.targets.items()}
+    return CachedFeatures(stored, targets, {t: v[rows] for t, v in dataset.masks.items()})
+
+
+def _read_entry(files: list[Path], count: int, width: int, processes: int, max_gb: float):
+    """The features and dataset rows of an entry's shard files, in dataset order."""
     if count * width * 4 / 1e9 <= max_gb:
         features, rows = torch.empty(count, width), torch.empty(count, dtype=torch.long)
         into, rows_into = features.numpy(), rows.numpy()
@@ -260,23 +287,30 @@ def load_entry(folder: Path, manifest: dict, dataset, max_gb: float) -> CachedFe
                     into[start:stop:processes] = values.reshape(batch.num_rows, width)
                     rows_into[start:stop:processes] = batch.column(1).to_numpy()
                     start = stop
-        stored = features
-    else:
-        shards = [datasets.Dataset.from_file(str(f)) for f in files]
-        starts = [sum(len(s) for s in shards[:r]) for r in range(processes)]
-        order = [starts[k % processes] + k // processes for k in range(count)]
-        stored = datasets.concatenate_datasets(shards).select(order).with_format("torch")
-        rows = stored["rows"]
-    targets = {t: v[rows] for t, v in dataset.targets.items()}
-    return CachedFeatures(stored, targets, {t: v[rows] for t, v in dataset.masks.items()})
+            # Every row must have been written: a shard cut short (a crash after the manifest
+            # went in) would leave rows of uninitialized memory.
+            if start - rank != len(shard_rows(count, rank, processes)) * processes:
+                raise OSError(f"{file} holds fewer rows than its manifest says")
+        return features, rows
+    shards = [datasets.Dataset.from_file(str(f)) for f in files]
+    if sum(len(s) for s in shards) != count:
+        raise OSError(f"{files[0].parent.parent} holds fewer rows than its manifest says")
+    starts = [sum(len(s) for s in shards[:r]) for r in range(processes)]
+    order = [starts[k % processes] + k // processes for k in range(count)]
+    stored = datasets.concatenate_datasets(shards).select(order).with_format("torch")
+    # Indexing by column name gives a lazy `Column` in datasets 4+, not a tensor.
+    return stored, stored.select_columns(["rows"])[:]["rows"]
 
 
 def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch_size: int,
                  num_workers: int, device: torch.device, max_gb: float,
-                 accelerator=None) -> tuple[CachedFeatures, bool]:  # fmt: skip
+                 accelerator=None, protect: set | None = None) -> tuple[CachedFeatures, bool]:  # fmt: skip
     """The features of `dataset` (a `TaskImageDataset`) from the store, computed and stored
     first on a miss; and whether it was a hit. Under several processes the main one
-    holds the lock and each computes its shard (`shard_rows`) into the entry."""
+    holds the lock and each computes its shard (`shard_rows`) into the entry.
+
+    `protect` collects the keys one caller uses (a run's train and validation entries): the
+    eviction after a build never removes them, so building the second cannot evict the first."""
     from accelerate.utils import broadcast_object_list
 
     rank, processes = (
@@ -288,16 +322,22 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
     lock, manifest = None, None
     if processes > 1:
         key = broadcast_object_list([key])[0]  # the main process's view of the inputs decides
+    protect = set() if protect is None else protect
+    protect.add(key)
     if rank == 0:
         store.check_writable()
         manifest = _usable(find_entry(store, key), count, width)
         if manifest is None:
             lock = store.lock(key)
             lock.acquire()  # waits while another process builds this entry
-            manifest = _usable(find_entry(store, key), count, width)
-            if manifest is None:
-                store.begin(key)
-            else:
+            try:
+                manifest = _usable(find_entry(store, key), count, width)
+                if manifest is None:
+                    store.begin(key)
+            except BaseException:
+                lock.release()
+                raise
+            if manifest is not None:
                 lock.release()
     if processes > 1:
         manifest = broadcast_object_list([manifest])[0]
@@ -318,18 +358,19 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
             if lock is not None:
                 lock.release()
         if rank == 0:
-            store.evict(keep=key)
+            store.evict(keep=protect)
         if processes > 1:
             manifest = broadcast_object_list([manifest])[0]
     try:
         return load_entry(store.path(key), manifest, dataset, max_gb), hit
-    except FileNotFoundError:
+    except EntryGone:
         if not hit or processes > 1:
             raise
-        # Evicted (another process's build, or `cache clear`) between finding and reading it:
-        # readers hold no lock, so a vanished entry is a miss, built again.
+        # Evicted (another process's build, or `cache clear`) between finding and reading it,
+        # or cut short: readers hold no lock, so it is a miss, built again.
+        store.remove(key)
         return shared_cache(store, backbone, backbone_id, dataset, batch_size, num_workers,
-                            device, max_gb)  # fmt: skip
+                            device, max_gb, protect=protect)  # fmt: skip
 
 
 def _usable(manifest: dict | None, count: int, width: int) -> dict | None:

@@ -224,8 +224,9 @@ def cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
     if cfg.feature_cache_shared:
         store = FeatureStore(cache_root(cfg.feature_cache_dir), cfg.feature_cache_limit_gb)
         name = backbone_id(run.recipe.model.backbone, run.recipe.model.kwargs)
+        protect: set[str] = set()  # building the second entry never evicts the first
         (train_cache, hit), (val_cache, val_hit) = (
-            shared_cache(store, run.backbone, name, split, **args)
+            shared_cache(store, run.backbone, name, split, **args, protect=protect)
             for split in (run.train_set, run.val_set)
         )
         said = f"{'read from' if hit and val_hit else 'computed once into'} the shared cache ({store.root})"
