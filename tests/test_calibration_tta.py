@@ -141,6 +141,7 @@ def test_tta_in_predict_and_eval_follows_the_recipe(digits_run, workdir, monkeyp
     assert main(["predict", str(digits_run), image, "--tta", "hflip", "--json"]) == 2
     assert "data.horizontal_flip: false" in capsys.readouterr().err
     assert main(["eval", str(digits_run), "--tta", "hflip,crops"]) == 2
+    assert "data.horizontal_flip: false" in capsys.readouterr().err
     assert main(["eval", str(digits_run), "--tta", "crops", "--json"]) == 0
     values = json.loads(capsys.readouterr().out)
     assert values["validation/digit/count"] > 0 and 0 <= values["validation/digit/accuracy"] <= 1

@@ -4,6 +4,8 @@ log warns where a setting risks a collapse, and small train sets keep their last
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import QUICK, ROOT, epoch_end_weights
@@ -36,6 +38,42 @@ def test_a_phase_multiplier_applies_from_the_phases_first_step():
             optimizer.step()
             scheduler.step()
     assert used == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("cycle", ["run", "phase"])
+def test_lr_cycle_runs_the_schedule_over_the_run_or_anew_in_each_phase(cycle):
+    """`schedule.lr_cycle: phase` (fastai's fine_tune): the cosine restarts from train.lr at
+    each phase and ends near 0 at the phase's end, after the phase's warmup; `run`: one cosine
+    over every epoch."""
+    backbone = create_backbone("timm:test_resnet", None)
+    phases = [PhaseSection(from_epoch=0, freeze="all"), PhaseSection(from_epoch=2, freeze="none")]
+    schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=1.0, total_epochs=6,
+                              lr_cycle=cycle)  # fmt: skip
+    head = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [head], "group": "heads"}], lr=1.0)
+    train_cfg = parse_recipe({"model": {"backbone": "timm:test_resnet"},
+                              "tasks": {"a": {"kind": "binary"}},
+                              "data": {"source": "disk", "path": "x"},
+                              "train": {"epochs": 6, "scheduler": "cosine"}}).train  # fmt: skip
+    scheduler = build_lr_scheduler(optimizer, train_cfg, schedule, steps_per_epoch=2)
+    used = []
+    for epoch in range(6):
+        schedule.apply(epoch)
+        for _ in range(2):
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+
+    def cosine(step, total):
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+
+    if cycle == "run":
+        expected = [cosine(s, 12) for s in range(4)]
+        expected += [cosine(s, 12) * min(1.0, (s - 3) / 3) for s in range(4, 12)]
+    else:  # the probe's cosine over its 4 steps, then the fine-tune's over its 8, warmed up
+        expected = [cosine(s, 4) for s in range(4)]
+        expected += [cosine(s, 8) * min(1.0, (s + 1) / 3) for s in range(8)]
+    assert used == pytest.approx(expected)
 
 
 def _stats(weights: dict) -> dict:

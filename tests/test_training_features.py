@@ -89,6 +89,29 @@ def test_focal_loss_down_weights_easy_rows():
     assert focal.item() < 1e-3 * bce.item() and hard.item() > 0.2  # the hard row dominates
 
 
+def test_smoothing_and_focal_loss_on_sigmoid_tasks():
+    """Binary and multilabel: smoothing pulls targets towards 1/2; focal loss is torchvision's
+    sigmoid_focal_loss per label, averaged over the labelled rows."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    torch.manual_seed(2)
+    logits, target = torch.randn(5, 2), torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 0], [1, 0]])
+    mask = torch.tensor([True, True, False, True, True])
+    smooth = task_loss(TAGS, logits, target, mask, LossOptions(label_smoothing=0.2))
+    soft = target * 0.8 + 0.1
+    assert smooth.item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits[mask], soft[mask]).item(), rel=1e-6
+    )
+    even = task_loss(EVEN, logits[:, 0], target[:, 0], mask, LossOptions(label_smoothing=0.2))
+    assert even.item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits[mask, 0], soft[mask, 0]).item(), rel=1e-6
+    )
+    focal = task_loss(TAGS, logits, target, mask, LossOptions(focal_gamma=2.0))
+    reference = sigmoid_focal_loss(logits[mask], target[mask], alpha=-1, gamma=2.0).mean()
+    assert focal.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert focal.item() < task_loss(TAGS, logits, target, mask, LossOptions()).item()
+
+
 def test_balanced_weights_from_training_labels():
     target = torch.tensor([0, 0, 0, 0, 1, 2, 0])
     mask = torch.tensor([True] * 6 + [False])
@@ -126,10 +149,12 @@ def _batch():
     return {
         "image": torch.randn(4, 3, 8, 8),
         "targets": {"digit": torch.tensor([0, 1, 2, 0]), "even": torch.tensor([1.0, 0, 1, 0]),
-                    "size": torch.tensor([1.0, 2.0, 3.0, 4.0])},
+                    "size": torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                    "tags": torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 0]])},
         "mask": {"digit": torch.tensor([True, True, True, True]),
                  "even": torch.tensor([True, False, True, True]),
-                 "size": torch.tensor([True, True, True, True])},
+                 "size": torch.tensor([True, True, True, True]),
+                 "tags": torch.tensor([True, True, True, True])},
         "index": torch.arange(4),
     }  # fmt: skip
 
@@ -137,7 +162,7 @@ def _batch():
 @pytest.mark.parametrize("regression", ["mix", "exclude"])
 def test_mixup_mixes_every_task_and_keeps_missing_labels_masked(regression):
     section = MixupSection(mixup_alpha=0.8, cutmix_alpha=0.0, regression=regression)
-    tasks = {"digit": DIGIT, "even": EVEN, "size": SIZE}
+    tasks = {"digit": DIGIT, "even": EVEN, "size": SIZE, "tags": TAGS}
     mixer = TaskMixer(section, tasks, seed=0, process=0, processes=1)
     batch, numpy_state = _batch(), np.random.get_state()[1].copy()
     mixed = mixer(batch, 1, 1)
@@ -151,6 +176,9 @@ def test_mixup_mixes_every_task_and_keeps_missing_labels_masked(regression):
     assert digit[1].tolist() == pytest.approx([0, lam, 1 - lam], abs=1e-5)  # rows 1 and 2 mix
     # Row 1 has no `even` label, so rows 1 and 2 (its partner, reversed order) are masked.
     assert mixed["mask"]["even"].tolist() == [True, False, False, True]
+    # Multilabel targets mix per label: row 0 ([1, 0]) with row 3 ([0, 0]).
+    assert mixed["targets"]["tags"][0].tolist() == pytest.approx([lam, 0], abs=1e-5)
+    assert mixed["targets"]["tags"][1].tolist() == pytest.approx([1 - lam, 1], abs=1e-5)
     if regression == "mix":
         assert mixed["targets"]["size"][0].item() == pytest.approx(
             lam * 1 + (1 - lam) * 4, abs=1e-5
@@ -164,6 +192,22 @@ def test_mixup_mixes_every_task_and_keeps_missing_labels_masked(regression):
     two = TaskMixer(section, tasks, seed=0, process=1, processes=2)(_batch(), 1, 1)
     one = TaskMixer(section, tasks, seed=0, process=0, processes=1)(_batch(), 1, 2)
     assert torch.equal(two["image"], one["image"])
+
+
+def test_a_row_without_a_class_label_masks_its_mixed_partner_too():
+    """A missing multiclass label is stored as the placeholder class 0; mixed with its partner
+    it must stay masked (both rows), never become a soft label towards class 0."""
+    section = MixupSection(mixup_alpha=0.8, cutmix_alpha=0.0)
+    batch = _batch()
+    batch["mask"]["digit"] = torch.tensor([True, False, True, True])  # row 1: no digit label
+    mixed = TaskMixer(section, {"digit": DIGIT}, seed=0, process=0, processes=1)(batch, 1, 1)
+    assert mixed["mask"]["digit"].tolist() == [True, False, False, True]
+    logits = torch.randn(4, 3)
+    masked = task_loss(DIGIT, logits, mixed["targets"]["digit"], mixed["mask"]["digit"],
+                       LossOptions())  # fmt: skip
+    kept = [0, 3]
+    expected = -(mixed["targets"]["digit"][kept] * logits[kept].log_softmax(-1)).sum(-1).mean()
+    assert masked.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_cutmix_pastes_a_box_and_mixes_by_its_area():
@@ -240,6 +284,37 @@ def _checkpoint(path):
             if torch.is_tensor(value):
                 tensors[f"{pkl.stem}/{key}"] = value
     return tensors
+
+
+def test_the_average_of_a_probe_after_fine_tuning_is_scored_on_its_own_features(
+    workdir, monkeypatch
+):
+    """A frozen phase after a fine-tuning one trains from cached features of the raw backbone;
+    the EMA's backbone is another (an average), so its val_ema metrics come from the images."""
+    import transferkit
+    from transferkit.data import TaskImageDataset, collate
+    from transferkit.engine.evaluate import eval_split, evaluate
+    from transferkit.run_dir import RunDir
+
+    monkeypatch.chdir(workdir)
+    out = workdir / "features" / "ema_probe_after_ft"
+    train(load_recipe(TRANSFER, [
+        "model.weights=none", "data.max_samples=48", "train.batch_size=16", "train.epochs=2",
+        "train.lr=0.01", "train.ema.decay=0.5", "train.feature_cache=auto",
+        "schedule.phases.0.freeze=none", "schedule.phases.1.freeze=all",
+    ]), output=str(out))  # fmt: skip
+    last = records(out)[-1]
+    assert last["phase"] == 1
+    run = transferkit.load(out)
+    ema = _checkpoint(sorted((out / "checkpoints").glob("step_*_end"))[-1])
+    run.model.load_state_dict(
+        {k.split("/module.", 1)[1]: v for k, v in ema.items() if "/module." in k}
+    )
+    _, rows, _ = eval_split(RunDir(out))
+    dataset = TaskImageDataset(rows, list(run.tasks.values()), run.transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate)
+    values = evaluate(run.model, loader, run.tasks, prefix="val_ema")
+    assert values["val_ema/ink/mae"] == pytest.approx(last["val_ema/ink/mae"], abs=1e-5)
 
 
 def test_features_train_and_resume_bit_exact_with_ema(workdir, monkeypatch):

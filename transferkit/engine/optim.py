@@ -39,12 +39,18 @@ def build_optimizer(model: MultiTaskModel, train) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train.lr)
 
 
-def schedule_factor(train, step: int, steps_per_epoch: int) -> float:
-    """The LR schedule as a factor of the base LR at optimizer step `step`."""
-    warmup = train.warmup_epochs * steps_per_epoch
+def schedule_factor(train, step: int, steps_per_epoch: int, span=(0, None)) -> float:
+    """The LR schedule as a factor of the base LR at optimizer step `step`, over the epochs
+    `span` = (first, end): the whole run by default, or one phase when each phase runs its own
+    cycle. `train.warmup_epochs` warms up the run's start only; later phases have their own
+    ramp (`FreezeSchedule.warmup_factor`)."""
+    start, end = span
+    end = train.epochs if end is None else end
+    step -= start * steps_per_epoch
+    warmup = train.warmup_epochs * steps_per_epoch if start == 0 else 0
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    total = max(train.epochs * steps_per_epoch, 1)
+    total = max((end - start) * steps_per_epoch, 1)
     if train.scheduler == "cosine":
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return 0.5 * (1 + math.cos(math.pi * progress))
@@ -69,7 +75,7 @@ def build_lr_scheduler(
         step = calls // calls_per_step
         epoch = step // max(steps_per_epoch, 1)
         return (
-            schedule_factor(train, step, steps_per_epoch)
+            schedule_factor(train, step, steps_per_epoch, schedule.lr_span(epoch))
             * schedule.warmup_factor(step, steps_per_epoch)
             * schedule.lr_factor(group, epoch)
         )

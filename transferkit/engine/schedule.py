@@ -32,6 +32,7 @@ class FreezeSchedule:
         phase_warmup_epochs: float = 0.0,
         total_epochs: int | None = None,
         from_weights: bool = False,
+        lr_cycle: str = "run",
     ) -> None:
         self.backbone = backbone
         self.layer_decay = layer_decay
@@ -71,7 +72,14 @@ class FreezeSchedule:
         # class without it, docs/quality.md). A probe, or random weights, needs no ramp here.
         first = set(self.phases[0][1].trainable_groups(backbone)) & set(backbone.group_names)
         self.warm_first_phase = from_weights and bool(first)
+        # "phase": each phase runs the LR schedule anew over its own epochs (fastai's fine_tune:
+        # a probe cycle, then a fine-tune cycle); "run": one schedule over the whole run.
+        self.lr_cycle = lr_cycle
         self.epoch = 0
+
+    def lr_span(self, epoch: int) -> tuple[int, int | None]:
+        """The epochs the LR schedule spans at `epoch`: its phase's, or the whole run's."""
+        return self.phase_span(epoch) if self.lr_cycle == "phase" else (0, None)
 
     def warmup_factor(self, step: int, steps_per_epoch: int) -> float:
         """A linear ramp over the first steps of every phase after the first (the groups that
@@ -81,12 +89,23 @@ class FreezeSchedule:
         index = self.phase_index(step // max(steps_per_epoch, 1))
         if (index == 0 and not self.warm_first_phase) or not self.phase_warmup_epochs:
             return 1.0
-        start = self.phases[index][0]
-        end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs
+        start, end = self.phase_span(self.phases[index][0])
         length = (end - start) if end is not None else self.phase_warmup_epochs * 3
         ramp = round(min(self.phase_warmup_epochs, length / 3) * steps_per_epoch)
         into = step - start * steps_per_epoch
         return (into + 1) / (ramp + 1) if into < ramp else 1.0
+
+    def phase_span(self, epoch: int) -> tuple[int, int | None]:
+        """The first epoch of the phase in force at `epoch`, and the first epoch after it (None
+        for the last phase of a run of unknown length)."""
+        index = self.phase_index(epoch)
+        end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs
+        return self.phases[index][0], end
+
+    def backbone_trained_by(self, epoch: int) -> bool:
+        """Whether any phase up to the one at `epoch` trains backbone groups."""
+        last = self.phase_index(epoch)
+        return any(spec.trainable_groups(self.backbone) for _, spec, _ in self.phases[: last + 1])
 
     def phase_index(self, epoch: int) -> int:
         """Index of the phase in force at `epoch`."""

@@ -179,7 +179,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
                               unfrozen_lr_mult=recipe.schedule.unfrozen_lr_mult,
                               phase_warmup_epochs=recipe.schedule.phase_warmup_epochs,
                               total_epochs=cfg.epochs,
-                              from_weights=bool(recipe.model.weights))  # fmt: skip
+                              from_weights=bool(recipe.model.weights),
+                              lr_cycle=recipe.schedule.lr_cycle)  # fmt: skip
 
     train_set = TaskImageDataset(
         data.splits["train"],

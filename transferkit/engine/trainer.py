@@ -88,7 +88,10 @@ def train(recipe: Recipe, output: str | None = None, resume: str | None = None) 
         stats = loop.epoch(loader, state)
         values = evaluate(loop.forward_module, val_loader, run.tasks, acc, "val", run.metric_names)
         if run.ema is not None:
-            values |= evaluate(run.ema.module, val_loader, run.tasks, acc, EMA_PREFIX,
+            # Cached features come from the raw backbone; once a phase has trained it, the
+            # average's own backbone differs, so the average is evaluated on the images.
+            ema_loader = run.val_loader if schedule.backbone_trained_by(epoch) else val_loader
+            values |= evaluate(run.ema.module, ema_loader, run.tasks, acc, EMA_PREFIX,
                                run.metric_names)  # fmt: skip
         record = {"epoch": epoch, "step": state["step"], "phase": phase, **stats, **values,
                   "skipped_steps": state["skipped_steps"], **_footprint(run)}  # fmt: skip

@@ -111,6 +111,9 @@ class ScheduleSection:
     # AdamW's first steps at the full rate otherwise wreck the pretrained features before the
     # heads fit them (docs/quality.md). 0 turns it off.
     phase_warmup_epochs: float = bounded(3.0, ge=0)
+    # "phase": every phase runs train.scheduler anew over its own epochs from train.lr (times
+    # its multipliers), as fastai's fine_tune does; "run": one schedule over the whole run.
+    lr_cycle: Literal["run", "phase"] = "run"
 
 
 @dataclass(kw_only=True)
