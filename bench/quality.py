@@ -19,10 +19,10 @@ Writes `bench/results/quality.json` and `bench/results/quality.md` (copied into 
       digits 0-4 by recipes/digits_source.yaml, 32 px), with the budget's data and the default
       batch size.
     The number is the validation digit accuracy after the last epoch (what a user gets).
-(b) The digits 0-4 -> 5-9 chain of `make demo` (all three tasks, 200 images): its recipe lets
-    batch-norm statistics update and skips the phase warmup; against it, the two engine
-    defaults it opts out of (statistics kept fixed when starting from weights; a warmup after
-    each phase change), alone and together, over 3 seeds.
+(b) The digits 0-4 -> 5-9 chain of `make demo` (all three tasks, 200 images): its recipe opts
+    out of four engine defaults (batch-norm statistics kept fixed when starting from weights; a
+    warmup after each phase change; a new LR cycle per phase; the fine-tune phase at 0.2 of the
+    rate); against it, each default alone and all together, over 3 seeds.
 
 `--quick` runs every method once at toy sizes (used by tests/test_bench.py).
 """
@@ -184,9 +184,9 @@ def label_budgets(
             for method in methods:
                 if (method, budget, seed) in finished:
                     continue
-                start = time.perf_counter()
+                start, trace = time.perf_counter(), []
                 if method == HAND_WRITTEN:
-                    accuracy = hand_written_lpft(manifest, seed, epochs or 16, size=64)
+                    accuracy = hand_written_lpft(manifest, seed, epochs or 16, 64, trace)
                 else:
                     name, changes = RECIPE_METHODS[method]
                     if name == "digits_transfer":
@@ -195,7 +195,8 @@ def label_budgets(
                     recipe = _recipe(name, manifest, seed, changes, epochs, sets)
                     run = train(recipe, output=work / f"{method}_{budget}_{seed}".replace(" ", "_"))
                     accuracy = RunDir(run).final()["val/digit/accuracy"]
-                rows.append(_row(method, budget, seed, accuracy, start))
+                    trace = [r["val/digit/accuracy"] for r in RunDir(run).records()]
+                rows.append({**_row(method, budget, seed, accuracy, start), "trace": trace})
                 progress(rows[-1])
     return rows
 
@@ -220,11 +221,18 @@ def _source_run(root: Path, work: Path, seed: int, epochs: int | None) -> Path:
 
 
 CHAIN_VARIANTS = {
-    "as shipped (norm_stats: train, phase_warmup_epochs: 0)": [],
+    "as shipped (opts out of the four defaults below)": [],
     "statistics fixed (norm_stats: auto, the default)": ["schedule.norm_stats=auto"],
     "phase warmup (phase_warmup_epochs: 3, the default)": ["schedule.phase_warmup_epochs=3"],
-    "both defaults": ["schedule.norm_stats=auto", "schedule.phase_warmup_epochs=3"],
-}
+    "a new LR cycle per phase (lr_cycle: phase, the default)": ["schedule.lr_cycle=phase"],
+    "fine-tune phase at 0.2 of the rate (unfrozen_lr_mult: 0.2, the default)": [
+        "schedule.unfrozen_lr_mult=0.2"
+    ],
+    "every default": [
+        "schedule.norm_stats=auto", "schedule.phase_warmup_epochs=3",
+        "schedule.lr_cycle=phase", "schedule.unfrozen_lr_mult=0.2",
+    ],
+}  # fmt: skip
 
 
 def digits_chain(root: Path, work: Path, seeds, quick: bool, progress: Callable) -> list:
@@ -274,6 +282,39 @@ def _budget_table(rows: list) -> tuple[list, str]:
     return cells, "\n".join(lines)
 
 
+LP_FT = ("ImageNet LP-FT", HAND_WRITTEN)  # 8 probe epochs, then 8 of fine-tuning
+PROBE_EPOCHS = 8
+
+
+def unfreeze_table(rows: list, probe_epochs: int = PROBE_EPOCHS) -> str:
+    """Per LP-FT method and budget, over seeds: validation accuracy at the probe's last epoch,
+    the first fine-tune epoch (does it collapse?), the worst fine-tune epoch and the last."""
+
+    def cell(values: list[float]) -> str:
+        summary = _summary(values)
+        return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+    lines = [
+        "| method | labels/class | seeds | end of probe | 1st fine-tune epoch | worst fine-tune "
+        "epoch | final | runs losing > 5 points in the 1st fine-tune epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        if len(row.get("trace") or ()) > probe_epochs:
+            groups.setdefault((row["method"], row["budget"]), []).append(row["trace"])
+    for (method, budget), traces in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+        probe = [t[probe_epochs - 1] for t in traces]
+        first = [t[probe_epochs] for t in traces]
+        worst = [min(t[probe_epochs:]) for t in traces]
+        drops = sum(p - f > 0.05 for p, f in zip(probe, first))
+        lines.append(
+            f"| {method} | {budget} | {len(traces)} | {cell(probe)} | {cell(first)} | "
+            f"{cell(worst)} | {cell([t[-1] for t in traces])} | {drops} of {len(traces)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _chain_table(rows: list) -> tuple[list, str]:
     cells, lines = [], ["| variant | digit acc | parity acc | ink MAE |", "|---|---|---|---|"]
     for variant in CHAIN_VARIANTS:
@@ -308,7 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a recipe override for every recipe method of section (a), to measure a variant",
     )  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch CPU threads (results move with it)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budgets = tuple(int(b) for b in args.budgets.split(","))
@@ -335,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
             report["a_budgets"], table = _budget_table(rows)
             report["a_runs"] = rows
             markdown += ["## (a) Validation digit accuracy by labels per class", "", table, ""]
+            probe_epochs = 1 if args.quick else PROBE_EPOCHS
+            markdown += ["## (a) The unfreeze, epoch by epoch", "",
+                         unfreeze_table(rows, probe_epochs)]  # fmt: skip
         if "b" in sections:
             rows = digits_chain(root, work, seeds, args.quick, _print)
             report["b_chain"], table = _chain_table(rows)

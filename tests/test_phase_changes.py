@@ -129,17 +129,28 @@ def test_the_default_batch_size_gives_small_train_sets_several_steps():
     assert default_batch_size(64, 10, 1, say=False) == 64  # a chosen size is kept
 
 
-def test_groups_unfrozen_after_a_probe_start_at_a_lower_rate():
+def test_a_phase_that_unfreezes_after_a_probe_runs_at_a_lower_rate():
     backbone = create_backbone("timm:test_resnet", None)
     lpft = FreezeSchedule(backbone, [PhaseSection(from_epoch=0, freeze="all"),
                                      PhaseSection(from_epoch=2, freeze="up_to:layer1",
                                                   lr_mult={"layer4": 0.5})],
                           unfrozen_lr_mult=0.1)  # fmt: skip
-    assert lpft.lr_factor("heads", epoch=0) == lpft.lr_factor("heads", epoch=2) == 1.0
-    assert lpft.lr_factor("layer3", epoch=2) == pytest.approx(0.1)
-    assert lpft.lr_factor("layer4", epoch=2) == 0.5  # named in the phase: the recipe wins
+    assert lpft.lr_factor("heads", epoch=0) == lpft.lr_factor("layer3", epoch=0) == 1.0
+    # The fine-tune phase: every group in it, heads included, at the lower rate...
+    assert (
+        lpft.lr_factor("heads", epoch=2) == lpft.lr_factor("layer3", epoch=2) == pytest.approx(0.1)
+    )
+    assert lpft.lr_factor("layer4", epoch=2) == 0.5  # ...unless named in the phase: the recipe wins
     full = FreezeSchedule(backbone, [PhaseSection(freeze="none")], unfrozen_lr_mult=0.1)
     assert full.lr_factor("layer3", epoch=0) == 1.0  # never frozen: the full rate
+    assert full.lr_factor("heads", epoch=0) == 1.0
+    # Gradual unfreezing: every phase after the probe is a fine-tune phase.
+    gradual = FreezeSchedule(backbone, [PhaseSection(from_epoch=0, freeze="all"),
+                                        PhaseSection(from_epoch=1, freeze="up_to:layer3"),
+                                        PhaseSection(from_epoch=2, freeze="none")],
+                             unfrozen_lr_mult=0.1)  # fmt: skip
+    assert [gradual.lr_factor("layer4", epoch=e) for e in (1, 2)] == pytest.approx([0.1, 0.1])
+    assert gradual.lr_factor("heads", epoch=1) == pytest.approx(0.1)
 
 
 def test_later_phases_warm_up_over_at_most_a_third_of_their_length():
@@ -165,3 +176,30 @@ def test_the_first_phase_warms_up_only_when_it_fine_tunes_loaded_weights():
     assert factors(full, True) == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0])
     assert factors(full, False) == [1.0] * 6  # random weights: nothing to protect
     assert factors(probe, True) == [1.0] * 6  # a probe trains the heads only
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [([], None), (["schedule.unfrozen_lr_mult=1"], "at 1x train.lr;"),
+     (["schedule.phase_warmup_epochs=0"], "at 0.2x train.lr with no warmup"),
+     (["schedule.phases.1.lr_mult={layer4: 0.5}"], "at 0.5x train.lr;"),
+     (["model.weights=none", "schedule.unfrozen_lr_mult=1"], None)],
+)  # fmt: skip
+def test_the_log_warns_when_a_fine_tune_phase_starts_at_a_collapsing_rate(
+    workdir, source_run, monkeypatch, overrides, warned
+):
+    from transferkit.engine.setup import set_up
+    from transferkit.engine.trainer import _rate_note
+
+    monkeypatch.chdir(workdir)
+    defaults = ["schedule.lr_cycle=phase", "schedule.unfrozen_lr_mult=0.2",
+                "schedule.phase_warmup_epochs=3", "schedule.phases.1.lr_mult={}"]  # fmt: skip
+    recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", [
+        *QUICK, f"model.weights={source_run / 'model.safetensors'}", *defaults, *overrides])  # fmt: skip
+    run = set_up(recipe, output=str(workdir / "runs" / "rate_note"))
+    note = _rate_note(run, 1)
+    assert _rate_note(run, 0) is None  # the probe
+    if warned is None:
+        assert note is None
+    else:
+        assert note.startswith("warning: phase 1 fine-tunes pretrained groups") and warned in note

@@ -55,15 +55,19 @@ class FreezeSchedule:
                         f"{did_you_mean(group, valid)} Groups: {', '.join(valid)}"
                     )
             self.phases.append((int(phase.from_epoch), spec, dict(phase.lr_mult)))
-        # Groups that join after an earlier phase kept them frozen (LP-FT: the heads have been
-        # fitted to the frozen features) start at `unfrozen_lr_mult` of the rate unless the
-        # phase's lr_mult names them: at the full rate, AdamW's first steps on them wreck the
-        # features the heads were fitted to (docs/quality.md).
+        # A phase that trains groups an earlier phase kept frozen (the fine-tune phase of
+        # LP-FT: the heads have been fitted to the frozen features) runs every group, heads
+        # included, at `unfrozen_lr_mult` of the rate unless its lr_mult names them: at the
+        # full rate AdamW's first steps wreck the features the heads were fitted to, and the
+        # first fine-tune epoch loses 15 points (docs/quality.md).
         self.defaults: list[dict[str, float]] = []
         frozen_before: set[str] = set()
         for _, spec, _ in self.phases:
             trainable = set(spec.trainable_groups(backbone))
-            self.defaults.append(dict.fromkeys(trainable & frozen_before, unfrozen_lr_mult))
+            fine_tune = trainable & frozen_before
+            self.defaults.append(
+                dict.fromkeys([*trainable, HEADS], unfrozen_lr_mult) if fine_tune else {}
+            )
             frozen_before |= set(backbone.group_names) - trainable
         self.phase_warmup_epochs, self.total_epochs = phase_warmup_epochs, total_epochs
         # The first phase warms up too when it trains backbone groups of loaded weights (full

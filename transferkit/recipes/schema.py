@@ -103,17 +103,21 @@ class ScheduleSection:
     # Batch-norm running statistics while groups train: "auto" keeps them fixed when the
     # backbone starts from weights (pretrained or a file) and updates them from random weights.
     norm_stats: Literal[NORM_STATS] = "auto"  # type: ignore[valid-type]
-    # The learning-rate multiplier of groups unfrozen after an earlier phase kept them frozen,
-    # unless the phase's lr_mult names them.
-    unfrozen_lr_mult: float = bounded(1.0, ge=0)
+    # The learning-rate multiplier of a phase that trains groups an earlier phase kept frozen
+    # (LP-FT's fine-tune phase): every group in it, heads included, unless the phase's lr_mult
+    # names them. 0.2: no dip at the unfreeze, and as good as a hand-written loop at 5-50
+    # labels per class (docs/quality.md).
+    unfrozen_lr_mult: float = bounded(0.2, ge=0)
     # A linear warmup at the start of every phase after the first, and of the first when it
     # trains backbone groups of loaded weights, in epochs (at most a third of the phase):
     # AdamW's first steps at the full rate otherwise wreck the pretrained features before the
     # heads fit them (docs/quality.md). 0 turns it off.
     phase_warmup_epochs: float = bounded(3.0, ge=0)
     # "phase": every phase runs train.scheduler anew over its own epochs from train.lr (times
-    # its multipliers), as fastai's fine_tune does; "run": one schedule over the whole run.
-    lr_cycle: Literal["run", "phase"] = "run"
+    # its multipliers), as fastai's fine_tune does, so a fine-tune phase after a probe starts
+    # from its own peak rather than where one cosine over the run had got to; "run": one
+    # schedule over the whole run. Runs of one phase are the same either way.
+    lr_cycle: Literal["run", "phase"] = "phase"
 
 
 @dataclass(kw_only=True)
