@@ -215,3 +215,16 @@ def test_onnx_files_not_from_transferkit_give_clear_errors(tmp_path, capsys):
 
     assert main(["predict", str(tmp_path / "missing.onnx"), str(tmp_path)]) == 2
     assert "no such ONNX file" in capsys.readouterr().err
+
+    def with_metadata(name: str, info: dict):
+        model = onnx.load(str(plain))
+        onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
+        onnx.save(model, str(tmp_path / name))
+        return tmp_path / name
+
+    info = {"version": 1, "outputs": ["digit"], "preprocessing": {},
+            "tasks": [{"name": "digit", "kind": "multiclass", "num_outputs": 2}]}  # fmt: skip
+    with pytest.raises(UserError, match="the graph .* does not match"):
+        transferkit.load(with_metadata("mismatched.onnx", info))  # its output is not "digit"
+    with pytest.raises(UserError, match="exported by a newer transferkit .*upgrade"):
+        transferkit.load(with_metadata("newer.onnx", {**info, "version": 99}))

@@ -138,3 +138,15 @@ def test_push_refuses_an_unfinished_run(multitask_run, tmp_path):
         push_run(unfinished, "me/x")
     with pytest.raises(UserError, match="no such run folder"):
         push_run(tmp_path / "nowhere", "me/x")
+
+
+@pytest.mark.parametrize(
+    "weights, said",
+    [(None, "random initialization (trained from scratch)"),
+     ("pretrained", "pretrained weights for `timm:resnet18` (`model.weights: pretrained`)"),
+     ("runs/source/model.safetensors", "the weights in `runs/source/model.safetensors`")],
+)  # fmt: skip
+def test_the_card_says_where_the_weights_came_from(weights, said):
+    from transferkit.model_card import _weights
+
+    assert _weights(weights, "timm:resnet18") == said

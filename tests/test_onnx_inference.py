@@ -26,6 +26,7 @@ from transferkit.image_files import open_image
 from transferkit.models import DataConfig
 from transferkit.prediction_table import write_predictions
 from transferkit.preprocess import Preprocessing
+from transferkit.task_spec import TaskSpec
 
 
 def _test_images(workdir) -> list[PIL.Image.Image]:
@@ -96,8 +97,9 @@ def test_onnx_model_predicts_in_a_process_without_torch(
 
         run = transferkit.load({str(onnx_model)!r})
         results = run.predict_named({[str(f) for f in files]!r}, batch_size=4)
-        assert main(["predict", {str(onnx_model)!r}, {str(images)!r},
+        assert main(["predict", {str(onnx_model)!r}, {str(images)!r}, "--tta", "none",
                      "--output", {str(tmp_path / "table.csv")!r}, "--no-progress"]) == 0
+        assert main(["predict", {str(onnx_model)!r}, {str(files[0])!r}, "--tta", "crops"]) == 2
         print(json.dumps({{"results": results, "torch": "torch" in sys.modules}}))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -219,3 +221,24 @@ def test_a_calibrated_run_keeps_its_temperatures_through_onnx(multitask_run, tmp
             assert got[task]["label"] == want[task]["label"]
             assert abs(got[task]["score"] - want[task]["score"]) < 1e-4
         assert abs(want["digit"]["score"] - raw["digit"]["score"]) > 1e-3  # it was applied
+
+
+@pytest.mark.parametrize(
+    "task, probabilities, columns, cells",
+    [
+        (TaskSpec("tags", "multilabel", 3, class_names=("cat", "dog", "sky")), [0.9, 0.2, 0.7],
+         ["tags", "tags_score_cat", "tags_score_dog", "tags_score_sky"], ["cat;sky", 0.9, 0.2, 0.7]),
+        (TaskSpec("box", "regression", 2), [0.25, -1.5], ["box_0", "box_1"], [0.25, -1.5]),
+        (TaskSpec("ink", "regression", 1), [0.5], ["ink"], [0.5]),
+        (TaskSpec("even", "binary", class_names=("even", "odd")), 0.2, ["even", "even_score"], ["even", 0.8]),
+    ],
+)  # fmt: skip
+def test_prediction_table_columns_for_every_task_kind(task, probabilities, columns, cells):
+    from transferkit.predictions import describe_prediction, table_columns, table_row
+
+    described = describe_prediction(task, np.asarray(probabilities, dtype=np.float32))
+    assert table_columns(task) == columns
+    row = table_row(task, described)
+    assert len(row) == len(columns)
+    for got, want in zip(row, cells):
+        assert got == (want if isinstance(want, str) else pytest.approx(want, abs=1e-4))

@@ -100,8 +100,8 @@ def _floats(values) -> str:
 def _weights(weights, backbone: str) -> str:
     if weights is None:
         return "random initialization (trained from scratch)"
-    if weights == "pretrained":
-        return f"the pretrained weights that {backbone.split(':', 1)[0]} ships for `{backbone}`"
+    if weights == "pretrained":  # the library's cache or hub, or a packaged checkpoint
+        return f"pretrained weights for `{backbone}` (`model.weights: pretrained`)"
     return f"the weights in `{weights}`"
 
 

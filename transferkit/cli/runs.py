@@ -98,9 +98,13 @@ def print_predictions(results: list[dict], as_json: bool) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from transferkit import load  # a .onnx file loads without torch
 
+    from transferkit.onnx_run import OnnxRun
+
     run = load(args.run_dir)
     tta = None
-    if args.tta is not None:  # the views are named beside torch's transforms
+    if args.tta is not None and isinstance(run, OnnxRun):  # no torch here: OnnxRun refuses views
+        tta = [view.strip() for view in args.tta.split(",") if view.strip() not in ("", "none")]
+    elif args.tta is not None:  # the views are named beside torch's transforms
         from transferkit.inference import parse_tta
 
         tta = parse_tta(args.tta)
