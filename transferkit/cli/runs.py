@@ -97,7 +97,6 @@ def print_predictions(results: list[dict], as_json: bool) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from transferkit import load  # a .onnx file loads without torch
-
     from transferkit.onnx_run import OnnxRun
 
     run = load(args.run_dir)
