@@ -122,10 +122,11 @@ def test_small_train_sets_keep_their_last_batch():
 def test_the_default_batch_size_gives_small_train_sets_several_steps():
     from transferkit.engine.batches import default_batch_size
 
-    assert default_batch_size(None, 50, 1, say=False) == 16  # 4 batches, not 2
-    assert default_batch_size(None, 100, 1, say=False) == 32
-    assert default_batch_size(None, 20, 1, say=False) == 8
-    assert default_batch_size(None, 100, 2, say=False) == 16  # per process: 50 images each
+    assert default_batch_size(None, 100, 1, say=False) == 8  # 13 batches an epoch, not 4
+    assert default_batch_size(None, 250, 1, say=False) == 16  # 16 batches
+    assert default_batch_size(None, 512, 1, say=False) == 32
+    assert default_batch_size(None, 20, 1, say=False) == 8  # never below 8
+    assert default_batch_size(None, 500, 2, say=False) == 16  # per process: 250 images each
     assert default_batch_size(64, 10, 1, say=False) == 64  # a chosen size is kept
 
 

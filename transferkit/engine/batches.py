@@ -45,13 +45,19 @@ def load_shared_data(recipe: Recipe, accelerator: Accelerator):
     return data
 
 
+# The default batch is halved (32, 16, 8) while an epoch would have fewer batches than this:
+# small train sets need steps more than large batches. 100 images at 32 (4 steps an epoch)
+# ended LP-FT 3 points lower than at 8 (13 steps), docs/quality.md; 512 images or more keep 32.
+MIN_BATCHES_PER_EPOCH = 16
+
+
 def default_batch_size(chosen: int | None, samples: int, processes: int, say: bool) -> int:
     """`train.batch_size`, or by default 32 halved (down to 8) while each process would get
-    fewer than 4 batches an epoch: 50 images at 32 gave 1 or 2 steps per epoch."""
+    fewer than `MIN_BATCHES_PER_EPOCH` batches an epoch."""
     if chosen is not None:
         return chosen
     size, share = 32, math.ceil(samples / processes)
-    while size > 8 and math.ceil(share / size) < 4:
+    while size > 8 and math.ceil(share / size) < MIN_BATCHES_PER_EPOCH:
         size //= 2
     if say and size < 32:
         print(f"batch size: {size} per process ({samples} training images; train.batch_size)")
