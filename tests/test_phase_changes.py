@@ -18,25 +18,31 @@ from transferkit.models import create_backbone
 from transferkit.recipes import PhaseSection, load_recipe, parse_recipe
 
 
-def test_a_phase_multiplier_applies_from_the_phases_first_step():
-    backbone = create_backbone("timm:test_resnet", None)
-    phases = [PhaseSection(from_epoch=0, freeze="all", lr_mult={"heads": 1.0}),
-              PhaseSection(from_epoch=1, freeze="none", lr_mult={"heads": 0.1})]  # fmt: skip
-    schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=0.0)
+def _heads_rates(schedule: FreezeSchedule, epochs: int, steps_per_epoch: int, scheduler: str):
+    """The heads' learning rate at every optimizer step, with train.lr 1."""
     head = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{"params": [head], "group": "heads"}], lr=1.0)
     train_cfg = parse_recipe({"model": {"backbone": "timm:test_resnet"},
                               "tasks": {"a": {"kind": "binary"}},
                               "data": {"source": "disk", "path": "x"},
-                              "train": {"epochs": 2, "scheduler": "constant"}}).train  # fmt: skip
-    scheduler = build_lr_scheduler(optimizer, train_cfg, schedule, steps_per_epoch=3)
+                              "train": {"epochs": epochs, "scheduler": scheduler}}).train  # fmt: skip
+    lr_scheduler = build_lr_scheduler(optimizer, train_cfg, schedule, steps_per_epoch)
     used = []
-    for epoch in range(2):
+    for epoch in range(epochs):
         schedule.apply(epoch)
-        for _ in range(3):
+        for _ in range(steps_per_epoch):
             used.append(optimizer.param_groups[0]["lr"])  # the rate this step runs with
             optimizer.step()
-            scheduler.step()
+            lr_scheduler.step()
+    return used
+
+
+def test_a_phase_multiplier_applies_from_the_phases_first_step():
+    backbone = create_backbone("timm:test_resnet", None)
+    phases = [PhaseSection(from_epoch=0, freeze="all", lr_mult={"heads": 1.0}),
+              PhaseSection(from_epoch=1, freeze="none", lr_mult={"heads": 0.1})]  # fmt: skip
+    schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=0.0)
+    used = _heads_rates(schedule, epochs=2, steps_per_epoch=3, scheduler="constant")
     assert used == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
 
 
@@ -48,21 +54,8 @@ def test_lr_cycle_runs_the_schedule_over_the_run_or_anew_in_each_phase(cycle):
     backbone = create_backbone("timm:test_resnet", None)
     phases = [PhaseSection(from_epoch=0, freeze="all"), PhaseSection(from_epoch=2, freeze="none")]
     schedule = FreezeSchedule(backbone, phases, phase_warmup_epochs=1.0, total_epochs=6,
-                              lr_cycle=cycle)  # fmt: skip
-    head = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([{"params": [head], "group": "heads"}], lr=1.0)
-    train_cfg = parse_recipe({"model": {"backbone": "timm:test_resnet"},
-                              "tasks": {"a": {"kind": "binary"}},
-                              "data": {"source": "disk", "path": "x"},
-                              "train": {"epochs": 6, "scheduler": "cosine"}}).train  # fmt: skip
-    scheduler = build_lr_scheduler(optimizer, train_cfg, schedule, steps_per_epoch=2)
-    used = []
-    for epoch in range(6):
-        schedule.apply(epoch)
-        for _ in range(2):
-            used.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
+                              lr_cycle=cycle, unfrozen_lr_mult=1.0)  # fmt: skip
+    used = _heads_rates(schedule, epochs=6, steps_per_epoch=2, scheduler="cosine")
 
     def cosine(step, total):
         return 0.5 * (1 + math.cos(math.pi * step / total))
