@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from bench.quality_tables import budget_table, chain_table, paired_table, unfreeze_table
 from transferkit.digits import write_digits
 from transferkit.engine import train
 from transferkit.recipes import parse_recipe
@@ -156,12 +156,8 @@ def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int, trace=N
     return validate()
 
 
-def _summary(values: list[float]) -> dict:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "values": values}
-
-
 HAND_WRITTEN = "hand-written LP-FT"
+PROBE_EPOCHS = 8  # the LP-FT methods: 8 epochs of probe, then 8 of fine-tuning
 METHODS = (*RECIPE_METHODS, HAND_WRITTEN)
 
 
@@ -267,75 +263,6 @@ def digits_chain(root: Path, work: Path, seeds, quick: bool, progress: Callable)
     return rows
 
 
-def _budget_table(rows: list) -> tuple[list, str]:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    budgets = sorted({r["budget"] for r in rows})
-    cells, lines = [], []
-    lines.append("| method | " + " | ".join(f"{b} / class" for b in budgets) + " | s per run |")
-    lines.append("|---" * (len(budgets) + 2) + "|")
-    for method in methods:
-        line = f"| {method} |"
-        for budget in budgets:
-            acc = [r["accuracy"] for r in rows if r["method"] == method and r["budget"] == budget]
-            cell = {"method": method, "budget": budget, **_summary(acc)}
-            cells.append(cell)
-            line += f" {cell['mean']:.3f} ± {cell['std']:.3f} |"
-        seconds = [r["s"] for r in rows if r["method"] == method]
-        lines.append(line + f" {statistics.fmean(seconds):.0f} |")
-    return cells, "\n".join(lines)
-
-
-LP_FT = ("ImageNet LP-FT", HAND_WRITTEN)  # 8 probe epochs, then 8 of fine-tuning
-PROBE_EPOCHS = 8
-
-
-def unfreeze_table(rows: list, probe_epochs: int = PROBE_EPOCHS) -> str:
-    """Per LP-FT method and budget, over seeds: validation accuracy at the probe's last epoch,
-    the first fine-tune epoch (does it collapse?), the worst fine-tune epoch and the last."""
-
-    def cell(values: list[float]) -> str:
-        summary = _summary(values)
-        return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
-
-    lines = [
-        "| method | labels/class | seeds | end of probe | 1st fine-tune epoch | worst fine-tune "
-        "epoch | final | runs losing > 5 points in the 1st fine-tune epoch |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    groups: dict[tuple, list] = {}
-    for row in rows:
-        if len(row.get("trace") or ()) > probe_epochs:
-            groups.setdefault((row["method"], row["budget"]), []).append(row["trace"])
-    for (method, budget), traces in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
-        probe = [t[probe_epochs - 1] for t in traces]
-        first = [t[probe_epochs] for t in traces]
-        worst = [min(t[probe_epochs:]) for t in traces]
-        drops = sum(p - f > 0.05 for p, f in zip(probe, first))
-        lines.append(
-            f"| {method} | {budget} | {len(traces)} | {cell(probe)} | {cell(first)} | "
-            f"{cell(worst)} | {cell([t[-1] for t in traces])} | {drops} of {len(traces)} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _chain_table(rows: list) -> tuple[list, str]:
-    cells, lines = [], ["| variant | digit acc | parity acc | ink MAE |", "|---|---|---|---|"]
-    for variant in CHAIN_VARIANTS:
-        mine = [r for r in rows if r["variant"] == variant]
-        cell = {"variant": variant}
-        for key in ("digit", "parity", "ink_mae"):
-            cell[key] = _summary([r[key] for r in mine])
-        cells.append(cell)
-        lines.append(
-            f"| {variant} | "
-            + " | ".join(
-                f"{cell[k]['mean']:.3f} ± {cell[k]['std']:.3f}" for k in cell if k != "variant"
-            )
-            + " |"
-        )
-    return cells, "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes (for the tests)")
@@ -379,15 +306,17 @@ def main(argv: list[str] | None = None) -> dict:
             rows = done + label_budgets(
                 root, work, budgets, seeds, epochs, progress, methods, done, args.set
             )
-            report["a_budgets"], table = _budget_table(rows)
+            report["a_budgets"], table = budget_table(rows)
             report["a_runs"] = rows
             markdown += ["## (a) Validation digit accuracy by labels per class", "", table, ""]
             probe_epochs = 1 if args.quick else PROBE_EPOCHS
             markdown += ["## (a) The unfreeze, epoch by epoch", "",
                          unfreeze_table(rows, probe_epochs)]  # fmt: skip
+            markdown += ["## (a) LP-FT against the hand-written loop, draw by draw", "",
+                         paired_table(rows, "ImageNet LP-FT", HAND_WRITTEN)]  # fmt: skip
         if "b" in sections:
             rows = digits_chain(root, work, seeds, args.quick, _print)
-            report["b_chain"], table = _chain_table(rows)
+            report["b_chain"], table = chain_table(rows, CHAIN_VARIANTS)
             report["b_runs"] = rows
             markdown += ["## (b) The digits 0-4 -> 5-9 chain (validation)", "", table, ""]
     report["total_s"] = round(time.perf_counter() - started)

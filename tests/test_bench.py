@@ -88,6 +88,7 @@ def test_quality_bench_quick_reports_every_method_and_the_chain(tmp_path, monkey
     assert "| ImageNet LP-FT |" in markdown and "| every default |" in markdown
     # The unfreeze table: each LP-FT method's probe, first fine-tune and last epochs.
     assert "| ImageNet LP-FT | 2 | 1 |" in markdown and "| hand-written LP-FT | 2 | 1 |" in markdown
+    assert "LP-FT against the hand-written loop, draw by draw" in markdown
     lpft = [r for r in report["a_runs"] if r["method"] == "ImageNet LP-FT"]
     assert lpft and all(len(r["trace"]) == 2 and r["trace"][-1] == r["accuracy"] for r in lpft)
 
@@ -160,3 +161,17 @@ def test_features_bench_quick_writes_the_table(tmp_path, monkeypatch):
     assert scaled["digit/ece"]["mean"] != base["digit/ece"]["mean"]
     table = (tmp_path / "features.md").read_text()
     assert "| EMA (final model) |" in table and "| temperature |" in table
+
+
+def test_paired_table_counts_each_draw_against_the_loop(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.quality import HAND_WRITTEN
+    from bench.quality_tables import paired_table
+
+    rows = [{"method": m, "budget": 5, "seed": s, "accuracy": a} for m, s, a in [
+        ("ImageNet LP-FT", 0, 0.90), ("ImageNet LP-FT", 1, 0.80), ("ImageNet LP-FT", 2, 0.70),
+        (HAND_WRITTEN, 0, 0.85), (HAND_WRITTEN, 1, 0.80), (HAND_WRITTEN, 2, 0.75)]]  # fmt: skip
+    # Differences +5, 0, -5 points: mean 0, standard error 5 / sqrt(3).
+    assert "| 5 | 3 | +0.0 | 2.9 | 1 / 1 / 1 |" in paired_table(
+        rows, "ImageNet LP-FT", HAND_WRITTEN
+    )
