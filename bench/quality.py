@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             markdown += ["## (a) Validation digit accuracy by labels per class", "", table, ""]
             probe_epochs = 1 if args.quick else PROBE_EPOCHS
             markdown += ["## (a) The unfreeze, epoch by epoch", "",
-                         unfreeze_table(rows, probe_epochs)]  # fmt: skip
+                         unfreeze_table(rows, probe_epochs, ("ImageNet LP-FT", HAND_WRITTEN))]  # fmt: skip
             markdown += ["## (a) LP-FT against the hand-written loop, draw by draw", "",
                          paired_table(rows, "ImageNet LP-FT", HAND_WRITTEN)]  # fmt: skip
         if "b" in sections:

@@ -49,7 +49,7 @@ def paired_table(rows: list, method: str, baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unfreeze_table(rows: list, probe_epochs: int) -> str:
+def unfreeze_table(rows: list, probe_epochs: int, methods) -> str:
     """Per LP-FT method and budget, over seeds: validation accuracy at the probe's last epoch,
     the first fine-tune epoch (does it collapse?), the worst fine-tune epoch and the last."""
 
@@ -64,7 +64,7 @@ def unfreeze_table(rows: list, probe_epochs: int) -> str:
     ]
     groups: dict[tuple, list] = {}
     for row in rows:
-        if len(row.get("trace") or ()) > probe_epochs:
+        if row["method"] in methods and len(row.get("trace") or ()) > probe_epochs:
             groups.setdefault((row["method"], row["budget"]), []).append(row["trace"])
     for (method, budget), traces in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
         probe = [t[probe_epochs - 1] for t in traces]

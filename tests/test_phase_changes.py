@@ -116,10 +116,10 @@ def test_the_default_batch_size_gives_small_train_sets_several_steps():
     from transferkit.engine.batches import default_batch_size
 
     assert default_batch_size(None, 100, 1, say=False) == 8  # 13 batches an epoch, not 4
-    assert default_batch_size(None, 500, 1, say=False) == 16  # 32 batches
-    assert default_batch_size(None, 1000, 1, say=False) == 32
+    assert default_batch_size(None, 250, 1, say=False) == 16  # 16 batches
+    assert default_batch_size(None, 512, 1, say=False) == 32
     assert default_batch_size(None, 20, 1, say=False) == 8  # never below 8
-    assert default_batch_size(None, 1000, 2, say=False) == 16  # per process: 500 images each
+    assert default_batch_size(None, 500, 2, say=False) == 16  # per process: 250 images each
     assert default_batch_size(64, 10, 1, say=False) == 64  # a chosen size is kept
 
 

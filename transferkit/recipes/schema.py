@@ -154,7 +154,7 @@ class MixupSection:
 class TrainSection:
     epochs: int = bounded(10, ge=1)
     max_steps: int | None = bounded(None, ge=1)
-    # Per process. Default (null): 32, halved down to 8 while an epoch would have fewer than 32
+    # Per process. Default (null): 32, halved down to 8 while an epoch would have fewer than 16
     # batches, so a small train set still takes many steps per epoch (docs/quality.md).
     batch_size: int | None = bounded(None, ge=1)
     eval_batch_size: int | None = bounded(None, ge=1)
