@@ -4,6 +4,7 @@ augmentation (views, the recipe's default, forbidden flips)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -173,3 +174,6 @@ def test_onnx_export_of_a_tta_run_says_its_predictions_are_single_view(digits_ru
     image = str(sorted((workdir / "data/digits/transfer/images").iterdir())[2])
     with pytest.warns(UserWarning, match="single-view"):
         next(exported.probabilities([image]))
+    with warnings.catch_warnings():  # --tta none asks for one view: nothing to warn about
+        warnings.simplefilter("error")
+        next(exported.probabilities([image], tta=[]))

@@ -366,6 +366,46 @@ def test_an_entry_removed_while_being_read_is_built_again(tiny_data, tmp_path, m
     assert torch.allclose(again[0]["features"], built[0]["features"])
 
 
+def test_an_entry_evicted_right_after_its_build_is_built_again(tiny_data, tmp_path, monkeypatch):
+    """The lock is released before the new entry is read: another run's eviction can remove it
+    in between. That is a miss built again, not a crash."""
+    import transferkit.engine.feature_store as feature_store
+
+    store = FeatureStore(tmp_path / "cache")
+    backbone = _backbone()
+    dataset = _dataset(tiny_data, backbone)
+    read, removed = feature_store.load_entry, []
+
+    def evicted_first(folder, *args):
+        if not removed:
+            shutil.rmtree(folder)
+            removed.append(folder)
+        return read(folder, *args)
+
+    monkeypatch.setattr(feature_store, "load_entry", evicted_first)
+    features, hit = _ask(store, backbone, dataset)
+    assert removed and not hit and len(features) == len(dataset) and len(store.entries()) == 1
+
+
+def test_an_entry_that_cannot_be_read_for_another_reason_is_kept(tiny_data, tmp_path, monkeypatch):
+    """Only a removed or incomplete entry is rebuilt: an error such as running out of memory
+    to map it is one clear error, and the entry other runs may be reading stays."""
+    import transferkit.engine.feature_store as feature_store
+
+    store = FeatureStore(tmp_path / "cache")
+    backbone = _backbone()
+    dataset = _dataset(tiny_data, backbone)
+    _ask(store, backbone, dataset)
+
+    def no_memory(*args):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(feature_store, "_read_entry", no_memory)
+    with pytest.raises(UserError, match="cannot read the feature cache entry .* is kept"):
+        _ask(store, backbone, dataset)
+    assert len(store.entries()) == 1 and store.entries()[0].manifest
+
+
 def test_a_run_evicts_older_entries_to_fit_its_limit_but_keeps_its_own(workdir, tmp_path):
     """After a build, least recently used entries go until the cache fits
     `train.feature_cache_limit_gb`; the run's train and validation entries both stay (the

@@ -69,6 +69,30 @@ def test_lr_cycle_runs_the_schedule_over_the_run_or_anew_in_each_phase(cycle):
     assert used == pytest.approx(expected)
 
 
+def test_a_phase_cycle_ends_with_the_run_when_the_next_phase_never_starts():
+    """A run cut shorter than its phases (train.epochs 3, the fine-tune phase from epoch 4):
+    the probe's cosine anneals over the 3 epochs that run, not over 4."""
+    backbone = create_backbone("timm:test_resnet", None)
+    phases = [PhaseSection(from_epoch=0, freeze="all"), PhaseSection(from_epoch=4, freeze="none")]
+    schedule = FreezeSchedule(backbone, phases, total_epochs=3, lr_cycle="phase")
+    assert schedule.lr_span(0) == (0, 3)
+    used = _heads_rates(schedule, epochs=3, steps_per_epoch=2, scheduler="cosine")
+    assert used == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])
+
+
+def test_a_phase_that_moves_normalization_layers_changes_the_backbone():
+    """The EMA is scored on images, not on the raw backbone's cached features, once any phase
+    has changed the backbone: trained groups, or normalization layers of frozen ones."""
+    backbone = create_backbone("timm:test_resnet", None)
+    phases = [PhaseSection(from_epoch=0, freeze="all"),
+              PhaseSection(from_epoch=1, freeze="all@norm=train"),
+              PhaseSection(from_epoch=2, freeze="all")]  # fmt: skip
+    schedule = FreezeSchedule(backbone, phases)
+    assert [schedule.backbone_trained_by(e) for e in range(3)] == [False, True, True]
+    schedule = FreezeSchedule(backbone, [phases[0], PhaseSection(from_epoch=1, freeze="none")])
+    assert [schedule.backbone_trained_by(e) for e in range(2)] == [False, True]
+
+
 def _stats(weights: dict) -> dict:
     return {k: v for k, v in weights.items() if "running_mean" in k or "running_var" in k}
 
@@ -118,6 +142,8 @@ def test_the_default_batch_size_gives_small_train_sets_several_steps():
     assert default_batch_size(None, 100, 1, say=False) == 8  # 13 batches an epoch, not 4
     assert default_batch_size(None, 250, 1, say=False) == 16  # 16 batches
     assert default_batch_size(None, 512, 1, say=False) == 32
+    edges = [default_batch_size(None, n, 1, say=False) for n in (240, 241, 480, 481)]
+    assert edges == [8, 16, 16, 32]  # the thresholds docs/quality.md gives
     assert default_batch_size(None, 20, 1, say=False) == 8  # never below 8
     assert default_batch_size(None, 500, 2, say=False) == 16  # per process: 250 images each
     assert default_batch_size(64, 10, 1, say=False) == 64  # a chosen size is kept
@@ -176,6 +202,7 @@ def test_the_first_phase_warms_up_only_when_it_fine_tunes_loaded_weights():
     "overrides, warned",
     [([], None), (["schedule.unfrozen_lr_mult=1"], "at 1x train.lr;"),
      (["schedule.phase_warmup_epochs=0"], "at 0.2x train.lr with no warmup"),
+     (["schedule.phase_warmup_epochs=0.01"], "at 0.2x train.lr with no warmup"),  # 0 steps
      (["schedule.phases.1.lr_mult={layer4: 0.5}"], "at 0.5x train.lr;"),
      (["model.weights=none", "schedule.unfrozen_lr_mult=1"], None)],
 )  # fmt: skip

@@ -129,6 +129,7 @@ def test_parse_does_not_mutate_its_input():
         ("train.mixed_precision=no", "no"),  # YAML 1.1 reads `no` as false
         ("model.weights=none", None),  # "none" is normalized to None
         ("model.weights=NONE", None),
+        ("model.weights=random", None),  # what create_backbone calls random weights too
         ("train.early_stopping={}", EarlyStoppingSection()),
     ],
 )

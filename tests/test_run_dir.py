@@ -106,3 +106,51 @@ def test_a_run_reads_its_relative_data_paths_from_any_directory(source_run, tmp_
     assert evaluate_run(run)["validation/digit/count"] > 0
     monkeypatch.chdir(run.origin())  # from where it ran, the path is left as written
     assert run.recipe().data.path == written.data.path
+
+
+def test_a_resume_from_another_directory_keeps_the_written_paths(source_run, tmp_path, monkeypatch):
+    """Resolving data.path from origin.json is for reading: the resumed run's recipe.yaml
+    still says what the user wrote, not this machine's absolute path."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(source_run, copy)
+    written = load_recipe(copy / "recipe.yaml").data.path
+    monkeypatch.chdir(tmp_path)  # the relative path does not exist from here
+    train(RunDir(copy).recipe(["train.epochs=3"]), resume=str(copy))
+    saved = load_recipe(copy / "recipe.yaml")
+    assert saved.data.path == written and saved.train.epochs == 3
+
+
+def test_the_default_batch_size_is_recorded_for_resume(workdir, tmp_path, monkeypatch):
+    """With train.batch_size left to the default rule, recipe.yaml records the size it chose,
+    so a resume trains with the same batches whatever the rule or the data become."""
+    monkeypatch.chdir(workdir)
+    recipe = load_recipe(ROOT / "recipes/digits_source.yaml", [*QUICK, "train.batch_size=null"])
+    assert recipe.train.batch_size is None
+    run = RunDir(train(recipe, output=str(tmp_path / "run")))
+    assert recipe.train.batch_size is None  # the caller's recipe is left as it was
+    assert load_recipe(run.recipe_path).train.batch_size == 8  # under 241 training images: 8
+    assert run.recipe().train.batch_size == 8
+
+
+def test_a_run_saved_before_a_schedule_key_existed_keeps_its_old_meaning(source_run, tmp_path):
+    """Keys added with new defaults (a cycle per phase, 0.2 of the rate after a probe, phase
+    warmup, fixed batch-norm statistics) mean what the engine did before them when a saved
+    run's recipe lacks them, so resuming an older run keeps its schedule."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(source_run, old, ignore=shutil.ignore_patterns("checkpoints"))
+    data = yaml.safe_load((old / "recipe.yaml").read_text())
+    assert data["schedule"]["lr_cycle"] == "phase"  # today's runs record every key
+    assert RunDir(old).recipe().schedule.lr_cycle == "phase"
+    for key in ("lr_cycle", "unfrozen_lr_mult", "phase_warmup_epochs", "norm_stats"):
+        del data["schedule"][key]
+    (old / "recipe.yaml").write_text(yaml.safe_dump(data))
+    schedule = RunDir(old).recipe().schedule
+    assert (schedule.lr_cycle, schedule.unfrozen_lr_mult) == ("run", 1.0)
+    assert (schedule.phase_warmup_epochs, schedule.norm_stats) == (0.0, "train")
+    assert RunDir(old).recipe(["schedule.lr_cycle=phase"]).schedule.lr_cycle == "phase"

@@ -91,7 +91,8 @@ class OnnxRun(Predictor):
                 f"--tta {','.join(tta)}: test-time augmentation runs on a run folder, not on an "
                 "exported ONNX file; predict with the run folder, or without --tta"
             )
-        if self.info.get("tta"):  # shown once per call site (Python's default filter)
+        # `tta=None` means the run's own views (its data.tta); `[]` (--tta none) opts out.
+        if tta is None and self.info.get("tta"):  # once per call site (Python's default filter)
             warnings.warn(
                 f"{self.path.name}: the run predicts with test-time views "
                 f"({', '.join(self.info['tta'])}, its data.tta) but an ONNX file runs one view "

@@ -22,6 +22,7 @@ sweep, ensemble and the notebooks all read a run through this class.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -175,17 +176,41 @@ class RunDir:
         A relative `data.path` or `model.weights` file that does not exist from here but does
         from the folder training ran in (`origin.json`) is made absolute, so eval, export and
         resume work from any directory."""
-        from transferkit.recipes import load_recipe
+        from transferkit.recipes import parse_recipe
+        from transferkit.recipes.io import read_recipe_file
+        from transferkit.recipes.schema import BEFORE_KEY_EXISTED
 
         if not self.recipe_path.is_file():
             raise UserError(f"{self.path} is not a run folder: it has no {RECIPE}")
-        recipe = load_recipe(self.recipe_path, list(overrides))
+        data = read_recipe_file(self.recipe_path)
+        for (section, key), value in BEFORE_KEY_EXISTED.items():  # a run saved by an older version
+            if isinstance(data.get(section), dict):
+                data[section].setdefault(key, value)
+        recipe = parse_recipe(data, list(overrides), source=str(self.recipe_path))
         origin = self.origin()
         if origin is not None:
             if recipe.data.source != "hub" and recipe.data.path:
                 recipe.data.path = _from_origin(recipe.data.path, origin)
             if recipe.model.weights not in (None, "pretrained"):
                 recipe.model.weights = _from_origin(recipe.model.weights, origin)
+        return recipe
+
+    def as_written(self, recipe):
+        """`recipe` with `data.path` and `model.weights` as recipe.yaml has them where
+        `recipe()` only resolved them from origin.json: a resumed run's recipe.yaml keeps the
+        paths the user wrote, not this machine's absolute ones."""
+        from transferkit.recipes.io import read_recipe_file
+
+        origin = self.origin()
+        if origin is None or not self.recipe_path.is_file():
+            return recipe
+        saved = read_recipe_file(self.recipe_path)
+        recipe = copy.deepcopy(recipe)
+        for section, key in (("data", "path"), ("model", "weights")):
+            written = (saved.get(section) or {}).get(key)
+            now = getattr(getattr(recipe, section), key)
+            if isinstance(written, str) and now and _from_origin(written, origin) == now:
+                setattr(getattr(recipe, section), key, written)
         return recipe
 
     def write_origin(self) -> None:

@@ -49,7 +49,7 @@ def load_shared_data(recipe: Recipe, accelerator: Accelerator):
 # small train sets need steps more than large batches. LP-FT on 100 images ended 3 points
 # higher at 8 (13 steps an epoch) than at 16 or 32. On 250 images, 8 (31 steps) ended 0.6
 # points higher than 16 but fell by up to 25 points in the epochs after the unfreeze, so 16
-# it is there (docs/quality.md); 512 images or more keep 32.
+# it is there (docs/quality.md). Per process: 8 up to 240 images, 16 up to 480, then 32.
 MIN_BATCHES_PER_EPOCH = 16
 
 

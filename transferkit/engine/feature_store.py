@@ -260,6 +260,10 @@ class EntryGone(Exception):
     """An entry vanished or came up short while being read (evicted, cleared, truncated)."""
 
 
+class _ShortEntry(OSError):
+    """A shard file holds fewer rows than its entry's manifest says."""
+
+
 def load_entry(folder: Path, manifest: dict, dataset, max_gb: float) -> CachedFeatures:
     """A complete entry as a cache over `dataset`'s targets, in dataset order: read into RAM
     when it fits `max_gb`, else memory-mapped (`datasets` over the Arrow files)."""
@@ -267,8 +271,13 @@ def load_entry(folder: Path, manifest: dict, dataset, max_gb: float) -> CachedFe
     files = [folder / shard_name(r, processes) / ArrowStore.FILE for r in range(processes)]
     try:
         stored, rows = _read_entry(files, count, width, processes, max_gb)
-    except (OSError, ValueError, pa.ArrowInvalid) as err:
-        raise EntryGone(str(err)) from None
+    except (FileNotFoundError, _ShortEntry, ValueError, pa.ArrowInvalid) as err:
+        raise EntryGone(str(err)) from None  # removed or incomplete: rebuilt by the caller
+    except OSError as err:  # anything else (no memory to map it, too many open files, EIO)
+        raise UserError(
+            f"cannot read the feature cache entry {folder}: {err}; the entry is kept (it may be "
+            "in use by other runs). Retry, or train with train.feature_cache_shared: false"
+        ) from None
     targets = {t: v[rows] for t, v in dataset.targets.items()}
     return CachedFeatures(stored, targets, {t: v[rows] for t, v in dataset.masks.items()})
 
@@ -290,11 +299,11 @@ def _read_entry(files: list[Path], count: int, width: int, processes: int, max_g
             # Every row must have been written: a shard cut short (a crash after the manifest
             # went in) would leave rows of uninitialized memory.
             if start - rank != len(shard_rows(count, rank, processes)) * processes:
-                raise OSError(f"{file} holds fewer rows than its manifest says")
+                raise _ShortEntry(f"{file} holds fewer rows than its manifest says")
         return features, rows
     shards = [datasets.Dataset.from_file(str(f)) for f in files]
     if sum(len(s) for s in shards) != count:
-        raise OSError(f"{files[0].parent.parent} holds fewer rows than its manifest says")
+        raise _ShortEntry(f"{files[0].parent.parent} holds fewer rows than its manifest says")
     starts = [sum(len(s) for s in shards[:r]) for r in range(processes)]
     order = [starts[k % processes] + k // processes for k in range(count)]
     stored = datasets.concatenate_datasets(shards).select(order).with_format("torch")
@@ -304,7 +313,8 @@ def _read_entry(files: list[Path], count: int, width: int, processes: int, max_g
 
 def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch_size: int,
                  num_workers: int, device: torch.device, max_gb: float,
-                 accelerator=None, protect: set | None = None) -> tuple[CachedFeatures, bool]:  # fmt: skip
+                 accelerator=None, protect: set | None = None,
+                 retries: int = 2) -> tuple[CachedFeatures, bool]:  # fmt: skip
     """The features of `dataset` (a `TaskImageDataset`) from the store, computed and stored
     first on a miss; and whether it was a hit. Under several processes the main one
     holds the lock and each computes its shard (`shard_rows`) into the entry.
@@ -364,13 +374,13 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
     try:
         return load_entry(store.path(key), manifest, dataset, max_gb), hit
     except EntryGone:
-        if not hit or processes > 1:
+        if processes > 1 or not retries:
             raise
-        # Evicted (another process's build, or `cache clear`) between finding and reading it,
-        # or cut short: readers hold no lock, so it is a miss, built again.
+        # Evicted (another run's build, or `cache clear`) between finding or building it and
+        # reading it, or cut short: readers hold no lock, so it is a miss, built again.
         store.remove(key)
         return shared_cache(store, backbone, backbone_id, dataset, batch_size, num_workers,
-                            device, max_gb, protect=protect)  # fmt: skip
+                            device, max_gb, protect=protect, retries=retries - 1)  # fmt: skip
 
 
 def _usable(manifest: dict | None, count: int, width: int) -> dict | None:

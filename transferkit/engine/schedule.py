@@ -103,13 +103,20 @@ class FreezeSchedule:
         """The first epoch of the phase in force at `epoch`, and the first epoch after it (None
         for the last phase of a run of unknown length)."""
         index = self.phase_index(epoch)
+        start = self.phases[index][0]
         end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs
-        return self.phases[index][0], end
+        if end is not None and self.total_epochs is not None and self.total_epochs > start:
+            end = min(end, self.total_epochs)  # the next phase never starts (a short run)
+        return start, end
 
     def backbone_trained_by(self, epoch: int) -> bool:
-        """Whether any phase up to the one at `epoch` trains backbone groups."""
+        """Whether any phase up to the one at `epoch` changed the backbone: trained its groups,
+        or the normalization layers of its frozen ones (`@norm=train` or `stats_frozen`)."""
         last = self.phase_index(epoch)
-        return any(spec.trainable_groups(self.backbone) for _, spec, _ in self.phases[: last + 1])
+        return any(
+            spec.trainable_groups(self.backbone) or spec.norm != "frozen"
+            for _, spec, _ in self.phases[: last + 1]
+        )
 
     def phase_index(self, epoch: int) -> int:
         """Index of the phase in force at `epoch`."""

@@ -88,6 +88,7 @@ class RunSetup:
     sampler: Any = None  # data.balanced_sampler's, else None (shuffled)
     ema: Any = None  # train.ema's timm ModelEmaV3, else None
     mixer: Any = None  # train.mixup's TaskMixer, else None
+    steps_per_epoch: int = 1  # optimizer steps per epoch on each process
 
 
 def prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
@@ -147,7 +148,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     main = accelerator.is_main_process
     if main:
         run_dir.clear_complete()
-        save_recipe(recipe, run_dir.recipe_path)
+        save_recipe(run_dir.as_written(recipe) if resume else recipe, run_dir.recipe_path)
         if not resume or run_dir.origin() is None:
             run_dir.write_origin()
 
@@ -197,6 +198,12 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     )
     cfg = dataclasses.replace(cfg, batch_size=default_batch_size(
         cfg.batch_size, len(train_set), accelerator.num_processes, main))  # fmt: skip
+    if main and recipe.train.batch_size is None:
+        # Recorded: a resume trains with the same batches (and the same steps per epoch, which
+        # the schedule's position depends on) even if the data or the default rule changes.
+        chosen = dataclasses.replace(recipe.train, batch_size=cfg.batch_size)
+        save_recipe(dataclasses.replace(run_dir.as_written(recipe) if resume else recipe,
+                                        train=chosen), run_dir.recipe_path)  # fmt: skip
     if cfg.auto_batch_size:
         cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
     workers = num_workers(recipe.data.num_workers)
@@ -224,10 +231,10 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     # Accelerate steps a prepared scheduler once per process at each optimizer step (it assumes
     # a schedule written for one process that sees every batch): the schedule divides its step
     # count by the number of processes, so it runs at the same pace on any number of them.
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), accelerator)
     lr_scheduler = build_lr_scheduler(
-        optimizer, cfg, schedule, optimizer_steps_per_epoch(len(train_loader), accelerator),
-        calls_per_step=accelerator.num_processes,
-    )  # fmt: skip
+        optimizer, cfg, schedule, steps_per_epoch, calls_per_step=accelerator.num_processes
+    )
     check_fsdp(accelerator, balancer)
     ema = build_ema(cfg.ema, model, accelerator)  # before prepare: see engine/ema.py
     # Prepared while every parameter requires grad, so DDP registers all of them (see module doc).
@@ -247,7 +254,7 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     return RunSetup(recipe, cfg, run_dir, accelerator, backbone, model, tasks, metric_names,
                     monitor, schedule, train_set, val_set, train_loader, val_loader, optimizer,
                     lr_scheduler, strategy, balancer, workers, regularizers,
-                    strategy.loss_options, sampler, ema, mixer)  # fmt: skip
+                    strategy.loss_options, sampler, ema, mixer, steps_per_epoch)  # fmt: skip
 
 
 def adapter_spec(recipe: Recipe) -> AdapterSpec:

@@ -219,9 +219,13 @@ def _rate_note(run: RunSetup, phase: int) -> str | None:
     if not joining:
         return None
     rate = max(schedule.lr_factor(group, start) for group in joining)
-    if rate <= SAFE_UNFROZEN_LR_MULT and schedule.phase_warmup_epochs > 0:
+    # The ramp is phase_warmup_epochs (at most a third of the phase) rounded to whole steps:
+    # a short phase of few steps can get none.
+    steps = run.steps_per_epoch
+    warm = schedule.warmup_factor(start * steps, steps) < 1.0
+    if rate <= SAFE_UNFROZEN_LR_MULT and warm:
         return None
-    how = f"at {rate:g}x train.lr" + (" with no warmup" if not schedule.phase_warmup_epochs else "")
+    how = f"at {rate:g}x train.lr" + ("" if warm else " with no warmup")
     return (
         f"warning: phase {phase} fine-tunes pretrained groups the earlier phases kept frozen "
         f"{how}; with AdamW this made the first fine-tune epoch lose 15 points of accuracy "

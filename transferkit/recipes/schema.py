@@ -9,7 +9,8 @@ The data section and task sections are the data layer's own classes; each layer 
 (data sources, augment presets, task kinds, metric names, backbone sources) and this module
 imports them.
 
-`model.weights: none` (any case) is normalized to `None`, so later code only tests for `None`.
+`model.weights: none` or `random` (any case) is normalized to `None`, so later code only tests
+for `None`.
 """
 
 from __future__ import annotations
@@ -118,6 +119,16 @@ class ScheduleSection:
     # from its own peak rather than where one cosine over the run had got to; "run": one
     # schedule over the whole run. Runs of one phase are the same either way.
     lr_cycle: Literal["run", "phase"] = "phase"
+
+
+# What a key meant in a run saved before the key existed: resuming such a run keeps the
+# schedule it started with rather than taking up today's default.
+BEFORE_KEY_EXISTED = {
+    ("schedule", "norm_stats"): "train",
+    ("schedule", "unfrozen_lr_mult"): 1.0,
+    ("schedule", "phase_warmup_epochs"): 0.0,
+    ("schedule", "lr_cycle"): "run",
+}
 
 
 @dataclass(kw_only=True)
@@ -312,7 +323,10 @@ def cross_checks(recipe: Recipe) -> list[str]:
             f"recipe key model.backbone: expected 'timm:NAME' or 'torchvision:NAME', "
             f"got {recipe.model.backbone!r}"
         )
-    if isinstance(recipe.model.weights, str) and recipe.model.weights.strip().lower() == "none":
+    if isinstance(recipe.model.weights, str) and recipe.model.weights.strip().lower() in (
+        "none",
+        "random",
+    ):
         recipe.model.weights = None
     elif recipe.model.weights is not None and not recipe.model.weights.strip():
         errors.append("recipe key model.weights: use none, pretrained or a file path, got ''")
