@@ -11,6 +11,11 @@ def summary(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
+def mean_std(cell: dict) -> str:
+    """A `summary` as a table cell."""
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
 def budget_table(rows: list) -> tuple[list, str]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["budget"] for r in rows})
@@ -23,7 +28,7 @@ def budget_table(rows: list) -> tuple[list, str]:
             acc = [r["accuracy"] for r in rows if r["method"] == method and r["budget"] == budget]
             cell = {"method": method, "budget": budget, **summary(acc)}
             cells.append(cell)
-            line += f" {cell['mean']:.3f} ± {cell['std']:.3f} |"
+            line += f" {mean_std(cell)} |"
         seconds = [r["s"] for r in rows if r["method"] == method]
         lines.append(line + f" {statistics.fmean(seconds):.0f} |")
     return cells, "\n".join(lines)
@@ -54,8 +59,7 @@ def unfreeze_table(rows: list, probe_epochs: int, methods) -> str:
     the first fine-tune epoch (does it collapse?), the worst fine-tune epoch and the last."""
 
     def cell(values: list[float]) -> str:
-        cell_summary = summary(values)
-        return f"{cell_summary['mean']:.3f} ± {cell_summary['std']:.3f}"
+        return mean_std(summary(values))
 
     lines = [
         "| method | labels/class | seeds | end of probe | 1st fine-tune epoch | worst fine-tune "
@@ -87,10 +91,6 @@ def chain_table(rows: list, variants) -> tuple[list, str]:
             cell[key] = summary([r[key] for r in mine])
         cells.append(cell)
         lines.append(
-            f"| {variant} | "
-            + " | ".join(
-                f"{cell[k]['mean']:.3f} ± {cell[k]['std']:.3f}" for k in cell if k != "variant"
-            )
-            + " |"
+            f"| {variant} | " + " | ".join(mean_std(cell[k]) for k in cell if k != "variant") + " |"
         )
     return cells, "\n".join(lines)

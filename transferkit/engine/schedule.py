@@ -105,7 +105,7 @@ class FreezeSchedule:
         index = self.phase_index(epoch)
         start = self.phases[index][0]
         end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs
-        if end is not None and self.total_epochs is not None and self.total_epochs > start:
+        if self.total_epochs is not None and self.total_epochs > start:
             end = min(end, self.total_epochs)  # the next phase never starts (a short run)
         return start, end
 

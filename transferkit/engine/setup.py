@@ -148,7 +148,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     main = accelerator.is_main_process
     if main:
         run_dir.clear_complete()
-        save_recipe(run_dir.as_written(recipe) if resume else recipe, run_dir.recipe_path)
+        written = run_dir.as_written(recipe) if resume else recipe  # the paths the user wrote
+        save_recipe(written, run_dir.recipe_path)
         if not resume or run_dir.origin() is None:
             run_dir.write_origin()
 
@@ -201,9 +202,8 @@ def set_up(recipe: Recipe, output: str | None = None, resume: str | None = None)
     if main and recipe.train.batch_size is None:
         # Recorded: a resume trains with the same batches (and the same steps per epoch, which
         # the schedule's position depends on) even if the data or the default rule changes.
-        chosen = dataclasses.replace(recipe.train, batch_size=cfg.batch_size)
-        save_recipe(dataclasses.replace(run_dir.as_written(recipe) if resume else recipe,
-                                        train=chosen), run_dir.recipe_path)  # fmt: skip
+        chosen = dataclasses.replace(written.train, batch_size=cfg.batch_size)
+        save_recipe(dataclasses.replace(written, train=chosen), run_dir.recipe_path)
     if cfg.auto_batch_size:
         cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
     workers = num_workers(recipe.data.num_workers)

@@ -23,6 +23,7 @@ from transferkit.errors import UserError, did_you_mean
 from transferkit.fields import bounded
 from transferkit.models.adapters import ADAPTER_METHODS
 from transferkit.models.factory import SOURCES as BACKBONE_SOURCES
+from transferkit.models.factory import normalize_weights
 from transferkit.models.freezing import NORM_STATS, FreezeSpec
 from transferkit.models.task_outputs import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
@@ -323,13 +324,11 @@ def cross_checks(recipe: Recipe) -> list[str]:
             f"recipe key model.backbone: expected 'timm:NAME' or 'torchvision:NAME', "
             f"got {recipe.model.backbone!r}"
         )
-    if isinstance(recipe.model.weights, str) and recipe.model.weights.strip().lower() in (
-        "none",
-        "random",
-    ):
-        recipe.model.weights = None
-    elif recipe.model.weights is not None and not recipe.model.weights.strip():
+    weights = recipe.model.weights
+    if weights is not None and not weights.strip():
         errors.append("recipe key model.weights: use none, pretrained or a file path, got ''")
+    elif weights is not None and normalize_weights(weights.strip()) is None:  # none, random
+        recipe.model.weights = None
     if not recipe.tasks:
         errors.append("recipe key tasks: at least one task is required")
     for task_name, task in recipe.tasks.items():
