@@ -21,7 +21,7 @@ Writes `bench/results/quality.json` and `bench/results/quality.md` (copied into 
     The number is the validation digit accuracy after the last epoch (what a user gets).
 (b) The digits 0-4 -> 5-9 chain of `make demo` (all three tasks, 200 images): its recipe opts
     out of three engine defaults (batch-norm statistics kept fixed when starting from weights;
-    a warmup after each phase change; the fine-tune phase at 0.2 of the rate); against it, each
+    a warmup after each phase change; the fine-tune phase at 0.25 of the rate); against it, each
     default alone and all together, and the one it keeps (a new LR cycle per phase) left out,
     over 3 seeds.
 
@@ -221,12 +221,12 @@ CHAIN_VARIANTS = {
     "as shipped (opts out of three defaults)": [],
     "statistics fixed (norm_stats: auto, the default)": ["schedule.norm_stats=auto"],
     "phase warmup (phase_warmup_epochs: 3, the default)": ["schedule.phase_warmup_epochs=3"],
-    "fine-tune phase at 0.2 of the rate (unfrozen_lr_mult: 0.2, the default)": [
-        "schedule.unfrozen_lr_mult=0.2"
+    "fine-tune phase at 0.25 of the rate (unfrozen_lr_mult: 0.25, the default)": [
+        "schedule.unfrozen_lr_mult=0.25"
     ],
     "every default": [
         "schedule.norm_stats=auto", "schedule.phase_warmup_epochs=3",
-        "schedule.unfrozen_lr_mult=0.2",
+        "schedule.unfrozen_lr_mult=0.25",
     ],
     "one LR cycle over the run (lr_cycle: run; the default is a cycle per phase)": [
         "schedule.lr_cycle=run"

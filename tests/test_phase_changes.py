@@ -201,8 +201,8 @@ def test_the_first_phase_warms_up_only_when_it_fine_tunes_loaded_weights():
 @pytest.mark.parametrize(
     "overrides, warned",
     [([], None), (["schedule.unfrozen_lr_mult=1"], "at 1x train.lr;"),
-     (["schedule.phase_warmup_epochs=0"], "at 0.2x train.lr with no warmup"),
-     (["schedule.phase_warmup_epochs=0.01"], "at 0.2x train.lr with no warmup"),  # 0 steps
+     (["schedule.phase_warmup_epochs=0"], "at 0.25x train.lr with no warmup"),
+     (["schedule.phase_warmup_epochs=0.01"], "at 0.25x train.lr with no warmup"),  # 0 steps
      (["schedule.phases.1.lr_mult={layer4: 0.5}"], "at 0.5x train.lr;"),
      (["model.weights=none", "schedule.unfrozen_lr_mult=1"], None)],
 )  # fmt: skip
@@ -213,7 +213,7 @@ def test_the_log_warns_when_a_fine_tune_phase_starts_at_a_collapsing_rate(
     from transferkit.engine.trainer import _rate_note
 
     monkeypatch.chdir(workdir)
-    defaults = ["schedule.lr_cycle=phase", "schedule.unfrozen_lr_mult=0.2",
+    defaults = ["schedule.lr_cycle=phase", "schedule.unfrozen_lr_mult=0.25",
                 "schedule.phase_warmup_epochs=3", "schedule.phases.1.lr_mult={}"]  # fmt: skip
     recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", [
         *QUICK, f"model.weights={source_run / 'model.safetensors'}", *defaults, *overrides])  # fmt: skip

@@ -135,7 +135,7 @@ def test_the_default_batch_size_is_recorded_for_resume(workdir, tmp_path, monkey
 
 
 def test_a_run_saved_before_a_schedule_key_existed_keeps_its_old_meaning(source_run, tmp_path):
-    """Keys added with new defaults (a cycle per phase, 0.2 of the rate after a probe, phase
+    """Keys added with new defaults (a cycle per phase, a lower rate after a probe, phase
     warmup, fixed batch-norm statistics) mean what the engine did before them when a saved
     run's recipe lacks them, so resuming an older run keeps its schedule."""
     import shutil
@@ -147,6 +147,12 @@ def test_a_run_saved_before_a_schedule_key_existed_keeps_its_old_meaning(source_
     data = yaml.safe_load((old / "recipe.yaml").read_text())
     assert data["schedule"]["lr_cycle"] == "phase"  # today's runs record every key
     assert RunDir(old).recipe().schedule.lr_cycle == "phase"
+    # A recorded value wins over today's default: a run saved under an older default resumes
+    # with it (unfrozen_lr_mult was 0.2 before it became 0.25).
+    (old / "recipe.yaml").write_text(
+        yaml.safe_dump({**data, "schedule": {**data["schedule"], "unfrozen_lr_mult": 0.2}})
+    )
+    assert RunDir(old).recipe().schedule.unfrozen_lr_mult == 0.2
     for key in ("lr_cycle", "unfrozen_lr_mult", "phase_warmup_epochs", "norm_stats"):
         del data["schedule"][key]
     (old / "recipe.yaml").write_text(yaml.safe_dump(data))

@@ -200,7 +200,7 @@ def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader
 
 # Above this multiplier, or with no warmup, AdamW's first steps on pretrained groups unfrozen
 # after a probe cost 15 points of validation accuracy in the first fine-tune epoch
-# (docs/quality.md); at 0.2 with a warmup, none.
+# (docs/quality.md); at 0.25 with a warmup, a few points at most.
 SAFE_UNFROZEN_LR_MULT = 0.3
 
 
@@ -229,7 +229,7 @@ def _rate_note(run: RunSetup, phase: int) -> str | None:
     return (
         f"warning: phase {phase} fine-tunes pretrained groups the earlier phases kept frozen "
         f"{how}; with AdamW this made the first fine-tune epoch lose 15 points of accuracy "
-        "(docs/quality.md). The defaults, schedule.unfrozen_lr_mult: 0.2 and "
+        "(docs/quality.md). The defaults, schedule.unfrozen_lr_mult: 0.25 and "
         "schedule.phase_warmup_epochs: 3, avoid it; a source trained on images like yours "
         "may need the full rate (recipes/digits_transfer.yaml)."
     )
