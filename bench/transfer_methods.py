@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(HERE / "results"), help="where the results go")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--work", default=None, help="data and run folders (default: OUT/work)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe override for every run, to measure a variant",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in range(mode["seeds"]):
                 manifest = _data(work / "data", seed, budget)
                 overrides = [f"data.path={manifest}", f"seed={seed}", *mode["overrides"],
-                             *METHODS[method]]  # fmt: skip
+                             *METHODS[method], *args.set]  # fmt: skip
                 run = _run(work / "runs" / f"{budget}_{method}_{seed}", overrides)
                 print(f"{budget} labels/class, {method}, seed {seed}: {run}", flush=True)
                 runs.append(run)
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cuda": torch.cuda.is_available(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "seconds": round(time.perf_counter() - start, 1),
+        "overrides": args.set,
         "results": results,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -198,13 +198,43 @@ def test_the_first_phase_warms_up_only_when_it_fine_tunes_loaded_weights():
     assert factors(probe, True) == [1.0] * 6  # a probe trains the heads only
 
 
+LORA = "model.adapter={method: lora, targets: 'regex:.', r: 4}"
+
+
+@pytest.mark.parametrize(
+    "overrides, rate",
+    [([], 0.25),  # pretrained weights train after the probe
+     ([LORA], 1.0),  # only the adapter trains
+     ([LORA[:-1] + ", train_rest: true}"], 0.25),  # the layers without an adapter train too
+     ([LORA, "schedule.unfrozen_lr_mult=0.5"], 0.5)],  # set in the recipe: the recipe wins
+)  # fmt: skip
+def test_the_fine_tune_phase_rate_follows_the_rule_unless_set_and_the_run_records_it(
+    workdir, source_run, monkeypatch, overrides, rate
+):
+    from transferkit.engine.setup import set_up
+    from transferkit.run_dir import RunDir
+
+    monkeypatch.chdir(workdir)
+    recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", [
+        *QUICK, f"model.weights={source_run / 'model.safetensors'}",
+        "schedule.unfrozen_lr_mult=null", "schedule.phases.1.lr_mult={}", *overrides])  # fmt: skip
+    run = set_up(recipe, output=str(workdir / "runs" / "fine_tune_rate"))
+    fine_tune = run.schedule.phases[1][0]
+    assert run.schedule.lr_factor("heads", fine_tune) == pytest.approx(rate)
+    assert run.schedule.lr_factor("layer4", fine_tune) == pytest.approx(rate)
+    # recipe.yaml records the rate, so a resume keeps it even if the rule changes
+    assert RunDir(run.run_dir.path).recipe().schedule.unfrozen_lr_mult == rate
+
+
 @pytest.mark.parametrize(
     "overrides, warned",
     [([], None), (["schedule.unfrozen_lr_mult=1"], "at 1x train.lr;"),
      (["schedule.phase_warmup_epochs=0"], "at 0.25x train.lr with no warmup"),
      (["schedule.phase_warmup_epochs=0.01"], "at 0.25x train.lr with no warmup"),  # 0 steps
      (["schedule.phases.1.lr_mult={layer4: 0.5}"], "at 0.5x train.lr;"),
-     (["model.weights=none", "schedule.unfrozen_lr_mult=1"], None)],
+     (["model.weights=none", "schedule.unfrozen_lr_mult=1"], None),
+     ([LORA, "schedule.unfrozen_lr_mult=1"], None),  # only the adapter trains: no pretrained weight moves
+     ([LORA[:-1] + ", train_rest: true}", "schedule.unfrozen_lr_mult=1"], "at 1x train.lr;")],
 )  # fmt: skip
 def test_the_log_warns_when_a_fine_tune_phase_starts_at_a_collapsing_rate(
     workdir, source_run, monkeypatch, overrides, warned

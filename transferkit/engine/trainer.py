@@ -33,7 +33,8 @@ from transferkit.engine.ema import monitored
 from transferkit.engine.evaluate import evaluate
 from transferkit.engine.feature_store import FeatureStore, backbone_id, cache_root, shared_cache
 from transferkit.engine.loop import TrainLoop
-from transferkit.engine.setup import RunSetup, set_up
+from transferkit.engine.schedule import UNFROZEN_LR_MULT
+from transferkit.engine.setup import RunSetup, only_adapter_trains, set_up
 from transferkit.errors import UserError
 from transferkit.model_card import render as render_card
 from transferkit.models.adapters import adapter_state
@@ -210,6 +211,8 @@ def _rate_note(run: RunSetup, phase: int) -> str | None:
     schedule = run.schedule
     if not run.recipe.model.weights or run.cfg.optimizer != "adamw" or phase == 0:
         return None
+    if only_adapter_trains(run.recipe):  # no pretrained weight moves
+        return None
     start = schedule.phases[phase][0]
     earlier = set().union(
         *(s.trainable_groups(run.backbone) for _, s, _ in schedule.phases[:phase])
@@ -229,7 +232,7 @@ def _rate_note(run: RunSetup, phase: int) -> str | None:
     return (
         f"warning: phase {phase} fine-tunes pretrained groups the earlier phases kept frozen "
         f"{how}; with AdamW this made the first fine-tune epoch lose 15 points of accuracy "
-        "(docs/quality.md). The defaults, schedule.unfrozen_lr_mult: 0.25 and "
+        f"(docs/quality.md). The defaults, schedule.unfrozen_lr_mult: {UNFROZEN_LR_MULT:g} and "
         "schedule.phase_warmup_epochs: 3, avoid it; a source trained on images like yours "
         "may need the full rate (recipes/digits_transfer.yaml)."
     )

@@ -107,10 +107,9 @@ class ScheduleSection:
     norm_stats: Literal[NORM_STATS] = "auto"  # type: ignore[valid-type]
     # The learning-rate multiplier of a phase that trains groups an earlier phase kept frozen
     # (LP-FT's fine-tune phase): every group in it, heads included, unless the phase's lr_mult
-    # names them. 0.25: the first fine-tune epoch within a few points of the probe, and level
-    # with a hand-written loop within the noise at 5-50 labels per class; 0.2 fell 0.7 points
-    # behind it at 50, 0.3 dipped 4 points at the unfreeze (docs/quality.md).
-    unfrozen_lr_mult: float = bounded(0.25, ge=0)
+    # names them. Unset, the engine's rule picks it (0.25 when pretrained weights train, 1 when
+    # only an adapter does; engine/setup.py fine_tune_lr_mult) and recipe.yaml records it.
+    unfrozen_lr_mult: float | None = bounded(None, ge=0)
     # A linear warmup at the start of every phase after the first, and of the first when it
     # trains backbone groups of loaded weights, in epochs (at most a third of the phase):
     # AdamW's first steps at the full rate otherwise wreck the pretrained features before the
