@@ -54,7 +54,7 @@ METRICS = ("digit/accuracy", "digit/f1", "digit/ece", "parity/f1", "parity/ece",
 
 def write_data(root: Path, cfg: dict) -> Path:
     """The imbalanced manifest (a `split` column) over the transfer digits; returns its path."""
-    from transferkit.digits import write_digits
+    from transferkit.demo.digits import write_digits
 
     write_digits(root / "digits")
     source = root / "digits" / "transfer" / "manifest.csv"
@@ -91,7 +91,7 @@ def base_recipe(manifest: Path, cfg: dict, seed: int) -> dict:
 
 
 def test_metrics(run_dir: Path, tta: list[str] | None = None) -> dict[str, float]:
-    from transferkit.engine.evaluate import evaluate_run
+    from transferkit.runs import evaluate_run
 
     values = evaluate_run(run_dir, split="test", device="cpu", tta=tta or [])
     return {m: values[f"test/{m}"] for m in METRICS}
@@ -99,9 +99,9 @@ def test_metrics(run_dir: Path, tta: list[str] | None = None) -> dict[str, float
 
 def run_seed(manifest: Path, cfg: dict, seed: int, out: Path, keys: list[str]) -> dict[str, dict]:
     """The test metrics of the features `keys` for one seed."""
-    from transferkit.calibration import calibrate_run
     from transferkit.engine import train
     from transferkit.recipes import parse_recipe
+    from transferkit.runs.calibration import calibrate_run
 
     results = {}
     for key in keys:

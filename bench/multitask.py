@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from transferkit.compare import delta_m, seconds_per_step
+from bench.compare import delta_m, seconds_per_step
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = "timm:test_resnet"
@@ -61,7 +61,7 @@ DATASETS = {
 
 def _write_data(folder: Path) -> dict[str, str]:
     """The two datasets' manifests, written under `folder`."""
-    from transferkit.digits import write_digits, write_overlaid_digits
+    from transferkit.demo.digits import write_digits, write_overlaid_digits
 
     write_digits(folder / "digits")
     write_overlaid_digits(folder / "overlaid")
@@ -172,7 +172,7 @@ def _finite(value) -> float | None:
 def _train_one(run: dict, path: str, cfg: dict, workdir: Path) -> dict:
     """Train one run (its output silenced) and read its last epoch; errors are recorded."""
     from transferkit.engine import train
-    from transferkit.run_dir import RunDir
+    from transferkit.rundir.folder import RunDir
 
     result = {
         k: run[k]
@@ -207,7 +207,7 @@ def _train_one(run: dict, path: str, cfg: dict, workdir: Path) -> dict:
 
 
 def _delta_m(metrics: dict, baselines: dict, dataset: str) -> float | None:
-    """Δm% against the single-task runs (see `transferkit.compare.delta_m`)."""
+    """Δm% against the single-task runs (see `bench.compare.delta_m`)."""
     if not metrics or any(metrics[t] is None or not baselines.get(t) for t in metrics):
         return None
 

@@ -43,11 +43,11 @@ import torch
 from PIL import Image
 
 from bench.quality_tables import budget_table, chain_table, paired_table, unfreeze_table
-from transferkit.digits import write_digits
+from transferkit.demo.digits import write_digits
 from transferkit.engine import train
 from transferkit.recipes import parse_recipe
 from transferkit.recipes.io import read_recipe_file
-from transferkit.run_dir import RunDir
+from transferkit.rundir.folder import RunDir
 
 BUDGETS = (5, 10, 20, 50)
 SEEDS = (0, 1, 2)

@@ -2,7 +2,7 @@
 
 On the digits 5-9 with 10 labelled images per class (`digits_imagenet`: 50 training images,
 200 to validate, 64 px, tasks digit / parity / ink), each candidate backbone is
-1. scored by `transferkit.transferability.rank` (LogME and kNN on the 50 training images), then
+1. scored by `transferkit.select.transferability.rank` (LogME and kNN on the 50 training images), then
 2. fine-tuned with the recipe's LP-FT (8 epochs linear probe, 8 epochs full fine-tuning),
 and the rank correlations (Spearman, Kendall) between the scores and the best validation
 accuracy reached are reported. Candidates: EfficientNet-Lite0 with its real ImageNet weights
@@ -84,7 +84,7 @@ def probe_cuts(recipe, backbone_spec: str, weights: str) -> dict[str, float]:
 
     from transferkit.data import TaskImageDataset, build_transforms, load_data
     from transferkit.models import create_backbone
-    from transferkit.transferability import feature_pass
+    from transferkit.select.transferability import feature_pass
 
     data = load_data(recipe.data, recipe.tasks, recipe.seed)
     backbone = create_backbone(backbone_spec, weights)
@@ -107,12 +107,12 @@ def probe_cuts(recipe, backbone_spec: str, weights: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transferkit.digits import write_digits, write_few_labels
+    from transferkit.demo.digits import write_digits, write_few_labels
     from transferkit.engine import train
     from transferkit.recipes import load_recipe
-    from transferkit.run_dir import RunDir
-    from transferkit.transferability import OUTPUT, parse_candidate, rank
-    from transferkit.wise_ft import interpolate
+    from transferkit.rundir.folder import RunDir
+    from transferkit.runs.wise_ft import interpolate
+    from transferkit.select.transferability import OUTPUT, parse_candidate, rank
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes (for the tests)")

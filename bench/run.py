@@ -163,7 +163,7 @@ def bench_feature_cache(cfg: dict, workdir: Path) -> dict:
     cache inside the run, and with the shared cache cold (computes and stores the features)
     and warm (reads them). Then a sweep of 4 probe learning rates, run one after the other in
     this process: 4 uncached runs, and the same 4 with the shared cache cold and warm."""
-    from transferkit.digits import write_digits
+    from transferkit.demo.digits import write_digits
 
     write_digits(workdir / "digits")
     probe = partial(_probe_seconds, cfg, workdir)
@@ -232,9 +232,8 @@ def bench_freeze_depth(cfg: dict) -> list[dict]:
 
 def bench_data_pipeline(cfg: dict, workdir: Path) -> dict:
     """(e) Images/s the data pipeline delivers against images/s a training step consumes."""
-    from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
-    from transferkit.digits import write_digits
-    from transferkit.engine.batches import num_workers
+    from transferkit.data import TaskImageDataset, build_transforms, collate, load_data, num_workers
+    from transferkit.demo.digits import write_digits
 
     write_digits(workdir / "digits")
     recipe = parse_recipe({"model": {"backbone": cfg["backbone"]}, "tasks": {"digit": {"kind": "multiclass"}},
@@ -412,7 +411,7 @@ def _timm_train_py_steps(cfg: dict, timm_train: str, device: str, workdir: Path)
         (folder / str(i % 10)).mkdir(parents=True, exist_ok=True)
         pixels = torch.randint(0, 256, (cfg["size"], cfg["size"], 3), generator=generator)
         Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / str(i % 10) / f"{i}.jpg")
-    from transferkit.engine.batches import num_workers
+    from transferkit.data import num_workers
 
     command = [sys.executable, str(script), "--data-dir", str(folder.parent), "--train-split", "train",
                "--val-split", "train", "--model", cfg["backbone"].removeprefix("timm:"), "--num-classes", "10",

@@ -52,14 +52,14 @@ QUICK = {
 
 
 def _data(root: Path, seed: int, per_class: int) -> Path:
-    from transferkit.digits import write_few_labels
+    from transferkit.demo.digits import write_few_labels
 
     return write_few_labels(root / f"seed{seed}" / "digits", per_class=per_class, seed=seed)
 
 
 def _run(out: Path, overrides: list[str]) -> dict:
     """One training run in its own process (its own peak memory); its measurements."""
-    from transferkit.run_dir import RunDir
+    from transferkit.rundir.folder import RunDir
 
     args = [sys.executable, "-m", "transferkit.cli", "train", RECIPE, "--output", str(out)]
     for override in overrides:

@@ -75,7 +75,7 @@ def epoch_end_weights(run_dir: Path, index: int = -1) -> dict[str, torch.Tensor]
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """A folder with the digits data, as `make demo` writes it; engine tests run inside it."""
-    from transferkit.digits import write_digits, write_few_labels
+    from transferkit.demo.digits import write_digits, write_few_labels
 
     path = tmp_path_factory.mktemp("engine")
     write_digits(path / "data" / "digits")

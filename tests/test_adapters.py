@@ -16,10 +16,10 @@ from transferkit.cli import main
 from transferkit.data.images import open_image
 from transferkit.engine import train
 from transferkit.errors import UserError
-from transferkit.export import export_run
 from transferkit.models import MultiTaskModel, TaskSpec, create_backbone
 from transferkit.models.adapters import AdapterSpec, attach_adapter, merge_adapters
 from transferkit.recipes import parse_recipe
+from transferkit.runs.export import export_run
 
 
 def _recipe(backbone: str, adapter: dict, **sections) -> dict:

@@ -198,7 +198,7 @@ def test_every_torchjd_backed_method_is_checked_for_parity():
 @pytest.mark.parametrize("name", sorted(_TORCHJD))
 def test_adapter_matches_torchjd_called_directly(name):
     from transferkit.balancing import _RNG_STREAM
-    from transferkit.seeding import derive_seed
+    from transferkit.core.seeding import derive_seed
 
     reference = _TORCHJD[name](3)
     balancer = Balancer(name, TASKS, seed=11)
@@ -219,7 +219,7 @@ def test_adapter_matches_torchjd_called_directly(name):
 )  # fmt: skip
 def test_loss_adapter_matches_torchjd_called_directly(name, reference):
     from transferkit.balancing import _RNG_STREAM
-    from transferkit.seeding import derive_seed
+    from transferkit.core.seeding import derive_seed
 
     ref = reference()
     balancer = Balancer(name, TASKS, seed=2)
@@ -480,7 +480,7 @@ def test_bad_method_or_options_name_the_key(name, options, message):
 
 
 def test_delta_m_is_signed_so_lower_is_better():
-    from transferkit.compare import delta_m
+    from bench.compare import delta_m
 
     single = {"digit/accuracy": 0.8, "ink/mae": 0.5}
     # accuracy +10% relative (better: -10), MAE +20% relative (worse: +20): mean +5
@@ -493,7 +493,7 @@ def test_delta_m_is_signed_so_lower_is_better():
 def test_seconds_per_step_skips_the_first_epoch(tmp_path):
     import json
 
-    from transferkit.compare import seconds_per_step
+    from bench.compare import seconds_per_step
 
     lines = [{"epoch": 0, "step": 4, "epoch_time_s": 100.0},
              {"epoch": 1, "step": 8, "epoch_time_s": 2.0},

@@ -63,7 +63,7 @@ def test_multitask_bench_quick_reports_delta_m_and_step_time(tmp_path, monkeypat
 def test_overlaid_digits_are_deterministic_with_two_labels(tmp_path):
     import csv
 
-    from transferkit.digits import write_overlaid_digits
+    from transferkit.demo.digits import write_overlaid_digits
 
     first = write_overlaid_digits(tmp_path / "a", n=20, seed=1)
     second = write_overlaid_digits(tmp_path / "b", n=20, seed=1)
@@ -98,7 +98,7 @@ def test_budget_split_keeps_validation_fixed_and_draws_training_per_seed(tmp_pat
     import pandas as pd
 
     from bench.quality import VAL_PER_CLASS, write_budget
-    from transferkit.digits import write_digits
+    from transferkit.demo.digits import write_digits
 
     root = write_digits(tmp_path / "digits")
     one, other = (pd.read_csv(write_budget(root, 5, seed)) for seed in (0, 1))

@@ -12,15 +12,15 @@ from conftest import ROOT
 from torchvision.transforms import v2
 
 import transferkit
-from transferkit.calibration import fit_temperature, nll
 from transferkit.cli import main
 from transferkit.data import build_transforms
 from transferkit.data.transforms import tta_views
 from transferkit.engine import train
 from transferkit.errors import UserError
-from transferkit.inference import AdjustedModel, parse_tta
+from transferkit.inference.run import AdjustedModel, parse_tta
 from transferkit.models import DataConfig, TaskSpec
 from transferkit.recipes import load_recipe
+from transferkit.runs.calibration import fit_temperature, nll
 
 DIGIT = TaskSpec("digit", "multiclass", 4)
 EVEN = TaskSpec("even", "binary")
@@ -167,7 +167,7 @@ def test_calibrate_fits_the_views_predict_uses(digits_run, workdir, monkeypatch,
 
 
 def test_onnx_export_of_a_tta_run_says_its_predictions_are_single_view(digits_run, workdir):
-    from transferkit.export import export_run
+    from transferkit.runs.export import export_run
 
     result = export_run(digits_run, "onnx", output=workdir / "calibration" / "digits.onnx")
     exported = transferkit.load(result.path)

@@ -16,12 +16,12 @@ import torchmetrics as tm
 from transferkit.balancing import Balancer
 from transferkit.data.dataset import _targets
 from transferkit.data.labels import encode_task
-from transferkit.engine.feature_cache import CachedFeatures, build_cache
 from transferkit.engine.losses import multitask_loss
-from transferkit.engine.metrics import compute, prediction, task_metrics, update
+from transferkit.engine.metrics import compute_metrics, task_metrics, update_metrics
 from transferkit.errors import UserError
-from transferkit.inference import describe_prediction
-from transferkit.models import MultiTaskModel, TaskSpec, create_backbone
+from transferkit.features.cache import CachedFeatures, build_cache
+from transferkit.inference.run import describe_prediction
+from transferkit.models import MultiTaskModel, TaskSpec, create_backbone, probabilities
 
 # ---------------------------------------------------------------------------------------------
 # Static weights (`tasks.NAME.weight`) with `multitask.method: mean`
@@ -107,8 +107,8 @@ def test_one_label_multilabel_task_trains_evaluates_and_predicts():
     assert model.heads["spotted"].net[-1].weight.grad is not None
 
     collection = task_metrics(task)
-    update(collection, task, outputs["spotted"].detach(), target, mask)
-    values = compute(collection)
+    update_metrics(collection, task, outputs["spotted"].detach(), target, mask)
+    values = compute_metrics(collection)
     # With one label, the macro average over labels is the binary metric of that label.
     probs = outputs["spotted"].detach().sigmoid()[mask].reshape(-1)
     labels = target[mask].reshape(-1).long()
@@ -122,9 +122,9 @@ def test_one_label_multilabel_task_trains_evaluates_and_predicts():
     for name, value in reference.items():
         assert values[name] == pytest.approx(float(value)), name
 
-    probabilities = prediction(task, outputs["spotted"].detach())
-    described = describe_prediction(task, probabilities[0])
-    score = float(probabilities[0, 0])
+    predicted = probabilities(task, outputs["spotted"].detach())
+    described = describe_prediction(task, predicted[0])
+    score = float(predicted[0, 0])
     assert described == {"labels": ["spot"] if score >= 0.5 else [], "scores": [round(score, 4)]}
 
 

@@ -9,9 +9,9 @@ from conftest import QUICK, ROOT
 
 from transferkit.cli import main
 from transferkit.engine import train
-from transferkit.ensemble import evaluate_ensemble
 from transferkit.errors import UserError
 from transferkit.recipes import load_recipe
+from transferkit.runs.ensemble import evaluate_ensemble
 
 TRANSFER = ROOT / "recipes/digits_transfer.yaml"
 

@@ -15,13 +15,13 @@ from conftest import ROOT
 
 import transferkit
 from transferkit.cli import main
+from transferkit.core.image_files import open_image
 from transferkit.engine import train
 from transferkit.errors import UserError
-from transferkit.export import _Outputs, check_parity, export_run
-from transferkit.image_files import open_image
-from transferkit.onnx_run import METADATA_KEY
+from transferkit.inference.onnx_run import METADATA_KEY
 from transferkit.recipes import load_recipe
-from transferkit.run_dir import RunDir
+from transferkit.rundir.folder import RunDir
+from transferkit.runs.export import _Outputs, check_parity, export_run
 
 TINY = ["train.epochs=1", "data.max_samples=32", "train.batch_size=16"]
 
@@ -147,7 +147,7 @@ def test_parity_check_sees_a_model_that_differs(multitask_run, aux_run, workdir,
 
 
 def test_a_failed_parity_check_removes_the_file(multitask_run, workdir, monkeypatch):
-    import transferkit.export as export
+    import transferkit.runs.export as export
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(export, "check_parity", lambda *a: {"digit": 0.5, "parity": 0.0})

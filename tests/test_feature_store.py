@@ -1,4 +1,4 @@
-"""The shared feature cache (engine/feature_store.py, docs/feature_cache.md): heads trained from
+"""The shared feature cache (features/store.py, docs/feature_cache.md): heads trained from
 it equal heads trained without it, every key input changes the key, a killed build leaves
 nothing that looks complete, two processes asking at once build once, LRU eviction, the CLI."""
 
@@ -24,19 +24,19 @@ from transferkit.cli import main as cli
 from transferkit.data import TaskImageDataset, build_transforms, load_data
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.engine import train
-from transferkit.engine.evaluate import evaluate_run
-from transferkit.engine.feature_store import (
+from transferkit.errors import UserError
+from transferkit.features.store import (
     MANIFEST,
     FeatureStore,
     data_fingerprint,
     shared_cache,
 )
-from transferkit.errors import UserError
-from transferkit.lr_find import range_test
 from transferkit.models import create_backbone
 from transferkit.models.backbone import Backbone
 from transferkit.recipes import parse_recipe
-from transferkit.run_dir import RunDir
+from transferkit.rundir.folder import RunDir
+from transferkit.runs import evaluate_run
+from transferkit.select.lr_range_test import range_test
 
 NAME = "timm:test_resnet {}"
 CPU = torch.device("cpu")
@@ -196,7 +196,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[5])
 from test_feature_store import _backbone, _dataset, _ask
-from transferkit.engine.feature_store import FeatureStore
+from transferkit.features.store import FeatureStore
 
 manifest, root, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 hold = sys.argv[6] == "hold"  # the build waits for the test's `.release` file before finishing
@@ -344,7 +344,7 @@ def test_an_unwritable_cache_folder_is_one_clear_error(tiny_data, tmp_path):
 def test_an_entry_removed_while_being_read_is_built_again(tiny_data, tmp_path, monkeypatch):
     """Readers take no lock: an entry that another process's eviction (or `cache clear`)
     removes between finding and reading it is a miss, built again, never a crash."""
-    import transferkit.engine.feature_store as feature_store
+    import transferkit.features.store as feature_store
 
     store = FeatureStore(tmp_path / "cache")
     backbone = _backbone()
@@ -369,7 +369,7 @@ def test_an_entry_removed_while_being_read_is_built_again(tiny_data, tmp_path, m
 def test_an_entry_evicted_right_after_its_build_is_built_again(tiny_data, tmp_path, monkeypatch):
     """The lock is released before the new entry is read: another run's eviction can remove it
     in between. That is a miss built again, not a crash."""
-    import transferkit.engine.feature_store as feature_store
+    import transferkit.features.store as feature_store
 
     store = FeatureStore(tmp_path / "cache")
     backbone = _backbone()
@@ -390,7 +390,7 @@ def test_an_entry_evicted_right_after_its_build_is_built_again(tiny_data, tmp_pa
 def test_an_entry_that_cannot_be_read_for_another_reason_is_kept(tiny_data, tmp_path, monkeypatch):
     """Only a removed or incomplete entry is rebuilt: an error such as running out of memory
     to map it is one clear error, and the entry other runs may be reading stays."""
-    import transferkit.engine.feature_store as feature_store
+    import transferkit.features.store as feature_store
 
     store = FeatureStore(tmp_path / "cache")
     backbone = _backbone()
@@ -424,7 +424,7 @@ def test_a_run_evicts_older_entries_to_fit_its_limit_but_keeps_its_own(workdir, 
 
 def test_features_stream_to_disk_while_the_entry_is_built(tiny_data, tmp_path, monkeypatch):
     """RAM holds one batch of features: each is on disk before the next is computed."""
-    from transferkit.engine import feature_cache
+    from transferkit.features import cache as feature_cache  # the module, to patch
 
     sizes = []
     append = feature_cache.ArrowStore.append

@@ -1,5 +1,14 @@
-"""The package's layering: each module imports only from its own layer or the layers below, so
-a newcomer can read it bottom-up and a change to a command never reaches into the models."""
+"""The package's layering, checked on the source of every module (imports at the top and inside
+functions alike), so that a newcomer can read it bottom-up and a change to a command never
+reaches into the models:
+
+- each package imports only packages of the layers below its own, and none beside it;
+- another package is imported through its face (`from transferkit.engine import train`), never
+  through one of its modules (`transferkit.engine.trainer`);
+- no two modules import each other, directly or round a longer cycle;
+- the ground floor and the ONNX path import no torch;
+- no module is much over 400 lines.
+"""
 
 from __future__ import annotations
 
@@ -9,78 +18,182 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "transferkit"
-# Lowest first. A module may import from its own layer and any layer listed before it.
+# Lowest first: the life of a run read from the bottom up. A package may import any package of
+# a layer listed before its own, and none of its own layer. "transferkit" is the package's face.
 LAYERS = [
-    {
-        "errors",
-        "fields",
-        "seeding",
-        "digits",
-        "task_spec",
-        "image_files",
-        "preprocess",
-        "predictions",
-        "scores",
-    },
+    {"errors"},
+    {"core"},  # torch-free: task specs, fields, seeding, image files, preprocessing
     {"models"},
     {"data", "balancing"},
     {"recipes"},
-    {"run_dir", "inference", "onnx_run", "model_card", "prediction_table"},
-    {"engine"},
-    {
-        "sweep",
-        "ensemble",
-        "compare",
-        "lr_find",
-        "export",
-        "publish",
-        "wise_ft",
-        "transferability",
-        "calibration",
-    },
-    {"api", "cli", "demo"},
+    {"rundir", "features"},  # the run folder; the feature cache
+    {"engine", "inference"},  # training; deployment
+    {"select", "runs"},  # before training; after it
+    {"transferkit", "api"},  # the public face
+    {"cli", "demo"},
 ]
+TORCH_FREE = ["transferkit.errors", "transferkit.core", "transferkit.inference.onnx_run",
+              "transferkit.inference.table", "transferkit"]  # fmt: skip
+HEAVY = ("torch", "torchvision", "timm", "accelerate", "datasets", "torchjd", "peft")
 MAX_LINES = 420  # "no module much over 400 lines"
 
 
-def _layer(part: str) -> int:
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _package(module: str) -> str:
+    """`transferkit.engine.trainer` -> `engine`; the face `transferkit` -> `transferkit`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _layer(package: str) -> int:
     for index, names in enumerate(LAYERS):
-        if part in names:
+        if package in names:
             return index
-    raise AssertionError(f"transferkit.{part} is in no layer: add it to LAYERS")
+    raise AssertionError(f"transferkit.{package} is in no layer: add it to LAYERS")
 
 
-def _modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
-
-
-def _imports(path: Path) -> list[str]:
-    """Every `transferkit.X` a module imports, at the top or inside a function."""
+def _imports(path: Path, top_level_only: bool = False) -> list[tuple[str, int]]:
+    """`(module, line)` for every transferkit module `path` imports; a name imported from a
+    package that is a module of its own counts as that module."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+            if node.module.split(".")[0] != "transferkit":
+                continue
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.append((full if full in MODULES else node.module, node.lineno))
         elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        found += [n.split(".")[1] for n in names if n.startswith("transferkit.")]
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("transferkit")]
     return found
 
 
-@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def _lazy_targets(path: Path) -> list[str]:
+    """The modules a face exports lazily (its `_WHERE` mapping of name -> module)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "_WHERE" for t in node.targets
+        ):
+            return sorted({ast.literal_eval(v) for v in node.value.values})
+    return []
+
+
+def _graph(top_level_only: bool = False) -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        edges = {module for module, _ in _imports(path, top_level_only)}
+        if not top_level_only:  # a lazy face imports its modules when a name is first used
+            edges |= set(_lazy_targets(path))
+        graph[name] = {e for e in edges if e != name}
+    return graph
+
+
+IDS = {"ids": lambda p: str(p.relative_to(PACKAGE))}
+
+
+@pytest.mark.parametrize("path", MODULES.values(), **IDS)
 def test_imports_point_down(path):
-    own = _layer(path.relative_to(PACKAGE).parts[0].removesuffix(".py"))
-    upward = [name for name in _imports(path) if _layer(name) > own]
-    assert not upward, f"{path.name} (layer {own}) imports higher layers: {upward}"
+    own = _package(_module_name(path))
+    wrong = [
+        f"line {line}: {module}"
+        for module, line in _imports(path)
+        if _package(module) != own and _layer(_package(module)) >= _layer(own)
+    ]
+    assert not wrong, f"transferkit.{own} (layer {_layer(own)}) imports its layer or above: {wrong}"
 
 
-@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", MODULES.values(), **IDS)
+def test_other_packages_are_imported_through_their_face(path):
+    own = _package(_module_name(path))
+    deep = [
+        f"line {line}: {module}"
+        for module, line in _imports(path)
+        if _package(module) != own and module.count(".") > 1
+    ]
+    assert not deep, f"import these from the package itself (its __init__): {deep}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_round_a_cycle():
+    assert _cycles(_graph()) == []
+
+
+def _reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph.get(module, ())
+    return seen
+
+
+@pytest.mark.parametrize("start", TORCH_FREE)
+def test_the_ground_floor_and_the_onnx_path_import_no_torch(start):
+    graph = _graph(top_level_only=True)  # what importing the module runs
+    heavy = []
+    for module in sorted(_reachable(start, graph)):
+        tree = ast.parse(MODULES[module].read_text())
+        for node in tree.body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            heavy += [f"{module}: {n}" for n in names if n.split(".")[0] in HEAVY]
+    assert not heavy, f"importing {start} imports {heavy}"
+
+
+@pytest.mark.parametrize("path", MODULES.values(), **IDS)
 def test_modules_stay_short(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
 
 
-def test_the_checker_sees_an_upward_import(tmp_path):
-    bad = tmp_path / "x.py"
-    bad.write_text("def f():\n    from transferkit.engine import train\n")
-    assert _imports(bad) == ["engine"] and _layer("engine") > _layer("models")
+def test_the_checkers_see_what_they_forbid(tmp_path):
+    upward = tmp_path / "x.py"
+    upward.write_text("def f():\n    from transferkit.engine.trainer import train\n")
+    assert _imports(upward) == [("transferkit.engine.trainer", 2)]
+    assert _layer("engine") > _layer("models")
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    face = tmp_path / "face.py"
+    face.write_text("_WHERE = {'x': 'transferkit.runs.export', 'y': 'transferkit.runs.export'}\n")
+    assert _lazy_targets(face) == ["transferkit.runs.export"]

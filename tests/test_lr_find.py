@@ -10,8 +10,8 @@ from conftest import QUICK, ROOT
 
 from transferkit.cli import main
 from transferkit.errors import UserError
-from transferkit.lr_find import range_test, valley
 from transferkit.recipes import load_recipe
+from transferkit.select.lr_range_test import range_test, valley
 
 
 def test_valley_picks_the_steep_part_of_the_longest_descent():

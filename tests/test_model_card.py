@@ -12,9 +12,9 @@ from huggingface_hub.utils import filter_repo_objects
 
 from transferkit.cli import main
 from transferkit.errors import UserError
-from transferkit.model_card import render
-from transferkit.publish import push_run
-from transferkit.run_dir import RunDir
+from transferkit.rundir import render_card
+from transferkit.rundir.folder import RunDir
+from transferkit.runs.publish import push_run
 
 
 def test_a_finished_run_has_a_model_card(multitask_run, source_run):
@@ -50,7 +50,7 @@ def test_a_finished_run_has_a_model_card(multitask_run, source_run):
     assert f"`parity`: {48 - parity} training images had no label for it." in card
     assert "```yaml\nname: digits_transfer" in card
     # The card is a function of the folder and the summary: rendering again gives it back.
-    assert render(RunDir(multitask_run), summary) == card
+    assert render_card(RunDir(multitask_run), summary) == card
 
 
 class _Recorder:
@@ -147,6 +147,6 @@ def test_push_refuses_an_unfinished_run(multitask_run, tmp_path):
      ("runs/source/model.safetensors", "the weights in `runs/source/model.safetensors`")],
 )  # fmt: skip
 def test_the_card_says_where_the_weights_came_from(weights, said):
-    from transferkit.model_card import _weights
+    from transferkit.rundir.card import _weights
 
     assert _weights(weights, "timm:resnet18") == said

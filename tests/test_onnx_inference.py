@@ -19,14 +19,14 @@ from conftest import ROOT
 
 import transferkit
 from transferkit.cli import main
+from transferkit.core.image_files import open_image
+from transferkit.core.preprocess import Preprocessing
+from transferkit.core.task_spec import TaskSpec
 from transferkit.data import build_transforms
 from transferkit.errors import UserError
-from transferkit.export import export_run
-from transferkit.image_files import open_image
+from transferkit.inference.table import write_predictions
 from transferkit.models import DataConfig
-from transferkit.prediction_table import write_predictions
-from transferkit.preprocess import Preprocessing
-from transferkit.task_spec import TaskSpec
+from transferkit.runs.export import export_run
 
 
 def _test_images(workdir) -> list[PIL.Image.Image]:
@@ -204,7 +204,7 @@ def test_resuming_with_another_model_is_refused(source_run, workdir, tmp_path):
 def test_a_calibrated_run_keeps_its_temperatures_through_onnx(multitask_run, tmp_path):
     import shutil
 
-    from transferkit.run_dir import RunDir
+    from transferkit.rundir.folder import RunDir
 
     folder = tmp_path / "calibrated"
     shutil.copytree(multitask_run, folder, ignore=shutil.ignore_patterns("checkpoints"))
@@ -234,7 +234,7 @@ def test_a_calibrated_run_keeps_its_temperatures_through_onnx(multitask_run, tmp
     ],
 )  # fmt: skip
 def test_prediction_table_columns_for_every_task_kind(task, probabilities, columns, cells):
-    from transferkit.predictions import describe_prediction, table_columns, table_row
+    from transferkit.inference.predictions import describe_prediction, table_columns, table_row
 
     described = describe_prediction(task, np.asarray(probabilities, dtype=np.float32))
     assert table_columns(task) == columns

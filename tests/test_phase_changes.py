@@ -212,7 +212,7 @@ def test_the_fine_tune_phase_rate_follows_the_rule_unless_set_and_the_run_record
     workdir, source_run, monkeypatch, overrides, rate
 ):
     from transferkit.engine.setup import set_up
-    from transferkit.run_dir import RunDir
+    from transferkit.rundir.folder import RunDir
 
     monkeypatch.chdir(workdir)
     recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", [

@@ -1,4 +1,4 @@
-"""Transferability scores (`transferkit.scores`) against hand computations, and `transferkit
+"""Transferability scores (`transferkit.select.scores`) against hand computations, and `transferkit
 rank` on timm's tiny test models through the CLI."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from transferkit.cli import main
 from transferkit.errors import UserError
-from transferkit.scores import evidence, knn_score, logme, logme_column
+from transferkit.select.scores import evidence, knn_score, logme, logme_column
 
 TINY = ["data.max_samples=40", "data.image_size=32"]
 
@@ -84,7 +84,8 @@ def test_knn_score_leaves_each_sample_out():
 
 def test_rank_and_interpolate_are_in_the_api():
     import transferkit
-    from transferkit import transferability, wise_ft
+    from transferkit.runs import wise_ft
+    from transferkit.select import transferability
 
     assert transferkit.rank is transferability.rank
     assert transferkit.interpolate is wise_ft.interpolate
@@ -149,7 +150,7 @@ def test_rank_reads_the_shared_feature_cache_a_probe_uses(
     workdir, source_run, monkeypatch, tmp_path
 ):
     from transferkit.models import Backbone
-    from transferkit.transferability import rank
+    from transferkit.select.transferability import rank
 
     monkeypatch.chdir(workdir)
     recipe = str(ROOT / "recipes/digits_transfer.yaml")
@@ -173,7 +174,7 @@ def test_rank_reads_the_entry_a_probe_built(workdir, monkeypatch, tmp_path):
     from transferkit.engine import train
     from transferkit.models import Backbone
     from transferkit.recipes import load_recipe
-    from transferkit.transferability import rank
+    from transferkit.select.transferability import rank
 
     monkeypatch.chdir(workdir)
     recipe = str(ROOT / "recipes/digits_imagenet.yaml")

@@ -20,7 +20,7 @@ from conftest import QUICK, ROOT, epoch_end_weights, records
 from transferkit.engine import train
 from transferkit.engine.checkpoint import list_checkpoints
 from transferkit.errors import UserError
-from transferkit.inference import load as load_run
+from transferkit.inference.run import load as load_run
 from transferkit.recipes import load_recipe
 
 CLI = str(Path(sys.executable).parent / "transferkit")
@@ -211,7 +211,7 @@ def test_run_folder_with_other_tasks_is_clear(short_run, workdir, monkeypatch):
         load_run(tampered)
     monkeypatch.chdir(workdir)
     with pytest.raises(UserError, match="does not match the data"):
-        from transferkit.engine.evaluate import evaluate_run
+        from transferkit.runs import evaluate_run
 
         evaluate_run(short_run, data="data/digits/transfer/manifest.csv")
 

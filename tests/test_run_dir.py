@@ -10,11 +10,11 @@ import pytest
 from conftest import QUICK, ROOT
 
 from transferkit.engine import train
-from transferkit.engine.evaluate import evaluate_run
 from transferkit.errors import UserError
 from transferkit.recipes import load_recipe
-from transferkit.run_dir import COMPLETE, MODEL_INFO, RunDir, checkpoint_name
-from transferkit.sweep import parse_grid, run_name, sweep
+from transferkit.rundir.folder import COMPLETE, MODEL_INFO, RunDir, checkpoint_name
+from transferkit.runs import evaluate_run
+from transferkit.select.grid_sweep import parse_grid, run_name, sweep
 
 
 def test_a_finished_run_reads_through_rundir(source_run):

@@ -9,7 +9,7 @@ import torch
 
 from transferkit.data import load_data
 from transferkit.data.config import DataSection, TaskSection
-from transferkit.engine.feature_cache import interleave, shard_rows
+from transferkit.features.cache import interleave, shard_rows
 
 
 @pytest.mark.parametrize("count, processes", [(10, 2), (11, 2), (7, 3), (2, 4), (5, 1)])
@@ -24,7 +24,7 @@ def test_shards_cover_every_row_once_and_interleave_back_in_order(count, process
 
 def test_other_processes_reuse_the_unreadable_rows_found_once(tmp_path, monkeypatch):
     from transferkit.data import loading
-    from transferkit.digits import write_digits
+    from transferkit.demo.digits import write_digits
 
     root = write_digits(tmp_path / "digits")
     images = sorted((root / "source" / "images").iterdir())

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 from transferkit.errors import UserError
-from transferkit.sweep import _claim, combinations, parse_grid, run_name, sweep
+from transferkit.select.grid_sweep import _claim, combinations, parse_grid, run_name, sweep
 
 FIXED = [
     "model.weights=none",

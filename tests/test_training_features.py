@@ -293,8 +293,9 @@ def test_the_average_of_a_probe_after_fine_tuning_is_scored_on_its_own_features(
     the EMA's backbone is another (an average), so its val_ema metrics come from the images."""
     import transferkit
     from transferkit.data import TaskImageDataset, collate
-    from transferkit.engine.evaluate import eval_split, evaluate
-    from transferkit.run_dir import RunDir
+    from transferkit.engine import evaluate
+    from transferkit.rundir.folder import RunDir
+    from transferkit.runs import eval_split
 
     monkeypatch.chdir(workdir)
     out = workdir / "features" / "ema_probe_after_ft"

@@ -17,13 +17,13 @@ import transferkit
 from transferkit.cli import main
 from transferkit.data.images import open_image
 from transferkit.engine import train
-from transferkit.engine.evaluate import evaluate_run
 from transferkit.errors import UserError
-from transferkit.inference import load
+from transferkit.inference.run import load
 from transferkit.models import MultiTaskModel, create_backbone
 from transferkit.recipes import load_recipe
-from transferkit.run_dir import RunDir
-from transferkit.wise_ft import check_same_architecture, interpolated, mix, parse_alphas
+from transferkit.rundir.folder import RunDir
+from transferkit.runs import evaluate_run
+from transferkit.runs.wise_ft import check_same_architecture, interpolated, mix, parse_alphas
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import UserError
-from transferkit.recipes import Recipe, parse_recipe, read_recipe_file, recipe_to_dict
-from transferkit.recipes.io import find_recipe
-from transferkit.run_dir import RunDir
+from transferkit.recipes import Recipe, find_recipe, parse_recipe, read_recipe_file, recipe_to_dict
+from transferkit.rundir import RunDir
 
 DATA_FOLDER = "data"  # where a run keeps in-memory data given to `fine_tune`
 

@@ -26,9 +26,8 @@ from transferkit.balancing.gradients import DBMTL, GradientAggregator, GradNorm,
 from transferkit.balancing.jacobian import cosine_similarities, objective_gradients, write_direction
 from transferkit.balancing.losses import LossCombiner
 from transferkit.balancing.methods import METHODS, Method, option_names
+from transferkit.core import derive_seed, task_of
 from transferkit.errors import UserError, did_you_mean
-from transferkit.models.multitask import MultiTaskModel
-from transferkit.seeding import derive_seed
 
 __all__ = [
     "METHODS",
@@ -132,7 +131,7 @@ class Balancer:
 
     def _static_weights(self, weights: dict[str, float]) -> Tensor:
         """`[K]` weights in objective order, each objective taking its task's weight."""
-        tasks = {MultiTaskModel.task_of(k) for k in self.objectives}
+        tasks = {task_of(k) for k in self.objectives}
         for task, weight in weights.items():
             if task not in tasks:
                 raise UserError(
@@ -146,9 +145,7 @@ class Balancer:
                     f"tasks.{task}.weight: static weights apply with multitask.method sum or "
                     f"mean; {self.name} sets its own, so remove the weight"
                 )
-        return torch.tensor(
-            [float(weights.get(MultiTaskModel.task_of(k), 1.0)) for k in self.objectives]
-        )
+        return torch.tensor([float(weights.get(task_of(k), 1.0)) for k in self.objectives])
 
     # ---- shared helpers
     def stack(self, losses: dict[str, Tensor], device=None) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def _store(args: argparse.Namespace):
-    from transferkit.engine.feature_store import FeatureStore, cache_root
+    from transferkit.features import FeatureStore, cache_root
 
     return FeatureStore(cache_root(args.dir))
 

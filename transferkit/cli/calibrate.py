@@ -29,9 +29,9 @@ def register(sub) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from transferkit.calibration import calibrate_run
     from transferkit.inference import parse_tta
-    from transferkit.run_dir import RunDir
+    from transferkit.rundir import RunDir
+    from transferkit.runs import calibrate_run
 
     tta = parse_tta(args.tta)
     report = calibrate_run(args.run_dir, args.split, args.device, args.batch_size or 64, tta)

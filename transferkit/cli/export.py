@@ -7,7 +7,7 @@ import argparse
 
 
 def register(sub) -> None:
-    from transferkit.run_dir import EXPORTED  # torch-free; the format names are its keys
+    from transferkit.rundir import EXPORTED  # torch-free; the format names are its keys
 
     export = sub.add_parser(
         "export", help="export a run's model (ONNX, TorchScript, torch.export) and check parity"
@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from transferkit.export import export_run
+    from transferkit.runs import export_run
 
     result = export_run(
         args.run_dir, args.format, output=args.output, opset=args.opset,
@@ -60,7 +60,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from transferkit.publish import push_run
+    from transferkit.runs import push_run
 
     result = push_run(args.run_dir, args.repo_id, private=args.private, token=args.token)
     print(f"pushed {args.run_dir} to {result.repo_id}: {result.url}")

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     backbone = create_backbone(args.backbone, weights=args.weights, device=device)
     adapter = None
     if args.adapter:
-        from transferkit.models.adapters import AdapterSpec, attach_adapter
+        from transferkit.models import AdapterSpec, attach_adapter
 
         spec = AdapterSpec(args.adapter, tuple(args.adapter_targets), r=args.adapter_r)
         adapter = attach_adapter(backbone, spec)

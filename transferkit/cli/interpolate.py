@@ -35,15 +35,15 @@ def run_interpolate(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from transferkit.run_dir import RunDir
-    from transferkit.wise_ft import interpolate, table
+    from transferkit.rundir import RunDir
+    from transferkit.runs import curve_table, interpolate
 
     curve = interpolate(args.run_dir, args.alpha, split=args.split, start=args.start,
                         save=args.save, device=args.device, batch_size=args.batch_size)  # fmt: skip
     if args.json:
         print(json.dumps(asdict(curve), indent=2))
         return 0
-    print(table(curve))
+    print(curve_table(curve))
     folder = RunDir(args.run_dir)
     print(f"written: {folder.wise_ft_json}, {folder.wise_ft_plot}")
     if curve.saved:

@@ -37,12 +37,12 @@ def register(sub) -> None:
 
 def run_rank(args: argparse.Namespace) -> int:
     from transferkit.recipes import load_recipe
-    from transferkit.transferability import primary_task, rank, table, write
+    from transferkit.select import primary_task, rank, rank_table, write_ranking
 
     recipe = load_recipe(args.recipe, args.set or [])
     rows = rank(recipe, _names(args.backbones), _names(args.groups), device=args.device,
                 batch_size=args.batch_size)  # fmt: skip
-    print(table(rows, primary_task(recipe)))
-    json_path, plot_path = write(rows, recipe.name, args.output)
+    print(rank_table(rows, primary_task(recipe)))
+    json_path, plot_path = write_ranking(rows, recipe.name, args.output)
     print(f"written: {json_path}, {plot_path}")
     return 0

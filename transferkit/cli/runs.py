@@ -71,8 +71,8 @@ def register(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from transferkit.engine.evaluate import evaluate_run
     from transferkit.inference import parse_tta
+    from transferkit.runs import evaluate_run
 
     values = evaluate_run(
         args.run_dir, split=args.split, data=args.data, device=args.device,
@@ -97,7 +97,7 @@ def print_predictions(results: list[dict], as_json: bool) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from transferkit import load  # a .onnx file loads without torch
-    from transferkit.onnx_run import OnnxRun
+    from transferkit.inference import OnnxRun
 
     run = load(args.run_dir)
     tta = None
@@ -108,7 +108,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
         tta = parse_tta(args.tta)
     if args.output:
-        from transferkit.prediction_table import write_predictions
+        from transferkit.inference import write_predictions
 
         summary = write_predictions(
             run, args.images, args.output, resume=args.resume, overwrite=args.overwrite,
@@ -127,18 +127,23 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_ensemble(args: argparse.Namespace) -> int:
-    from transferkit import ensemble
+    from transferkit.runs import (
+        ensemble_report,
+        evaluate_ensemble,
+        predict_ensemble,
+        write_ensemble_report,
+    )
 
     if args.predict:
         from transferkit.data import decode_prediction_inputs
 
         inputs = decode_prediction_inputs(args.predict)
-        predictions = ensemble.predict_ensemble(args.runs, [image for _, image in inputs])
+        predictions = predict_ensemble(args.runs, [image for _, image in inputs])
         results = [{"image": name, **p} for (name, _), p in zip(inputs, predictions)]
         print_predictions(results, args.json)
         return 0
-    results = ensemble.evaluate_ensemble(args.runs, args.split, args.data, args.soup)
+    results = evaluate_ensemble(args.runs, args.split, args.data, args.soup)
     if args.output:
-        ensemble.write_report(results, Path(args.output))
-    print(json.dumps(results, indent=2) if args.json else ensemble.report(results))
+        write_ensemble_report(results, Path(args.output))
+    print(json.dumps(results, indent=2) if args.json else ensemble_report(results))
     return 0

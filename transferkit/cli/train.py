@@ -54,7 +54,7 @@ def register(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from transferkit.engine import train
     from transferkit.recipes import load_recipe
-    from transferkit.run_dir import RunDir
+    from transferkit.rundir import RunDir
 
     # --resume alone continues with the run's own resolved recipe.
     if args.resume and not args.recipe:
@@ -69,8 +69,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_lr_find(args: argparse.Namespace) -> int:
-    from transferkit.lr_find import lr_find
     from transferkit.recipes import load_recipe
+    from transferkit.select import lr_find
 
     recipe = load_recipe(args.recipe, args.set or [])
     result, path = lr_find(recipe, args.phase, args.steps, args.output, args.min_lr, args.max_lr)
@@ -83,7 +83,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from transferkit.sweep import parse_grid, sweep
+    from transferkit.select import parse_grid, sweep
 
     root = sweep(args.recipe, parse_grid(args.grid), args.output, args.set or [])
     print(f"sweep folder: {root} (report.md, report.csv, report_*.png)")

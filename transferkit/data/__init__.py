@@ -6,16 +6,30 @@ train = TaskImageDataset(loaded.splits["train"], loaded.tasks, transform)
 loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=collate)
 """
 
-from transferkit.data.dataset import TaskImageDataset, collate
+from transferkit.data.config import (
+    AUGMENTS,
+    SOURCES,
+    TTA_VIEWS,
+    DataSection,
+    TaskSection,
+)
+from transferkit.data.dataset import TaskImageDataset, collate, num_workers
 from transferkit.data.images import decode_prediction_inputs
 from transferkit.data.loading import LoadedData, load_data
-from transferkit.data.transforms import build_transforms
+from transferkit.data.transforms import build_transforms, tta_views
 
 __all__ = [
+    "AUGMENTS",
+    "SOURCES",
+    "TTA_VIEWS",
+    "DataSection",
+    "TaskSection",
+    "tta_views",
     "LoadedData",
     "TaskImageDataset",
     "build_transforms",
     "collate",
     "decode_prediction_inputs",
     "load_data",
+    "num_workers",
 ]

@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transferkit.fields import bounded
-from transferkit.models.heads import TASK_KINDS
+from transferkit.core import TASK_KINDS, bounded
 
 SOURCES = ("imagefolder", "manifest", "disk", "hub")
 AUGMENTS = ("none", "light", "strong")

@@ -9,16 +9,16 @@ stays finite (no NaN, no -1 class index). Always apply the mask.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import datasets
 import torch
 
+from transferkit.core import TaskSpec, derive_seed
 from transferkit.data.config import BadImages
 from transferkit.data.images import image_id, open_image
 from transferkit.errors import UserError
-from transferkit.models.heads import TaskSpec
-from transferkit.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +139,8 @@ def collate(batch: list[dict]) -> dict:
         "mask": {t: torch.stack([s["mask"][t] for s in batch]) for t in first["mask"]},
         "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),
     }
+
+
+def num_workers(requested: int | None) -> int:
+    """data.num_workers, or by default one worker per spare core (at most 8)."""
+    return requested if requested is not None else min(8, max(0, (os.cpu_count() or 1) - 1))

@@ -1,7 +1,7 @@
 """Finding unreadable images up front, and reading images to predict on.
 
 Decoding itself (`open_image`) and listing image files live in the torch-free
-`transferkit.image_files` and are re-exported here.
+`transferkit.core.image_files` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import datasets
 import PIL.Image
 
+from transferkit.core import IMAGE_EXTENSIONS, list_image_files, open_image
 from transferkit.errors import UserError
-from transferkit.image_files import IMAGE_EXTENSIONS, list_image_files, open_image
 
 
 def image_id(source: Any, fallback: str) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 
 import datasets
 
+from transferkit.core import TASK_KINDS, TaskSpec
 from transferkit.errors import UserError
-from transferkit.models.heads import TASK_KINDS, TaskSpec
 
 NAN = float("nan")
 # Words a 0/1 column may use; declared class names take precedence over them.

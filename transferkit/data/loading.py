@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 
+from transferkit.core import TaskSpec
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.data.images import find_bad_images
 from transferkit.data.labels import column_values, encode_task, infer_task, known_classes
 from transferkit.data.sources import find_split, read_source
 from transferkit.errors import UserError, did_you_mean
-from transferkit.models.heads import TaskSpec
 
 logger = logging.getLogger(__name__)
 IMAGE = "image"  # the image column's name in the loaded splits, whatever the source called it

@@ -12,9 +12,8 @@ import PIL.Image
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from transferkit.core import DataConfig, Preprocessing
 from transferkit.data.config import Augment
-from transferkit.models.backbone import DataConfig
-from transferkit.preprocess import Preprocessing
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,

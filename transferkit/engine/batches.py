@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 from accelerate import Accelerator
@@ -129,8 +128,3 @@ def auto_batch_size(model, cfg, input_size, accelerator: Accelerator):
             f"auto batch size: {fitted} per device, {accumulation} accumulation steps (train.batch_size {cfg.batch_size}, the smallest that fits on every process)"
         )
     return dataclasses.replace(cfg, batch_size=fitted, grad_accum=accumulation)
-
-
-def num_workers(requested: int | None) -> int:
-    """data.num_workers, or by default one worker per spare core (at most 8)."""
-    return requested if requested is not None else min(8, max(0, (os.cpu_count() or 1) - 1))

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils.other import load as safe_load
 
 from transferkit.errors import UserError
-from transferkit.run_dir import CHECKPOINT_STATE, RunDir, checkpoint_name
+from transferkit.rundir import CHECKPOINT_STATE, RunDir, checkpoint_name
 
 # Accelerate's files, each with the names it may have: under FSDP the model and optimizer are
 # a full state dict (`pytorch_model_fsdp.bin`, `optimizer.bin`) or sharded folders that

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from transferkit.core import derive_seed
 from transferkit.engine.losses import LossOptions, balanced_class_weights
 from transferkit.errors import UserError
 from transferkit.models import TaskSpec
-from transferkit.seeding import derive_seed
 
 _STREAM = 0xBA1A  # keeps the sampler's draws apart from other seeded streams
 

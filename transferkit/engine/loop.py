@@ -14,18 +14,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from transferkit.core import derive_seed
+from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.strategies import PlainSum
 from transferkit.errors import UserError
-from transferkit.seeding import derive_seed
-
-
-def model_outputs(model, batch: dict, channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """The model's outputs for a batch of images, or of cached features."""
-    if "features" in batch:
-        return model(features=batch["features"])
-    images = batch["image"]
-    return model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
 
 
 class TrainLoop:

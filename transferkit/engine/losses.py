@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from transferkit.models.heads import TaskSpec
-from transferkit.models.multitask import MultiTaskModel
+from transferkit.core import TaskSpec, task_of
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def multitask_loss(
     """Weighted sum of every output's loss (auxiliary heads use their task's target and weight)."""
     losses, options = {}, options or {}
     for key, output in outputs.items():
-        task = MultiTaskModel.task_of(key)
+        task = task_of(key)
         losses[key] = task_loss(
             tasks[task], output, targets[task], masks[task], options.get(task, PLAIN)
         )
@@ -110,7 +109,7 @@ def multitask_loss(
 
 def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """Each output's loss times its task's static weight, summed (auxiliary heads: their task's)."""
-    return sum(weights.get(MultiTaskModel.task_of(k), 1.0) * v for k, v in losses.items())
+    return sum(weights.get(task_of(k), 1.0) * v for k, v in losses.items())
 
 
 def balanced_class_weights(

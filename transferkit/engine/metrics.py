@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torchmetrics as tm
 
-from transferkit.models.heads import TaskSpec
-from transferkit.models.task_outputs import (
-    CLASSIFICATION_METRICS,
-    REGRESSION_METRICS,
-)
-from transferkit.models.task_outputs import probabilities as prediction
+from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS, TaskSpec
+from transferkit.models import probabilities
 
 
 def metric_names(task: TaskSpec, names: list[str] | None = None) -> list[str]:
@@ -53,7 +49,7 @@ ECE_BINS = 15
 class _FlatCalibrationError(tm.classification.BinaryCalibrationError):
     """Binary ECE over all labels of a multilabel task (`[N, L]` flattened)."""
 
-    def update(self, preds, target) -> None:
+    def update_metrics(self, preds, target) -> None:
         super().update(preds.reshape(-1), target.reshape(-1))
 
 
@@ -68,26 +64,26 @@ def _classification_kind(task: TaskSpec) -> str:
     return task.kind
 
 
-def update(
+def update_metrics(
     collection: tm.MetricCollection,
     task: TaskSpec,
     output,
     target,
     mask,
-    probabilities: bool = False,
+    are_probabilities: bool = False,
 ) -> None:
     """Add the labelled rows of a batch (`output`: logits, or probabilities when so flagged)."""
     if bool(mask.any()):
         target = target[mask]
         target = target.long() if task.kind != "regression" else target.float()
         output = output[mask]
-        output = output.float() if probabilities else prediction(task, output)
+        output = output.float() if are_probabilities else probabilities(task, output)
         if task.kind == "multilabel" and _classification_kind(task) == "binary":
             output, target = output.reshape(-1), target.reshape(-1)  # [N, 1] -> [N], binary
         collection.update(output, target)
 
 
-def compute(collection: tm.MetricCollection) -> dict[str, float]:
+def compute_metrics(collection: tm.MetricCollection) -> dict[str, float]:
     """Metric values as floats (NaN when a metric is undefined, e.g. AUROC with one class)."""
     values = {}
     for name, metric in collection.items():

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
+from transferkit.core import derive_seed
 from transferkit.models import TaskSpec
-from transferkit.seeding import derive_seed
 
 _STREAM = 0x313C  # keeps the mixing draws apart from other seeded streams
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from transferkit.engine.schedule import HEADS, FreezeSchedule
-from transferkit.models.multitask import MultiTaskModel
+from transferkit.models import MultiTaskModel
 
 
 def param_groups(model: MultiTaskModel, weight_decay: float) -> list[dict]:

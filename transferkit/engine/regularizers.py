@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from transferkit.errors import UserError
-from transferkit.models.multitask import MultiTaskModel
+from transferkit.models import MultiTaskModel
 
 
 def l2_sp_penalty(

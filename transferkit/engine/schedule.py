@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from transferkit.errors import UserError, did_you_mean
-from transferkit.models.backbone import Backbone
-from transferkit.models.freezing import FreezeSpec
+from transferkit.models import Backbone, FreezeSpec
 
 HEADS = "heads"  # the name that lr_mult uses for every task head (and auxiliary head)
 # The fine-tune phase after a probe, when pretrained weights train in it: 0.25 of the rate kept

@@ -37,27 +37,31 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 
 from transferkit.balancing import Balancer
-from transferkit.data import TaskImageDataset, build_transforms
-from transferkit.engine import metrics as task_metrics
+from transferkit.data import TaskImageDataset, build_transforms, num_workers
 from transferkit.engine.batches import (
     auto_batch_size,
     default_batch_size,
     load_shared_data,
     make_loaders,
-    num_workers,
 )
 from transferkit.engine.ema import build_ema
 from transferkit.engine.imbalance import balanced_sampler, loss_options
+from transferkit.engine.metrics import metric_names
 from transferkit.engine.mixing import build_mixer
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.regularizers import Regularizers, build_regularizers
 from transferkit.engine.schedule import UNFROZEN_LR_MULT, FreezeSchedule
 from transferkit.engine.strategies import build_strategy
 from transferkit.errors import UserError, did_you_mean
-from transferkit.models import AuxHeadSpec, MultiTaskModel, create_backbone
-from transferkit.models.adapters import AdapterSpec, attach_adapter
+from transferkit.models import (
+    AdapterSpec,
+    AuxHeadSpec,
+    MultiTaskModel,
+    attach_adapter,
+    create_backbone,
+)
 from transferkit.recipes import Recipe, save_recipe
-from transferkit.run_dir import RunDir
+from transferkit.rundir import RunDir
 
 
 @dataclass
@@ -377,16 +381,14 @@ def optimizer_steps_per_epoch(batches: int, accelerator: Accelerator) -> int:
 
 def default_monitor(tasks, chosen: dict) -> str:
     first = tasks[0]
-    names = task_metrics.metric_names(first, chosen.get(first.name))
+    names = metric_names(first, chosen.get(first.name))
     preferred = "mae" if first.kind == "regression" else "accuracy"
     return f"val/{first.name}/{preferred if preferred in names else names[0]}"
 
 
 def check_monitor(monitor: str, tasks, chosen: dict) -> None:
     """Fail before training, not after the first epoch, when train.monitor names no metric."""
-    valid = [
-        f"val/{t.name}/{m}" for t in tasks for m in task_metrics.metric_names(t, chosen.get(t.name))
-    ]
+    valid = [f"val/{t.name}/{m}" for t in tasks for m in metric_names(t, chosen.get(t.name))]
     if monitor not in valid:
         raise UserError(
             f"train.monitor: {monitor!r} is not a validation metric of this run.{did_you_mean(monitor, valid)} Metrics: {', '.join(valid)}"

@@ -30,8 +30,9 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from transferkit.balancing import Balancer, objective_gradients, write_direction
+from transferkit.core import task_of
+from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss, weighted_sum
-from transferkit.models import MultiTaskModel
 
 
 class PlainSum:
@@ -76,7 +77,7 @@ class _Balanced(PlainSum):
         """Which objectives have a label anywhere in the global batch (the same on every rank)."""
         masks = batch["mask"]
         flags = torch.tensor(
-            [bool(p) and bool(masks[MultiTaskModel.task_of(k)].any())
+            [bool(p) and bool(masks[task_of(k)].any())
              for k, p in zip(self.balancer.objectives, local.tolist())],
             dtype=torch.float32, device=self.accelerator.device,
         )  # fmt: skip
@@ -120,8 +121,6 @@ class CombinedLoss(_Balanced):
         and the random stream are restored, so the extra forward changes nothing else)."""
         if not getattr(self.balancer.impl, "needs_losses_after_step", False):
             return
-        from transferkit.engine.loop import model_outputs  # the loop imports this module
-
         model = self.accelerator.unwrap_model(model)
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         with torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -24,23 +24,29 @@ import torch
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch.utils.data import DataLoader
 
+from transferkit.core import LOWER_IS_BETTER
 from transferkit.data import collate
-from transferkit.engine import feature_cache
 from transferkit.engine.batches import drop_last
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.ema import PREFIX as EMA_PREFIX
 from transferkit.engine.ema import monitored
-from transferkit.engine.evaluate import evaluate
-from transferkit.engine.feature_store import FeatureStore, backbone_id, cache_root, shared_cache
+from transferkit.engine.evaluation import evaluate
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.schedule import UNFROZEN_LR_MULT
 from transferkit.engine.setup import RunSetup, only_adapter_trains, set_up
 from transferkit.errors import UserError
-from transferkit.model_card import render as render_card
-from transferkit.models.adapters import adapter_state
-from transferkit.models.task_outputs import LOWER_IS_BETTER
+from transferkit.features import (
+    FeatureStore,
+    backbone_id,
+    build_cache,
+    cache_decision,
+    cache_root,
+    shard_rows,
+    shared_cache,
+)
+from transferkit.models import adapter_state
 from transferkit.recipes import Recipe
-from transferkit.run_dir import checkpoint_name
+from transferkit.rundir import checkpoint_name, render_card
 
 
 def train(recipe: Recipe, output: str | None = None, resume: str | None = None) -> Path:
@@ -165,7 +171,7 @@ def _write_card(run_dir, summary: dict) -> None:
 def _enter_phase(run: RunSetup, loop: TrainLoop, phase: int) -> tuple[DataLoader, DataLoader]:
     """A new phase: compile again if asked, and train from cached features when it can."""
     cfg, recipe = run.cfg, run.recipe
-    use_cache, why = feature_cache.decide(
+    use_cache, why = cache_decision(
         cfg.feature_cache, run.backbone, recipe.data.augment, bool(recipe.model.aux_heads), phase
     )
     if use_cache and run.accelerator.distributed_type == DistributedType.FSDP:
@@ -274,16 +280,16 @@ def cached_loaders(run: RunSetup) -> tuple[DataLoader, DataLoader]:
         )
         said = f"{'read from' if hit and val_hit else 'computed once into'} the shared cache ({store.root})"
     else:
-        train_cache = feature_cache.build_cache(run.backbone, run.train_set, **args,
+        train_cache = build_cache(run.backbone, run.train_set, **args,
                                                 disk_dir=folder / "train")  # fmt: skip
-        val_cache = feature_cache.build_cache(run.backbone, run.val_set, **args,
+        val_cache = build_cache(run.backbone, run.val_set, **args,
                                               disk_dir=folder / "validation")  # fmt: skip
         hit, said = False, "computed for this run"
     if acc.is_main_process:
         count, processes = len(train_cache), acc.num_processes
         if processes > 1 and not hit:
             said += (f", each of {processes} processes computing its shard of the {count} training "
-                     f"rows ({len(feature_cache.shard_rows(count, 0, processes))} here)")  # fmt: skip
+                     f"rows ({len(shard_rows(count, 0, processes))} here)")  # fmt: skip
         print(f"features: {said}")
     last = drop_last(len(train_cache), cfg.batch_size, acc.num_processes)
     # The balanced sampler draws row numbers, which the cache keeps (its rows are the images').

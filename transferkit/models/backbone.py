@@ -18,41 +18,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from transferkit.core import DataConfig
 from transferkit.errors import UserError
 from transferkit.models.freezing import FreezeSpec, is_norm_layer
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing that belongs to a set of weights (same fields as timm's data config)."""
-
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    crop_mode: str = "center"
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DataConfig:
-        """Build from a dict such as timm's `resolve_model_data_config` output."""
-        return cls(
-            input_size=tuple(int(v) for v in data.get("input_size", cls.input_size)),
-            mean=tuple(float(v) for v in data.get("mean", cls.mean)),
-            std=tuple(float(v) for v in data.get("std", cls.std)),
-            interpolation=str(data.get("interpolation", cls.interpolation)),
-            crop_pct=float(data.get("crop_pct", cls.crop_pct) or cls.crop_pct),
-            crop_mode=str(data.get("crop_mode", cls.crop_mode)),
-        )
 
 
 @dataclass(frozen=True)

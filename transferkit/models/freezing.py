@@ -25,14 +25,26 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from torch import nn
 
 from transferkit.errors import UserError
 
-if TYPE_CHECKING:
-    from transferkit.models.backbone import Backbone
+
+class Grouped(Protocol):
+    """What a freeze spec needs of a model: its layer groups (a `Backbone` is one)."""
+
+    @property
+    def group_names(self) -> list[str]: ...
+
+    @property
+    def groups(self) -> list: ...  # LayerGroup, each with `name` and `tensors`
+
+    def group(self, name_or_index: str | int): ...
+
+    def group_of(self, tensor_name: str) -> str | None: ...
+
 
 NormPolicy = Literal["frozen", "stats_frozen", "train"]
 NORM_POLICIES: tuple[str, ...] = ("frozen", "stats_frozen", "train")
@@ -98,7 +110,7 @@ class FreezeSpec:
         text = self.mode if not self.target else f"{self.mode}:{','.join(self.target)}"
         return text if self.norm == "frozen" else f"{text}@norm={self.norm}"
 
-    def trainable_groups(self, backbone: Backbone) -> list[str]:
+    def trainable_groups(self, backbone: Grouped) -> list[str]:
         """Names of the groups that train under this spec (for `regex`: groups with any match)."""
         names = backbone.group_names
         if self.mode == "none":
@@ -114,7 +126,7 @@ class FreezeSpec:
         pattern = re.compile(self.target[0])
         return [g.name for g in backbone.groups if any(pattern.search(t) for t in g.tensors)]
 
-    def trainable_predicate(self, backbone: Backbone) -> Callable[[str], bool]:
+    def trainable_predicate(self, backbone: Grouped) -> Callable[[str], bool]:
         """A function from a tensor name (relative to the wrapped model) to 'does it train'."""
         if self.mode == "regex":
             pattern = re.compile(self.target[0])

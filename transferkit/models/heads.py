@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from transferkit.core import TASK_KINDS, TaskSpec
 from transferkit.errors import UserError
-from transferkit.task_spec import TASK_KINDS, TaskSpec
 
 __all__ = ["TASK_KINDS", "AuxHead", "AuxHeadSpec", "Head", "TaskSpec", "pool_dims"]
 

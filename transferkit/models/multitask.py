@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from transferkit.core import task_of
 from transferkit.errors import UserError
 from transferkit.models.backbone import Backbone
 from transferkit.models.heads import AuxHead, AuxHeadSpec, Head, TaskSpec
@@ -117,10 +118,7 @@ class MultiTaskModel(nn.Module):
             return self.heads[output_key]
         return self.aux_heads[output_key.replace(".", "_")]
 
-    @staticmethod
-    def task_of(output_key: str) -> str:
-        """The task an output key belongs to ('digit@layer2' -> 'digit')."""
-        return output_key.split("@", 1)[0]
+    task_of = staticmethod(task_of)  # 'digit@layer2' -> 'digit'
 
 
 def _module_key(spec: AuxHeadSpec) -> str:

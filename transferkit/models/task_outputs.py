@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from transferkit.models.heads import TaskSpec
-
-# ece: expected calibration error (15 bins), how far the predicted confidence is from accuracy.
-CLASSIFICATION_METRICS = ("accuracy", "f1", "auroc", "ece")
-REGRESSION_METRICS = ("mae", "rmse", "r2")
-LOWER_IS_BETTER = ("mae", "rmse", "loss", "ece")  # metric names that improve downwards
+from transferkit.core import (  # noqa: F401 - the metric names, re-exported
+    CLASSIFICATION_METRICS,
+    LOWER_IS_BETTER,
+    REGRESSION_METRICS,
+    TaskSpec,
+)
 
 
 def probabilities(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transferkit.recipes.io import (
     shipped_recipes,
 )
 from transferkit.recipes.schema import (
+    BEFORE_KEY_EXISTED,
     AuxHeadSection,
     DataSection,
     EarlyStoppingSection,
@@ -24,6 +25,7 @@ from transferkit.recipes.schema import (
 )
 
 __all__ = [
+    "BEFORE_KEY_EXISTED",
     "AuxHeadSection",
     "DataSection",
     "EarlyStoppingSection",

@@ -18,14 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transferkit.data.config import DataSection, TaskSection
+from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS, bounded
+from transferkit.data import DataSection, TaskSection
 from transferkit.errors import UserError, did_you_mean
-from transferkit.fields import bounded
-from transferkit.models.adapters import ADAPTER_METHODS
-from transferkit.models.factory import SOURCES as BACKBONE_SOURCES
-from transferkit.models.factory import normalize_weights
-from transferkit.models.freezing import NORM_STATS, FreezeSpec
-from transferkit.models.task_outputs import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from transferkit.models import (
+    ADAPTER_METHODS,
+    BACKBONE_SOURCES,
+    NORM_STATS,
+    FreezeSpec,
+    normalize_weights,
+)
 
 __all__ = ["DataSection", "TaskSection"]
 

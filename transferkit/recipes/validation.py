@@ -1,7 +1,7 @@
 """The generic recipe validator: a walk over dataclass fields and their type hints.
 
 Types, unknown keys (with the nearest valid one), required keys, and numeric bounds declared
-with `transferkit.fields.bounded(..., ge=0)`. Every problem is appended to `errors` as one line
+with `transferkit.core.fields.bounded(..., ge=0)`. Every problem is appended to `errors` as one line
 naming the key path (`train.lr`, `schedule.phases.1.freeze`); nothing raises here.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import MISSING
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from transferkit.core import BOUNDS
 from transferkit.errors import did_you_mean
-from transferkit.fields import BOUNDS
 
 UNIONS = (Union, types.UnionType)
 

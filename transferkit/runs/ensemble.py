@@ -15,12 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferkit.data import TaskImageDataset, collate
-from transferkit.engine import metrics as task_metrics
-from transferkit.engine.evaluate import check_tasks, eval_split
+from transferkit.engine import compute_metrics, task_metrics, update_metrics
+from transferkit.models import probabilities
+from transferkit.runs.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
 from transferkit.inference import Run, describe_prediction
 from transferkit.inference import load as load_run
-from transferkit.run_dir import RunDir
+from transferkit.rundir import RunDir
 
 
 def load_members(run_dirs: list[str | Path]) -> list[Run]:
@@ -72,7 +73,7 @@ def soup(run_dirs: list[str | Path], runs: list[Run]) -> Run:
 @torch.no_grad()
 def _probabilities(run: Run, images: torch.Tensor) -> dict[str, torch.Tensor]:
     outputs = run.model.eval()(images)
-    return {name: task_metrics.prediction(task, outputs[name]) for name, task in run.tasks.items()}
+    return {name: probabilities(task, outputs[name]) for name, task in run.tasks.items()}
 
 
 def evaluate_ensemble(
@@ -101,7 +102,7 @@ def evaluate_ensemble(
         for run in members.values()
     ]
     collections = {
-        who: {t: task_metrics.task_metrics(spec) for t, spec in tasks.items()}
+        who: {t: task_metrics(spec) for t, spec in tasks.items()}
         for who in [*members, "ensemble"]
     }
     for batches in zip(*loaders):
@@ -114,11 +115,11 @@ def evaluate_ensemble(
         predictions["ensemble"] = {t: torch.stack([p[t] for p in voters]).mean(0) for t in tasks}
         for who, values in predictions.items():
             for t, spec in tasks.items():
-                task_metrics.update(
-                    collections[who][t], spec, values[t], targets[t], masks[t], probabilities=True
+                update_metrics(
+                    collections[who][t], spec, values[t], targets[t], masks[t], are_probabilities=True
                 )
     return {
-        who: {t: task_metrics.compute(c) for t, c in per_task.items()}
+        who: {t: compute_metrics(c) for t, c in per_task.items()}
         for who, per_task in collections.items()
     }
 
@@ -152,7 +153,7 @@ def predict_ensemble(run_dirs: list[str], images: list) -> list[dict]:
     ]
 
 
-def report(results: dict) -> str:
+def ensemble_report(results: dict) -> str:
     """A markdown table: one row per member (and the ensemble, the soup), one column per metric."""
     columns = [(t, m) for t, metrics in next(iter(results.values())).items() for m in metrics]
     lines = [
@@ -164,8 +165,8 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: dict, output: Path) -> None:
+def write_ensemble_report(results: dict, output: Path) -> None:
     """ensemble_report.md and .json in `output`."""
     output.mkdir(parents=True, exist_ok=True)
-    (output / "ensemble_report.md").write_text(report(results))
+    (output / "ensemble_report.md").write_text(ensemble_report(results))
     (output / "ensemble_report.json").write_text(json.dumps(results, indent=2))

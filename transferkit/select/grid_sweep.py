@@ -26,7 +26,7 @@ import yaml
 
 from transferkit.errors import UserError
 from transferkit.recipes import load_recipe
-from transferkit.run_dir import RunDir
+from transferkit.rundir import RunDir
 
 CLAIM = "claim.json"
 

@@ -29,6 +29,34 @@ FALLBACK_INTERPOLATION = "bilinear"  # timm's fallback too, for names such as "r
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing that belongs to a set of weights (same fields as timm's data config)."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DataConfig:
+        """Build from a dict such as timm's `resolve_model_data_config` output."""
+        return cls(
+            input_size=tuple(int(v) for v in data.get("input_size", cls.input_size)),
+            mean=tuple(float(v) for v in data.get("mean", cls.mean)),
+            std=tuple(float(v) for v in data.get("std", cls.std)),
+            interpolation=str(data.get("interpolation", cls.interpolation)),
+            crop_pct=float(data.get("crop_pct", cls.crop_pct) or cls.crop_pct),
+            crop_mode=str(data.get("crop_mode", cls.crop_mode)),
+        )
+
+
+@dataclass(frozen=True)
 class Preprocessing:
     """Eval preprocessing: resize (short side, or both sides when squashing), center crop to
     `size`, scale to [0, 1], normalize with `mean` and `std`; output `[3, size, size]` float32."""
@@ -41,7 +69,7 @@ class Preprocessing:
     std: tuple[float, ...]
 
     @classmethod
-    def from_config(cls, data_config, image_size: int | None = None) -> Preprocessing:
+    def from_config(cls, data_config: DataConfig, image_size: int | None = None) -> Preprocessing:
         """From a backbone's `DataConfig` (or any object with its fields) and the recipe's
         `data.image_size`, which wins over the config's input size."""
         size = int(image_size or data_config.input_size[1])

@@ -176,9 +176,7 @@ class RunDir:
         A relative `data.path` or `model.weights` file that does not exist from here but does
         from the folder training ran in (`origin.json`) is made absolute, so eval, export and
         resume work from any directory."""
-        from transferkit.recipes import parse_recipe
-        from transferkit.recipes.io import read_recipe_file
-        from transferkit.recipes.schema import BEFORE_KEY_EXISTED
+        from transferkit.recipes import BEFORE_KEY_EXISTED, parse_recipe, read_recipe_file
 
         if not self.recipe_path.is_file():
             raise UserError(f"{self.path} is not a run folder: it has no {RECIPE}")
@@ -199,7 +197,7 @@ class RunDir:
         """`recipe` with `data.path` and `model.weights` as recipe.yaml has them where
         `recipe()` only resolved them from origin.json: a resumed run's recipe.yaml keeps the
         paths the user wrote, not this machine's absolute ones."""
-        from transferkit.recipes.io import read_recipe_file
+        from transferkit.recipes import read_recipe_file
 
         origin = self.origin()
         if origin is None or not self.recipe_path.is_file():

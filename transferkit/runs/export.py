@@ -5,12 +5,12 @@
 
 One graph, one input `images` (`[N, 3, H, W]`, preprocessed) and one named output per task
 (raw logits or values, as the heads return them); auxiliary heads are left out unless asked
-for. The preprocessing and tasks travel as JSON (`transferkit.onnx_run.METADATA_KEY`): in the
+for. The preprocessing and tasks travel as JSON (`transferkit.inference.onnx_run.METADATA_KEY`): in the
 ONNX file's metadata properties, or in `FILE.json` beside a TorchScript or torch.export file.
 
 After writing, the file is checked against the PyTorch model on a few real images of the run's
 validation data (or `images=`): onnxruntime runs the ONNX file on images preprocessed by NumPy
-(`transferkit.preprocess`, the path a deployment without torch takes), the PyTorch model runs on
+(`transferkit.core.preprocess`, the path a deployment without torch takes), the PyTorch model runs on
 the run's torch eval transform, and the largest difference per output must stay within the
 tolerance, else the file is removed and a `UserError` says by how much it differed.
 """
@@ -29,11 +29,11 @@ from torch import nn
 from transferkit.errors import UserError
 from transferkit.inference import Run
 from transferkit.inference import load as load_run
-from transferkit.models.adapters import merge_adapters
-from transferkit.onnx_run import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, load_onnx
-from transferkit.predictions import image_files, read_image
-from transferkit.preprocess import Preprocessing
-from transferkit.run_dir import EXPORTED, RunDir
+from transferkit.models import merge_adapters
+from transferkit.inference import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, load_onnx
+from transferkit.inference import image_files, read_image
+from transferkit.core import VERSION, Preprocessing
+from transferkit.rundir import EXPORTED, RunDir
 
 FORMATS = tuple(EXPORTED)  # onnx, torchscript, exported-program
 DEFAULT_TOLERANCE = 1e-3  # largest |difference| of any raw output (logit or value)
@@ -127,8 +127,6 @@ def export_run(
 
 def export_info(run: Run, fmt: str, keys: list[str], dynamic_batch: bool, opset) -> dict:
     """The JSON that travels with the file: preprocessing, tasks, outputs and provenance."""
-    from transferkit import __version__
-
     preprocessing = Preprocessing.from_config(
         run.model.backbone.data_config, run.info.get("image_size")
     )
@@ -151,7 +149,7 @@ def export_info(run: Run, fmt: str, keys: list[str], dynamic_batch: bool, opset)
         # that its predictions are single-view where the run folder's would be averaged.
         "tta": run.views(),
         "run": str(run.run_dir.path.resolve()) if run.run_dir else None,
-        "transferkit": __version__,
+        "transferkit": VERSION,
     }
 
 
@@ -236,7 +234,7 @@ def _parity_images(folder: RunDir, images, count: int) -> list:
     if images is not None:
         return [read_image(file) for file in image_files(Path(images))[:count]]
     from transferkit.data import TaskImageDataset
-    from transferkit.engine.evaluate import eval_split
+    from transferkit.runs.evaluate import eval_split
 
     try:
         recipe, rows, _ = eval_split(folder, "validation")

@@ -1,6 +1,6 @@
 """Image files without torch: which files are images, and decoding one the way training does.
 
-Torch-free on purpose: the ONNX inference path (`transferkit.onnx_run`) decodes images with this
+Torch-free on purpose: the ONNX inference path (`transferkit.inference.onnx_run`) decodes images with this
 module and must not import torch. `transferkit.data.images` re-exports these names.
 
 An image is "readable" only if it decodes completely: `PIL.Image.verify()` accepts a truncated

@@ -3,7 +3,7 @@
 `transferkit export` writes the model's preprocessing and tasks into the file's metadata
 (`METADATA_KEY`, one JSON document, also what `export_info` returns), so the `.onnx` file alone
 is enough: images are decoded as in training (`open_image`), preprocessed by NumPy and PIL
-(`transferkit.preprocess`), run by onnxruntime, and described like a run's predictions.
+(`transferkit.core.preprocess`), run by onnxruntime, and described like a run's predictions.
 Nothing on this path imports torch.
 """
 
@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.core import Preprocessing, TaskSpec
 from transferkit.errors import UserError
-from transferkit.predictions import Predictor, batched, preprocessed, probabilities
-from transferkit.preprocess import Preprocessing
-from transferkit.task_spec import TaskSpec
+from transferkit.inference.predictions import Predictor, batched, preprocessed, probabilities
 
 METADATA_KEY = "transferkit"  # the ONNX metadata property holding the export's JSON
 FORMAT_VERSION = 1

@@ -1,5 +1,5 @@
 """What a task is: `TaskSpec`, its kind, output count and class names. Torch-free, so that an
-exported model's tasks can be described where torch is not installed (`transferkit.onnx_run`);
+exported model's tasks can be described where torch is not installed (`transferkit.inference.onnx_run`);
 `transferkit.models` re-exports it with the heads built from it."""
 
 from __future__ import annotations
@@ -9,6 +9,16 @@ from dataclasses import asdict, dataclass
 from transferkit.errors import UserError
 
 TASK_KINDS: tuple[str, ...] = ("multiclass", "binary", "multilabel", "regression")
+# ece: expected calibration error (15 bins), how far the predicted confidence is from accuracy.
+CLASSIFICATION_METRICS = ("accuracy", "f1", "auroc", "ece")
+REGRESSION_METRICS = ("mae", "rmse", "r2")
+LOWER_IS_BETTER = ("mae", "rmse", "loss", "ece")  # metric names that improve downwards
+AUX_SEPARATOR = "@"  # an auxiliary head's output key: "task@group"
+
+
+def task_of(output_key: str) -> str:
+    """The task an output belongs to: "digit" for "digit" and for the auxiliary "digit@layer2"."""
+    return output_key.split(AUX_SEPARATOR, 1)[0]
 
 
 @dataclass(frozen=True)

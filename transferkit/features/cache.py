@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.errors import UserError
-from transferkit.models.backbone import Backbone
+from transferkit.models import Backbone
 
 
 def _stochastic_layers(backbone: Backbone) -> list[str]:
@@ -56,7 +56,7 @@ def why_not_cacheable(backbone: Backbone, augment: str, has_aux_heads: bool) -> 
     return reasons
 
 
-def decide(
+def cache_decision(
     mode: str, backbone: Backbone, augment: str, has_aux_heads: bool, phase: int
 ) -> tuple[bool, str]:
     """Whether this phase trains from cached features, and a line for the log that says why."""

@@ -1,6 +1,6 @@
 """The model card: `README.md` in every finished run folder, as the Hugging Face Hub shows it.
 
-`render(run_dir, summary)` builds it from the folder alone (recipe.yaml, model.json,
+`render_card(run_dir, summary)` builds it from the folder alone (recipe.yaml, model.json,
 metrics.jsonl) and the completion summary, which the trainer extends with what only training
 knows (`summary["card"]`: data sizes and label coverage, hardware, where the weights came
 from). The trainer writes it just before complete.json; `transferkit push` re-renders it for
@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from transferkit.run_dir import RunDir
+from transferkit.rundir.folder import RunDir
 
 
-def render(run_dir: RunDir, summary: dict[str, Any]) -> str:
+def render_card(run_dir: RunDir, summary: dict[str, Any]) -> str:
     """The card's Markdown (with the Hub's YAML front matter)."""
     recipe_text = run_dir.recipe_path.read_text()
     recipe = yaml.safe_load(recipe_text)

@@ -19,12 +19,9 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 
-from transferkit.engine import feature_cache
-from transferkit.engine.loop import model_outputs
-from transferkit.engine.losses import multitask_loss
-from transferkit.engine.setup import set_up
-from transferkit.engine.trainer import cached_loaders
+from transferkit.engine import cached_loaders, model_outputs, multitask_loss, set_up
 from transferkit.errors import UserError
+from transferkit.features import cache_decision
 from transferkit.recipes import Recipe
 
 
@@ -81,7 +78,7 @@ def range_test(
         factors = [run.schedule.lr_factor(g.get("group", "")) for g in optimizer.param_groups]
         # A phase that trains only heads runs on cached features, as training does: the shared
         # cache makes the test as fast as the heads once any run has stored them.
-        use_cache, _ = feature_cache.decide(run.cfg.feature_cache, run.backbone, recipe.data.augment,
+        use_cache, _ = cache_decision(run.cfg.feature_cache, run.backbone, recipe.data.augment,
                                             bool(recipe.model.aux_heads), phase)  # fmt: skip
         fsdp = acc.distributed_type == DistributedType.FSDP
         loader = cached_loaders(run)[0] if use_cache and not fsdp else run.train_loader

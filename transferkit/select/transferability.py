@@ -6,7 +6,7 @@ preprocessing, at the recipe's `data.image_size`), in eval mode: one feature pas
 With `groups`, that same pass also keeps the feature map after each named layer group, pooled
 (global average over space, or over tokens), and every group becomes a candidate of its own.
 Every task of the recipe is then scored from the features of its labelled rows with LogME and a
-leave-one-out kNN probe (`transferkit.scores`). No head is trained.
+leave-one-out kNN probe (`transferkit.select.scores`). No head is trained.
 
 A candidate is written `SOURCE:NAME[@WEIGHTS]`: WEIGHTS as the recipe key `model.weights`
 (`pretrained`, the default; `none` for random weights; a weights file or a run folder).
@@ -24,15 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.data import TaskImageDataset, build_transforms, collate, load_data
-from transferkit.engine.batches import num_workers
+from transferkit.data import TaskImageDataset, build_transforms, collate, load_data, num_workers
 from transferkit.errors import UserError
 from transferkit.inference import resolve_device
-from transferkit.models import create_backbone
-from transferkit.models.factory import parse_backbone_name
-from transferkit.models.heads import TaskSpec
+from transferkit.models import TaskSpec, create_backbone, parse_backbone_name
 from transferkit.recipes import Recipe, load_recipe
-from transferkit.scores import KNN_K, knn_score, logme
+from transferkit.select.scores import KNN_K, knn_score, logme
 
 SCORES = ("logme", "knn")
 OUTPUT = "(output)"  # the row of a backbone's pooled output, what the task heads see
@@ -146,7 +143,7 @@ def stored_features(backbone, name: str, kwargs: dict, dataset, batch_size: int,
     """The pooled output's features through the shared feature cache (engine.feature_store):
     the entry a linear probe of this backbone on this data reads too, so ranking candidates
     and then probing the winner pay for one backbone pass, and ranking again for none."""
-    from transferkit.engine.feature_store import (
+    from transferkit.features import (
         FeatureStore,
         backbone_id,
         cache_root,
@@ -247,7 +244,7 @@ def rank(
     return sorted(rows, key=lambda r: r.scores[key]["logme"], reverse=True)
 
 
-def table(rows: list[Scored], primary: str) -> str:
+def rank_table(rows: list[Scored], primary: str) -> str:
     """The ranking as text: one line per row, LogME and kNN per task."""
     tasks = list(rows[0].scores)
     width = max(len(r.name) for r in rows)
@@ -264,7 +261,9 @@ def table(rows: list[Scored], primary: str) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[Scored], recipe_name: str, output: str | Path = ".") -> tuple[Path, Path]:
+def write_ranking(
+    rows: list[Scored], recipe_name: str, output: str | Path = "."
+) -> tuple[Path, Path]:
     """`rank_<recipe>.json` and `rank_<recipe>.png` in `output`."""
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """What a prediction says, without torch: probabilities from a head's raw outputs (NumPy), and
 one image's `{"label", "score"}` or `{"value"}` per task, as `predict` prints them.
 
-Shared by the torch model (`transferkit.inference`) and the ONNX model (`transferkit.onnx_run`);
+Shared by the torch model (`transferkit.inference.run`) and the ONNX model (`transferkit.inference.onnx_run`);
 `transferkit.models.task_outputs.probabilities` is the same rule on torch tensors.
 """
 
@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from transferkit.core import TaskSpec, list_image_files, open_image
 from transferkit.errors import UserError
-from transferkit.image_files import list_image_files, open_image
-from transferkit.task_spec import TaskSpec
 
 
 class Predictor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transferkit.models.task_outputs import LOWER_IS_BETTER
-from transferkit.run_dir import RunDir
+from transferkit.rundir.folder import RunDir
 
 
 def delta_m(metrics: dict[str, float], single_task: dict[str, float]) -> float:

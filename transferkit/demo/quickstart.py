@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 
-from transferkit.digits import write_digits, write_few_labels
+from transferkit.demo.digits import write_digits, write_few_labels
 from transferkit.engine import train
 from transferkit.recipes import load_recipe
-from transferkit.run_dir import RunDir
+from transferkit.rundir import RunDir
 
 PROBE_ONLY = "schedule.phases=[{from_epoch: 0, freeze: all}]"
 SCRATCH = ["model.weights=none", "schedule.phases=[{from_epoch: 0, freeze: none}]"]
@@ -74,7 +74,3 @@ def main(output: str = "runs/demo") -> dict[str, dict]:
         f"Try: .venv/bin/transferkit predict {output}/imagenet_lpft data/digits/transfer/images/0005.png"
     )
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -15,15 +15,20 @@ from typing import Any
 import PIL.Image
 import torch
 
-from transferkit.data import build_transforms
-from transferkit.data.config import TTA_VIEWS
-from transferkit.data.transforms import tta_views
+from transferkit.data import TTA_VIEWS, build_transforms, tta_views
 from transferkit.errors import UserError
-from transferkit.models import AuxHeadSpec, DataConfig, MultiTaskModel, TaskSpec, create_backbone
-from transferkit.models.adapters import AdapterSpec, attach_adapter
-from transferkit.models.task_outputs import probabilities as prediction
-from transferkit.predictions import Predictor, batched, describe_prediction, preprocessed
-from transferkit.run_dir import RunDir
+from transferkit.inference.predictions import Predictor, batched, describe_prediction, preprocessed
+from transferkit.models import (
+    AdapterSpec,
+    AuxHeadSpec,
+    DataConfig,
+    MultiTaskModel,
+    TaskSpec,
+    attach_adapter,
+    create_backbone,
+)
+from transferkit.models import probabilities as prediction
+from transferkit.rundir import RunDir
 
 # describe_prediction is imported from here by callers written before it moved.
 __all__ = ["Run", "describe_prediction", "load", "load_run", "resolve_device"]
@@ -136,7 +141,7 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from transferkit.onnx_run import is_onnx_file, load_onnx
+    from transferkit.inference.onnx_run import is_onnx_file, load_onnx
 
     if not isinstance(run_dir, RunDir) and is_onnx_file(run_dir):
         return load_onnx(run_dir)

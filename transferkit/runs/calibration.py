@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from transferkit.data import TaskImageDataset, collate
-from transferkit.engine import metrics as task_metrics
-from transferkit.engine.evaluate import check_tasks, eval_split
+from transferkit.engine import compute_metrics, task_metrics, update_metrics
+from transferkit.runs.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
 from transferkit.inference import AdjustedModel, load, resolve_device
 from transferkit.models import TaskSpec
-from transferkit.models.task_outputs import probabilities
-from transferkit.run_dir import RunDir
+from transferkit.models import probabilities
+from transferkit.rundir import RunDir
 
 
 def nll(task: TaskSpec, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -78,9 +78,9 @@ def collect_logits(
 
 def ece(task: TaskSpec, logits: torch.Tensor, target: torch.Tensor) -> float:
     """Expected calibration error of logits (the metric `eval` reports as `ece`)."""
-    collection = task_metrics.task_metrics(task, ["ece"])
-    task_metrics.update(collection, task, logits, target, torch.ones(len(target), dtype=torch.bool))
-    return task_metrics.compute(collection)["ece"]
+    collection = task_metrics(task, ["ece"])
+    update_metrics(collection, task, logits, target, torch.ones(len(target), dtype=torch.bool))
+    return compute_metrics(collection)["ece"]
 
 
 def calibrate_run(

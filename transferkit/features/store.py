@@ -36,14 +36,14 @@ import pyarrow as pa
 import torch
 from filelock import FileLock, Timeout
 
-from transferkit.engine.feature_cache import (
+from transferkit.errors import UserError
+from transferkit.features.cache import (
     ArrowStore,
     CachedFeatures,
     compute_features,
     shard_name,
     shard_rows,
 )
-from transferkit.errors import UserError
 
 MANIFEST = "manifest.json"
 LAST_USED = "last_used"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transferkit.errors import UserError
-from transferkit.model_card import render
-from transferkit.run_dir import LOCAL_ONLY, TRAINING_ONLY, RunDir
+from transferkit.rundir import render_card
+from transferkit.rundir import LOCAL_ONLY, TRAINING_ONLY, RunDir
 
 # Leftovers of interrupted atomic writes never leave the machine.
 IGNORE_PATTERNS = [f"{name}/*" for name in TRAINING_ONLY] + [*LOCAL_ONLY, "*.tmp", "*.parts/*"]
@@ -36,7 +36,7 @@ def prepare_push(run_dir) -> RunDir:
         )
     folder.info()  # a clear error when the model files are missing
     if not folder.card_path.is_file():  # finished before model cards existed
-        folder.write_card(render(folder, folder.summary()))
+        folder.write_card(render_card(folder, folder.summary()))
     return folder
 
 

@@ -1,7 +1,7 @@
 """Batch prediction to a table: `transferkit predict MODEL FOLDER --output predictions.csv`.
 
 One row per image (its absolute path), one column per task (label and score, the labels that
-are on and every label's score, or the value; `transferkit.predictions.table_columns`). Rows
+are on and every label's score, or the value; `transferkit.inference.predictions.table_columns`). Rows
 are written batch by batch, so a run over a large folder that stops can `resume`: images
 already in the table are skipped. A CSV grows in place (a torn last line is dropped on resume); a Parquet file cannot be
 appended to, so batches go to `FILE.parts/` and are joined into FILE at the end.
@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.errors import UserError
-from transferkit.predictions import describe_prediction, image_files, table_columns, table_row
+from transferkit.inference.predictions import (
+    describe_prediction,
+    image_files,
+    table_columns,
+    table_row,
+)
 
 TABLE_FORMATS = (".csv", ".parquet")
 IMAGE = "image"

@@ -26,13 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferkit.data import TaskImageDataset, collate
-from transferkit.engine.evaluate import check_tasks, eval_split, evaluate
+from transferkit.engine import evaluate
+from transferkit.runs.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
 from transferkit.inference import Run, load, resolve_device
 from transferkit.models import create_backbone
-from transferkit.models.adapters import merge_adapters
-from transferkit.models.task_outputs import LOWER_IS_BETTER
-from transferkit.run_dir import RunDir
+from transferkit.models import merge_adapters
+from transferkit.core import LOWER_IS_BETTER
+from transferkit.rundir import RunDir
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -228,7 +229,7 @@ def _save(
     return target.path
 
 
-def table(curve: Curve) -> str:
+def curve_table(curve: Curve) -> str:
     """The curve as text: one line per alpha, every non-count metric."""
     keys = [k for k in curve.metrics[0] if not k.endswith("/count")]
     width = max(len(k) for k in keys)

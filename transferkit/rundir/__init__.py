@@ -1,0 +1,22 @@
+"""The run folder as a type: `RunDir` is the only code that knows its files, `ModelInfo` is
+`model.json`, and `render_card` writes the model card (`README.md`) from both."""
+
+from transferkit.rundir.card import render_card
+from transferkit.rundir.folder import (
+    CHECKPOINT_STATE,
+    EXPORTED,
+    LOCAL_ONLY,
+    TRAINING_ONLY,
+    RunDir,
+    checkpoint_name,
+)
+
+__all__ = [
+    "CHECKPOINT_STATE",
+    "EXPORTED",
+    "LOCAL_ONLY",
+    "TRAINING_ONLY",
+    "RunDir",
+    "checkpoint_name",
+    "render_card",
+]

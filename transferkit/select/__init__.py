@@ -1,0 +1,24 @@
+"""Before training: choosing what to train, by measurement.
+
+- `transferability`: rank backbones (and their layers) from frozen features (`rank`);
+- `scores`: LogME and a leave-one-out kNN probe, the scores `rank` uses (NumPy);
+- `lr_find`: a learning-rate range test on one phase;
+- `sweep`: train every combination of a grid, resumable and shareable between processes.
+"""
+
+from transferkit.core import lazy_exports
+
+_WHERE = {
+    "rank": "transferkit.select.transferability",
+    "primary_task": "transferkit.select.transferability",
+    "rank_table": "transferkit.select.transferability",
+    "write_ranking": "transferkit.select.transferability",
+    "knn_score": "transferkit.select.scores",
+    "logme": "transferkit.select.scores",
+    "lr_find": "transferkit.select.lr_range_test",
+    "range_test": "transferkit.select.lr_range_test",
+    "parse_grid": "transferkit.select.grid_sweep",
+    "sweep": "transferkit.select.grid_sweep",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_exports(__name__, _WHERE)
