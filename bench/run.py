@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.engine import train
+from transferkit.engine import TrainerState, train
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.schedule import FreezeSchedule
@@ -92,13 +92,14 @@ def _transferkit_steps(cfg: dict, tasks: list[str], loader_items: int) -> float:
     )
     lr = build_lr_scheduler(optimizer, train_cfg, schedule, len(loader))
     model, optimizer, loader, lr = accelerator.prepare(model, optimizer, loader, lr)
-    loop = TrainLoop(accelerator, model, optimizer, lr, {t: TaskSpec(t, "multiclass", 10) for t in tasks},
-                     train_cfg, 0, PlainSum(accelerator, dict.fromkeys(tasks, 1.0)))  # fmt: skip
-    loop.epoch(loader, {"epoch": 0, "batches": 0, "step": 0, "skipped_steps": 0})  # warm-up
-    state = {"epoch": 1, "batches": 0, "step": 0, "skipped_steps": 0}
+    loop = TrainLoop(accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr,
+                     tasks={t: TaskSpec(t, "multiclass", 10) for t in tasks}, cfg=train_cfg, seed=0,
+                     strategy=PlainSum(accelerator, dict.fromkeys(tasks, 1.0)))  # fmt: skip
+    loop.epoch(loader, TrainerState())  # warm-up
+    state = TrainerState(epoch=1)
     start = time.perf_counter()
     loop.epoch(loader, state)
-    return (time.perf_counter() - start) / state["step"]
+    return (time.perf_counter() - start) / state.step
 
 
 def _handwritten_steps(cfg: dict, tasks: list[str], loader_items: int) -> float:
@@ -338,15 +339,16 @@ def _gpu_transferkit_steps(cfg: dict, device: str) -> float:
     warmup, timed = _device_batches(cfg, device)
     lr = build_lr_scheduler(optimizer, train_cfg, schedule, len(timed))
     model, optimizer, lr = accelerator.prepare(model, optimizer, lr)
-    loop = TrainLoop(accelerator, model, optimizer, lr, {"a": TaskSpec("a", "multiclass", 10)},
-                     train_cfg, 0, PlainSum(accelerator, {"a": 1.0}))  # fmt: skip
-    loop.epoch(warmup, {"epoch": 0, "batches": 0, "step": 0, "skipped_steps": 0})
-    state = {"epoch": 1, "batches": 0, "step": 0, "skipped_steps": 0}
+    loop = TrainLoop(accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr,
+                     tasks={"a": TaskSpec("a", "multiclass", 10)}, cfg=train_cfg, seed=0,
+                     strategy=PlainSum(accelerator, {"a": 1.0}))  # fmt: skip
+    loop.epoch(warmup, TrainerState())
+    state = TrainerState(epoch=1)
     _synchronize(device)
     start = time.perf_counter()
     loop.epoch(timed, state)
     _synchronize(device)
-    seconds = (time.perf_counter() - start) / state["step"]
+    seconds = (time.perf_counter() - start) / state.step
     AcceleratorState._reset_state()
     return seconds
 

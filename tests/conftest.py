@@ -133,11 +133,11 @@ def advance_balancer(balancer, i: int, device=None) -> torch.Tensor:
     vector = losses.clone().requires_grad_(True) * 1.0
     value = balancer.combine(vector, on, i // 2, i % 2)
     if i % 2:
-        balancer.impl.end_epoch()
-    if balancer.impl.needs_losses_after_step:
-        balancer.impl.after_step(losses * 0.9, on)
-    if balancer.impl.learnable:  # take an optimizer step on the learned weights
-        for p in balancer.impl.parameters():
+        balancer.end_epoch()
+    if balancer.needs_losses_after_step:
+        balancer.after_step(losses * 0.9, on)
+    if balancer.learnable:  # take an optimizer step on the learned weights
+        for p in balancer.learnable_parameters():
             (g,) = torch.autograd.grad(value, p, retain_graph=True)
             p.data -= 0.1 * g
     return value

@@ -2,7 +2,7 @@
 
 Accelerate 1.15 turns `ACCELERATE_USE_FSDP=true` into FSDP only on GPUs and other accelerators:
 on a CPU (`DistributedType.MULTI_CPU`, gloo) it keeps DDP (and transferkit refuses to run, see
-`transferkit.engine.setup.check_fsdp`). PyTorch's FSDP itself runs on CPU with gloo, so this
+`transferkit.engine.accelerator.check_fsdp`). PyTorch's FSDP itself runs on CPU with gloo, so this
 launcher sets the state Accelerate would set on GPUs, and the CPU suite can run transferkit's
 FSDP paths (sharded training across a phase change, `save_state`/`load_state`, the gathered
 model file) under torchrun:

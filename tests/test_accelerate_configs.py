@@ -74,7 +74,7 @@ def test_multi_node_config_gives_each_machine_its_rank_and_the_main_address():
 
 
 def test_fsdp_config_sets_up_an_fsdp_that_transferkit_trains(monkeypatch):
-    from transferkit.engine.setup import check_fsdp
+    from transferkit.engine.accelerator import check_fsdp
     from transferkit.models import create_backbone
 
     env = launch_env(EXAMPLES / "fsdp.yaml")

@@ -57,7 +57,7 @@ def test_fine_tune_on_a_dataset_dict_returns_history_best_and_final(tmp_path):
     assert isinstance(result.history, pd.DataFrame) and list(result.history["epoch"]) == [0, 1]
     assert "lr/heads" in result.history.columns
     assert set(result.final) >= {"val/digit/accuracy", "val/even/accuracy"}
-    best_epoch = result.run_dir.info()["epoch"]
+    best_epoch = result.run_dir.info().epoch
     row = result.history[result.history["epoch"] == best_epoch].iloc[0]
     assert result.best["val/digit/accuracy"] == pytest.approx(row["val/digit/accuracy"])
     assert result.best["val/digit/accuracy"] == pytest.approx(

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchjd import aggregation, scalarization
 
-from transferkit.balancing import DBMTL, METHODS, Balancer, GradNorm, build_method
+from transferkit.balancing import DBMTL, METHODS, Balancer, GradNorm, LossCombiner, build_method
 from transferkit.balancing.jacobian import cosine_similarities, objective_gradients
 from transferkit.errors import UserError
 
@@ -62,6 +62,44 @@ def test_loss_methods_give_a_finite_scalar_with_finite_weights(name, seed):
     assert combined.shape == () and torch.isfinite(combined)
     weights = balancer.last_weights
     assert weights.shape == (3,) and torch.isfinite(weights).all() and (weights > 0).all()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_registry_declares_what_each_method_needs_of_the_engine(name):
+    """The engine asks the balancer, which reads the registry; the built method must agree."""
+    method, balancer = METHODS[name], Balancer(name, TASKS)
+    built = build_method(name, len(TASKS))
+    if method.kind == "gradient":
+        assert not (method.learnable or method.losses_after_step or method.global_values)
+        assert balancer.runs_under_fsdp is False and balancer.learnable_parameters() == []
+        return
+    assert built.learnable == method.learnable == balancer.learnable
+    assert built.global_values == method.global_values
+    has_hook = type(built).after_step is not LossCombiner.after_step
+    assert has_hook == method.losses_after_step == balancer.needs_losses_after_step
+    trainable = [p for p in balancer.learnable_parameters() if p.requires_grad]
+    assert bool(trainable) == method.learnable
+    assert balancer.runs_under_fsdp == (not method.learnable and not method.losses_after_step)
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_a_balancer_averages_over_processes_only_the_values_its_state_is_built_from(name):
+    """`reduce` (the mean over processes) is given at construction and called only by methods
+    whose state is built from loss values (DWA, FAMO); the others see their own losses."""
+    calls = []
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        calls.append(values)
+        return values
+
+    balancer = Balancer(name, TASKS, reduce=reduce)
+    _, losses = _case(5)
+    balancer.combine(
+        losses.clone().requires_grad_(True) * 1.0, torch.ones(3, dtype=torch.bool), 0, 1
+    )
+    if balancer.needs_losses_after_step:
+        balancer.after_step(losses * 0.9, torch.ones(3, dtype=torch.bool))
+    assert bool(calls) == METHODS[name].global_values
 
 
 @pytest.mark.parametrize("name", [n for n in GRADIENT_METHODS if not METHODS[n].randomized])
@@ -197,7 +235,7 @@ def test_every_torchjd_backed_method_is_checked_for_parity():
 
 @pytest.mark.parametrize("name", sorted(_TORCHJD))
 def test_adapter_matches_torchjd_called_directly(name):
-    from transferkit.balancing import _RNG_STREAM
+    from transferkit.balancing.balancer import _RNG_STREAM
     from transferkit.core.seeding import derive_seed
 
     reference = _TORCHJD[name](3)
@@ -218,7 +256,7 @@ def test_adapter_matches_torchjd_called_directly(name):
      ("dwa", lambda: scalarization.DWA()), ("rlw", lambda: scalarization.Random())],
 )  # fmt: skip
 def test_loss_adapter_matches_torchjd_called_directly(name, reference):
-    from transferkit.balancing import _RNG_STREAM
+    from transferkit.balancing.balancer import _RNG_STREAM
     from transferkit.core.seeding import derive_seed
 
     ref = reference()
@@ -229,7 +267,7 @@ def test_loss_adapter_matches_torchjd_called_directly(name, reference):
             ours = balancer.combine(losses, torch.ones(3, dtype=torch.bool), epoch, batch)
             torch.manual_seed(derive_seed(2, _RNG_STREAM, epoch, batch))
             assert torch.allclose(ours, ref(losses), atol=1e-6)
-        balancer.impl.end_epoch()
+        balancer.end_epoch()
         if hasattr(ref, "step"):
             ref.step()
 
@@ -241,8 +279,9 @@ def test_loss_adapter_matches_torchjd_called_directly(name, reference):
 def test_uw_formula():
     """UW: sum_i 0.5 exp(-s_i) L_i + 0.5 s_i; with s = (0, ln 2): 0.5*1 + 0.25*2 + 0.5 ln 2."""
     balancer = Balancer("uw", ["a", "b"])
-    with torch.no_grad():
-        balancer.impl.scalarizer.log_var.copy_(torch.tensor([0.0, torch.log(torch.tensor(2.0))]))
+    state = balancer.state_dict()
+    state["module"]["scalarizer.log_var"] = torch.tensor([0.0, torch.log(torch.tensor(2.0))])
+    balancer.load_state_dict(state)
     losses = torch.tensor([1.0, 2.0], requires_grad=True) * 1.0
     combined = balancer.combine(losses, torch.ones(2, dtype=torch.bool), 0, 0)
     assert combined.item() == pytest.approx(0.5 + 0.5 + 0.5 * 0.693147, abs=1e-5)
@@ -255,7 +294,7 @@ def test_dwa_formula():
     on = torch.ones(2, dtype=torch.bool)
     for epoch_losses in ([1.0, 1.0], [0.5, 1.0]):  # task a halved its loss, b did not move
         balancer.combine(torch.tensor(epoch_losses), on, 0, 0)
-        balancer.impl.end_epoch()
+        balancer.end_epoch()
     balancer.combine(torch.tensor([0.3, 0.9], requires_grad=True) * 1.0, on, 2, 0)
     rates = torch.tensor([0.5, 1.0]) / 2.0
     expected = 2 * torch.softmax(rates, dim=0)
@@ -343,22 +382,17 @@ def _assert_state_on(balancer: Balancer, device: str) -> None:
     assert text.count("'__device__'") == text.count(f"'__device__': '{device}")
 
 
-@pytest.mark.parametrize("move", ["balancer", "impl"])
 @pytest.mark.parametrize("name", STATEFUL)
-def test_state_is_loaded_onto_the_device_the_balancer_is_on(name, move):
+def test_state_is_loaded_onto_the_device_the_balancer_is_on(name):
     """Accelerate loads a registered object's state on the CPU; a balancer on a GPU must get
-    it back on the GPU (meta stands in for the GPU here). `impl`: the trainer moves
-    `balancer.impl`, and the balancer remembers the device from it."""
+    it back on the GPU (meta stands in for the GPU here)."""
     original = Balancer(name, ["a", "b"])
     for i in range(4):
         advance_balancer(original, i)
     state = _state_roundtrip(original)
     assert balancer_tensors(original) or name == "nash_mtl", name  # Nash-MTL's state is NumPy
     restored = Balancer(name, ["a", "b"])
-    if move == "balancer":
-        restored.to("meta")
-    else:
-        restored.impl.to("meta")
+    restored.to("meta")
     restored.load_state_dict(state)
     assert set(balancer_tensors(restored)) == set(balancer_tensors(original))
     _assert_state_on(restored, "meta")
@@ -456,12 +490,12 @@ def test_fp16_scaled_jacobian_gives_the_unscaled_direction_scaled():
     balancer = Balancer("gradnorm", TASKS)
     scaled = balancer.scaled_direction(jacobian * 1024.0, losses, on, 1024.0, 0, 0)
     assert torch.allclose(scaled / 1024.0, plain, atol=1e-5)
-    before = balancer.impl.logits.detach().clone()
+    before = balancer.state_dict()["module"]["logits"].clone()
     overflow = jacobian.clone()
     overflow[0, 0] = float("inf")
     out = balancer.scaled_direction(overflow, losses, on, 1024.0, 0, 1)
     assert not torch.isfinite(out).all()
-    assert torch.equal(balancer.impl.logits.detach(), before)
+    assert torch.equal(balancer.state_dict()["module"]["logits"], before)
 
 
 # ---------------------------------------------------------------------------------------------

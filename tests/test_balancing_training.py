@@ -118,9 +118,9 @@ def test_the_loss_scaler_changes_nothing_but_the_scale(workdir, labelled, monkey
     weights are those of the unscaled run bit for bit. The Jacobian path never calls
     `accelerator.backward`: it must start the scaler itself (its scale is created by `scale()`,
     and `optimizer.step()` refuses to run without it) and aggregate the unscaled Jacobian."""
-    from transferkit.engine import setup as engine_setup
+    from transferkit.engine import trainer as engine_trainer
 
-    make_accelerator = engine_setup.make_accelerator
+    make_accelerator = engine_trainer.make_accelerator
 
     def with_scaler(recipe, run_dir):
         accelerator = make_accelerator(recipe, run_dir)
@@ -128,7 +128,7 @@ def test_the_loss_scaler_changes_nothing_but_the_scale(workdir, labelled, monkey
         return accelerator
 
     plain = _train(workdir, _recipe(method), f"unscaled_{method}")
-    monkeypatch.setattr(engine_setup, "make_accelerator", with_scaler)
+    monkeypatch.setattr(engine_trainer, "make_accelerator", with_scaler)
     scaled = _train(workdir, _recipe(method), f"scaled_{method}")
     a, b = epoch_end_weights(plain), epoch_end_weights(scaled)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 import transferkit
 from transferkit.cli import main
 from transferkit.engine import train
-from transferkit.engine.checkpoint import list_checkpoints
 from transferkit.recipes import load_recipe
+from transferkit.rundir import RunDir
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -112,7 +112,7 @@ def test_resume_lands_in_the_right_phase(workdir, source_run, monkeypatch):
     train(load_recipe(recipe, [*base, "train.epochs=3"]), resume=str(run_dir))
     records = _records(run_dir)
     assert [r["epoch"] for r in records] == [0, 1, 2] and [r["phase"] for r in records] == [0, 1, 1]
-    kept = [p.name for p in list_checkpoints(run_dir)]
+    kept = [p.name for p in RunDir(run_dir).checkpoints()]
     state = json.loads((run_dir / "checkpoints" / kept[-1] / "trainer_state.json").read_text())
     assert kept[-2:] == ["step_00000006_end", "step_00000009_end"]  # keep_checkpoints: 2
     assert set(kept) == {"step_00000006_end", "step_00000009_end", state["best_checkpoint"]}

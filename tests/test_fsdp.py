@@ -26,7 +26,7 @@ from conftest import free_port, records
 from test_accelerate_configs import EXAMPLES, launch_env
 
 from transferkit.balancing import Balancer
-from transferkit.engine.setup import check_fsdp, init_optimizer_state
+from transferkit.engine.accelerator import check_fsdp, init_optimizer_state
 from transferkit.errors import UserError
 
 TESTS = Path(__file__).resolve().parent

@@ -4,7 +4,7 @@ balancing methods and their state, and eval and predict against the CPU.
 
 Runs are short (digits, `timm:test_resnet`, 32 px) and go through `transferkit.engine.train`
 as the CLI's do. What happens inside a run is seen through `spy`, which wraps the trainer's
-`set_up`, `load_checkpoint` and `_enter_phase` without changing them.
+`build_run`, `load_checkpoint` and `enter_phase` without changing them.
 
 Tolerances: cuDNN runs deterministic and TF32 is off here (`_exact_cuda`), so that the GPU is
 compared with itself (resume) and with the CPU (eval, predict, balancers) at float32 rounding
@@ -89,7 +89,9 @@ def placement(run) -> dict[str, dict[str, str]]:
     model = run.accelerator.unwrap_model(run.model)
     names = {id(p): name for name, p in model.named_parameters()}
     if run.balancer is not None:
-        names.update({id(p): f"balancer.{n}" for n, p in run.balancer.impl.named_parameters()})
+        names.update(
+            {id(p): f"balancer.{i}" for i, p in enumerate(run.balancer.learnable_parameters())}
+        )
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
     return {
         "model": {k: v.device.type for k, v in model.state_dict().items()},
@@ -110,12 +112,12 @@ def spy(monkeypatch):
     """Each `train` call's RunSetup and the weights it started from; the placement of every
     tensor right after a checkpoint is loaded; the module each phase's steps ran through."""
     seen = SimpleNamespace(runs=[], starts=[], loaded=[], phases=[])
-    set_up = trainer_module.set_up
+    build_run = trainer_module.build_run
     load_checkpoint = trainer_module.load_checkpoint
-    enter_phase = trainer_module._enter_phase
+    enter_phase = trainer_module.enter_phase
 
-    def spy_set_up(*args, **kwargs):
-        run = set_up(*args, **kwargs)
+    def spy_build_run(*args, **kwargs):
+        run = build_run(*args, **kwargs)
         seen.runs.append(run)
         seen.starts.append(_cpu(run.accelerator.unwrap_model(run.model).state_dict()))
         return run
@@ -125,14 +127,14 @@ def spy(monkeypatch):
         seen.loaded.append(placement(seen.runs[-1]))
         return result
 
-    def spy_enter_phase(run, loop, phase):
-        loaders = enter_phase(run, loop, phase)
+    def spy_enter_phase(run, loop, phase, feature_dir):
+        loaders = enter_phase(run, loop, phase, feature_dir)
         seen.phases.append((phase, loop.forward_module))
         return loaders
 
-    monkeypatch.setattr(trainer_module, "set_up", spy_set_up)
+    monkeypatch.setattr(trainer_module, "build_run", spy_build_run)
     monkeypatch.setattr(trainer_module, "load_checkpoint", spy_load_checkpoint)
-    monkeypatch.setattr(trainer_module, "_enter_phase", spy_enter_phase)
+    monkeypatch.setattr(trainer_module, "enter_phase", spy_enter_phase)
     return seen
 
 
@@ -313,14 +315,14 @@ def _where(balancer: Balancer) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", STATEFUL)
 def test_balancer_state_reloads_and_moves_onto_the_gpu(name):
-    """Every stateful method: state reloaded into a balancer whose impl is on the GPU (as the
-    trainer moves it) is where a balancer that stayed on the GPU has it, and continues the
+    """Every stateful method: state reloaded into a balancer moved to the GPU (as the trainer
+    moves it) is where a balancer that stayed on the GPU has it, and continues the
     same; a balancer moved to the GPU mid-run continues as if it had been there all along."""
     on_gpu = Balancer(name, TASKS).to(DEVICE)
     for i in range(5):
         advance_balancer(on_gpu, i, DEVICE)
     reloaded = Balancer(name, TASKS)
-    reloaded.impl.to(DEVICE)
+    reloaded.to(DEVICE)
     reloaded.load_state_dict(_roundtrip(on_gpu))
     moved = Balancer(name, TASKS)
     for i in range(5):

@@ -204,11 +204,11 @@ def test_resuming_with_another_model_is_refused(source_run, workdir, tmp_path):
 def test_a_calibrated_run_keeps_its_temperatures_through_onnx(multitask_run, tmp_path):
     import shutil
 
-    from transferkit.rundir.folder import RunDir
+    from transferkit.rundir import RunDir
 
     folder = tmp_path / "calibrated"
     shutil.copytree(multitask_run, folder, ignore=shutil.ignore_patterns("checkpoints"))
-    RunDir(folder).update_info({"temperatures": {"digit": 2.5, "parity": 0.5}})
+    RunDir(folder).update_info(temperatures={"digit": 2.5, "parity": 0.5})
     pictures = multitask_run.parent.parent / "data/digits/transfer/images"
     exported = export_run(folder, "onnx", dynamic_batch=True, images=pictures)
     images = sorted(pictures.iterdir())[:5]

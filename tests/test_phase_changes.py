@@ -211,19 +211,18 @@ LORA = "model.adapter={method: lora, targets: 'regex:.', r: 4}"
 def test_the_fine_tune_phase_rate_follows_the_rule_unless_set_and_the_run_records_it(
     workdir, source_run, monkeypatch, overrides, rate
 ):
-    from transferkit.engine.setup import set_up
-    from transferkit.rundir.folder import RunDir
+    from transferkit.engine import build_run, make_accelerator
 
     monkeypatch.chdir(workdir)
     recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", [
         *QUICK, f"model.weights={source_run / 'model.safetensors'}",
         "schedule.unfrozen_lr_mult=null", "schedule.phases.1.lr_mult={}", *overrides])  # fmt: skip
-    run = set_up(recipe, output=str(workdir / "runs" / "fine_tune_rate"))
-    fine_tune = run.schedule.phases[1][0]
+    run = build_run(recipe, make_accelerator(recipe))
+    fine_tune = run.schedule.phases[1].from_epoch
     assert run.schedule.lr_factor("heads", fine_tune) == pytest.approx(rate)
     assert run.schedule.lr_factor("layer4", fine_tune) == pytest.approx(rate)
     # recipe.yaml records the rate, so a resume keeps it even if the rule changes
-    assert RunDir(run.run_dir.path).recipe().schedule.unfrozen_lr_mult == rate
+    assert run.with_chosen_defaults(recipe).schedule.unfrozen_lr_mult == rate
 
 
 @pytest.mark.parametrize(
@@ -239,17 +238,17 @@ def test_the_fine_tune_phase_rate_follows_the_rule_unless_set_and_the_run_record
 def test_the_log_warns_when_a_fine_tune_phase_starts_at_a_collapsing_rate(
     workdir, source_run, monkeypatch, overrides, warned
 ):
-    from transferkit.engine.setup import set_up
-    from transferkit.engine.trainer import _rate_note
+    from transferkit.engine import build_run, make_accelerator
+    from transferkit.engine.phases import rate_note
 
     monkeypatch.chdir(workdir)
     defaults = ["schedule.lr_cycle=phase", "schedule.unfrozen_lr_mult=0.25",
                 "schedule.phase_warmup_epochs=3", "schedule.phases.1.lr_mult={}"]  # fmt: skip
     recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml", [
         *QUICK, f"model.weights={source_run / 'model.safetensors'}", *defaults, *overrides])  # fmt: skip
-    run = set_up(recipe, output=str(workdir / "runs" / "rate_note"))
-    note = _rate_note(run, 1)
-    assert _rate_note(run, 0) is None  # the probe
+    run = build_run(recipe, make_accelerator(recipe))
+    note = rate_note(run, 1)
+    assert rate_note(run, 0) is None  # the probe
     if warned is None:
         assert note is None
     else:

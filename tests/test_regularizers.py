@@ -7,9 +7,8 @@ import pytest
 import torch
 from conftest import FULL_LABELS, epoch_end_weights, records
 
-from transferkit.engine import train
+from transferkit.engine import build_run, make_accelerator, train
 from transferkit.engine.regularizers import bss_penalty, delta_penalty, l2_sp_penalty
-from transferkit.engine.setup import set_up
 from transferkit.errors import UserError
 from transferkit.recipes import parse_recipe
 
@@ -68,7 +67,7 @@ def test_l2_sp_turns_weight_decay_off_and_holds_the_backbone_near_its_start(
 ):
     monkeypatch.chdir(workdir)
     recipe = parse_recipe(_recipe(source_run, regularizers={"l2_sp": {"alpha": 50.0}}))
-    run = set_up(recipe, output=str(workdir / "reg" / "setup"))
+    run = build_run(recipe, make_accelerator(recipe))
     assert {g["weight_decay"] for g in run.optimizer.param_groups} == {0.0}
     start = {k: v.clone() for k, v in run.model.backbone.model.state_dict().items()}
     distances = {}

@@ -18,10 +18,10 @@ import torch
 from conftest import QUICK, ROOT, epoch_end_weights, records
 
 from transferkit.engine import train
-from transferkit.engine.checkpoint import list_checkpoints
 from transferkit.errors import UserError
 from transferkit.inference.run import load as load_run
 from transferkit.recipes import load_recipe
+from transferkit.rundir import RunDir
 
 CLI = str(Path(sys.executable).parent / "transferkit")
 
@@ -45,7 +45,7 @@ train: {epochs: 3, batch_size: 16, lr: 0.003, checkpoint_every: 1, keep_checkpoi
 
 
 def _newest_step(run_dir: Path) -> int:
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = RunDir(run_dir).checkpoints()
     return int(checkpoints[-1].name.split("_")[1]) if checkpoints else -1
 
 
@@ -114,16 +114,16 @@ def short_run(workdir, monkeypatch):
 
 
 def test_resume_ignores_a_half_written_checkpoint(short_run):
-    newest = list_checkpoints(short_run)[-1]
+    newest = RunDir(short_run).checkpoints()[-1]
     partial = short_run / "checkpoints" / ".tmp_step_00000099"
     shutil.copytree(newest, partial)
     (partial / "trainer_state.json").unlink()  # a save killed before completing
-    assert list_checkpoints(short_run)[-1] == newest
+    assert RunDir(short_run).checkpoints()[-1] == newest
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_missing_or_corrupt_random_state_is_an_error(short_run, damage):
-    rng = list_checkpoints(short_run)[-1] / "random_states_0.pkl"
+    rng = RunDir(short_run).checkpoints()[-1] / "random_states_0.pkl"
     if damage == "missing":
         rng.unlink()
     else:
@@ -142,7 +142,7 @@ class _Exploit:
 def test_planted_pickle_in_a_checkpoint_never_runs(short_run, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("TRANSFERKIT_PWNED", str(marker))
-    newest = list_checkpoints(short_run)[-1]
+    newest = RunDir(short_run).checkpoints()[-1]
     torch.save({"epoch": 1, "payload": _Exploit()}, newest / "custom_checkpoint_0.pkl")
     with pytest.raises(UserError, match="never runs"):
         train(load_recipe(short_run / "recipe.yaml"), resume=str(short_run))

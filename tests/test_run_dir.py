@@ -26,7 +26,7 @@ def test_a_finished_run_reads_through_rundir(source_run):
     summary = run.summary()
     assert summary["stopped"] == "finished" and summary["epochs"] == 2
     best = run.best()
-    assert best["epoch"] == summary["best_epoch"] == run.info()["epoch"]
+    assert best["epoch"] == summary["best_epoch"] == run.info().epoch
     assert best[summary["monitor"]] == max(r[summary["monitor"]] for r in records)
     history = run.history()
     assert list(history["epoch"]) == [0, 1] and "lr/heads" in history.columns
@@ -132,6 +132,9 @@ def test_the_default_batch_size_is_recorded_for_resume(workdir, tmp_path, monkey
     assert recipe.train.batch_size is None  # the caller's recipe is left as it was
     assert load_recipe(run.recipe_path).train.batch_size == 8  # under 241 training images: 8
     assert run.recipe().train.batch_size == 8
+    # the fine-tune rate the rule chose is recorded the same way
+    assert recipe.schedule.unfrozen_lr_mult is None
+    assert run.recipe().schedule.unfrozen_lr_mult == 0.25
 
 
 def test_a_run_saved_before_a_schedule_key_existed_keeps_its_old_meaning(source_run, tmp_path):

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from transferkit.balancing import Balancer
+from transferkit.engine import TrainerState
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.strategies import (
     CombinedLoss,
@@ -48,12 +49,12 @@ def _train(batches: list[dict], method: str, model: MultiTaskModel) -> dict[str,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     balancer = Balancer(method, model.output_keys) if method != "sum" else None
-    strategy = build_strategy(accelerator, model, {"a": 1.0, "b": 1.0}, balancer)
+    tasks = {t.name: t for t in TASKS}
+    strategy = build_strategy(accelerator, model, {"a": 1.0, "b": 1.0}, balancer, tasks=tasks)
     cfg = TrainSection(nonfinite="skip", log_every=1)
-    loop = TrainLoop(accelerator, model, optimizer, scheduler, {t.name: t for t in TASKS}, cfg,
-                     seed=0, strategy=strategy)  # fmt: skip
-    state = {"epoch": 0, "batches": 0, "step": 0, "skipped_steps": 0}
-    loop.epoch(batches, state)
+    loop = TrainLoop(accelerator=accelerator, model=model, optimizer=optimizer,
+                     lr_scheduler=scheduler, tasks=tasks, cfg=cfg, seed=0, strategy=strategy)  # fmt: skip
+    loop.epoch(batches, TrainerState())
     return {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
 

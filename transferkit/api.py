@@ -15,7 +15,7 @@ folder first, so the run can be resumed and evaluated like any other.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import UserError
-from transferkit.recipes import Recipe, find_recipe, parse_recipe, read_recipe_file, recipe_to_dict
+from transferkit.recipes import Recipe, merged, resolve_recipe
 from transferkit.rundir import RunDir
 
 DATA_FOLDER = "data"  # where a run keeps in-memory data given to `fine_tune`
@@ -61,43 +61,6 @@ def _validation(record: dict) -> dict[str, float]:
     return {k: v for k, v in record.items() if k.startswith("val/") and not k.endswith("/count")}
 
 
-def _merge(base: dict, update: Mapping) -> dict:
-    """`update` merged into `base` recursively (mappings merge, anything else replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def build_recipe(
-    recipe: str | os.PathLike | Mapping | Recipe,
-    overrides: Sequence[str] = (),
-    **sections: Any,
-) -> Recipe:
-    """A validated recipe from a file, shipped name, mapping or `Recipe`, plus sections and
-    `key=value` overrides (errors name the key, as on the command line)."""
-    name = ""
-    if isinstance(recipe, Recipe):
-        data = recipe_to_dict(recipe)
-    elif isinstance(recipe, Mapping):
-        data = copy.deepcopy(dict(recipe))
-    elif isinstance(recipe, (str, os.PathLike)):
-        data, name = read_recipe_file(recipe), find_recipe(recipe).stem
-    else:
-        raise UserError(
-            f"recipe: expected a YAML path, a shipped recipe name, a mapping or a Recipe, "
-            f"got {type(recipe).__name__}"
-        )
-    data = _merge(data, sections)
-    built = parse_recipe(data, overrides)
-    if not built.name:
-        built.name = name or "run"
-    return built
-
-
 def fine_tune(
     recipe: str | os.PathLike | Mapping | Recipe,
     data: Any = None,
@@ -121,16 +84,16 @@ def fine_tune(
 
     if resume is not None:
         folder = RunDir(resume)
-        built = folder.recipe(list(overrides))
-        return FineTuneResult(RunDir(train(built, resume=str(folder.path))))
+        resolved = folder.resolved_recipe(list(overrides))
+        return FineTuneResult(RunDir(train(resolved, resume=str(folder.path))))
     if isinstance(data, Mapping) and not _is_dataset(data):
-        data, data_options = None, _merge(dict(data), data_options or {})
+        data, data_options = None, merged(dict(data), data_options or {})
     if data_options:
         sections["data"] = dict(data_options)
     if data is not None:  # the data section's source and path are replaced below
         placeholder = {"source": "disk", "path": "(in-memory data)"}
-        sections["data"] = _merge(placeholder, sections.get("data") or {})
-    built = build_recipe(recipe, overrides, **sections)
+        sections["data"] = merged(placeholder, sections.get("data") or {})
+    built = resolve_recipe(recipe, overrides, sections=sections).recipe
     folder = RunDir(output if output is not None else f"{built.output_dir}/{built.name}")
     if data is not None:
         built = _with_data(built, data, folder)
@@ -160,14 +123,9 @@ def _with_data(recipe: Recipe, data: Any, folder: RunDir) -> Recipe:
     target = folder.path / DATA_FOLDER
     folder.path.mkdir(parents=True, exist_ok=True)
     data.save_to_disk(str(target))
-    section = recipe_to_dict(recipe)
-    section["data"] = {
-        **(section.get("data") or {}),
-        "source": "disk",
-        "path": str(Path(target).resolve()),
-        "image_column": image_column,
-    }
-    return parse_recipe(section)
+    section = dataclasses.replace(recipe.data, source="disk", path=str(Path(target).resolve()),
+                                  image_column=image_column)  # fmt: skip
+    return dataclasses.replace(recipe, data=section)
 
 
 def _from_pairs(pairs: Sequence, image_column: str):

@@ -36,17 +36,18 @@ class LossCombiner(nn.Module):
     Subclasses only choose the torchjd scalarizer; hooks that stateful methods need are
     `end_epoch()` (DWA) and `after_step(new_losses)` (FAMO, which needs the losses on the same
     batch after the update). `learnable` combiners (UW, IMTL-L) have parameters that the trainer
-    gives to the optimizer.
+    gives to the optimizer. What each needs is declared in the registry (`methods.py`).
+
+    `global_values`: state built from loss values (DWA's epoch averages, FAMO's loss changes)
+    sees their mean over processes (`reduce`), so every rank takes the same weights.
     """
 
-    needs_losses_after_step = False
-    # Methods whose state is built from loss values (DWA's epoch averages, FAMO's loss changes)
-    # see the mean over processes, so every rank holds the same state and takes the same weights.
-    uses_global_values = False
-
-    def __init__(self, scalarizer: nn.Module, num_objectives: int) -> None:
+    def __init__(
+        self, scalarizer: nn.Module, num_objectives: int, *, global_values: bool = False
+    ) -> None:
         super().__init__()
         self.scalarizer = scalarizer
+        self.global_values = global_values
         self.register_buffer("last_losses", torch.ones(num_objectives))
         # Static weights come from the recipe, not the checkpoint: not persistent, so a
         # checkpoint's state is the same with or without them.
@@ -70,7 +71,7 @@ class LossCombiner(nn.Module):
         if present is None:
             present = torch.ones_like(losses, dtype=torch.bool)
         filled = self.impute(losses, present)
-        if self.uses_global_values:
+        if self.global_values:
             # local + (global - local).detach(): the global value with the local gradient.
             filled = filled + (self.reduce(filled.detach()) - filled.detach())
         return self.scalarizer(filled * self.static_weights.to(filled))
@@ -91,8 +92,6 @@ class LossCombiner(nn.Module):
 class DWACombiner(LossCombiner):
     """DWA sums batch losses into epoch averages and rolls its history at each epoch end."""
 
-    uses_global_values = True
-
     def end_epoch(self) -> None:
         self.scalarizer.step()
 
@@ -100,9 +99,6 @@ class DWACombiner(LossCombiner):
 class FAMOCombiner(LossCombiner):
     """FAMO updates its task logits from how much each loss fell across the model update, so it
     needs the batch's losses again after `optimizer.step()` (one extra forward, no backward)."""
-
-    needs_losses_after_step = True
-    uses_global_values = True
 
     def after_step(self, new_losses: Tensor, present: Tensor) -> None:
         # Absent tasks get the value they were imputed with before the step: a zero change.
@@ -118,23 +114,25 @@ class FAMOCombiner(LossCombiner):
         foreign_state.restore(famo, state, rebuild)
 
 
-def build_loss_combiner(method: str, num_objectives: int, options: dict) -> LossCombiner:
+def build_loss_combiner(
+    method: str, num_objectives: int, options: dict, global_values: bool = False
+) -> LossCombiner:
     """The combiner for a loss-based `multitask.method`."""
-    k = num_objectives
+    k, flags = num_objectives, {"global_values": global_values}
     if method == "sum":
-        return LossCombiner(scalarization.Sum(), k)
+        return LossCombiner(scalarization.Sum(), k, **flags)
     if method == "mean":
-        return LossCombiner(scalarization.Mean(), k)
+        return LossCombiner(scalarization.Mean(), k, **flags)
     if method == "uw":
-        return LossCombiner(scalarization.UW(k, **options), k)
+        return LossCombiner(scalarization.UW(k, **options), k, **flags)
     if method == "imtl_l":
-        return LossCombiner(scalarization.IMTLL(k, **options), k)
+        return LossCombiner(scalarization.IMTLL(k, **options), k, **flags)
     if method == "rlw":
-        return LossCombiner(scalarization.Random(**options), k)
+        return LossCombiner(scalarization.Random(**options), k, **flags)
     if method == "gls":
-        return LossCombiner(scalarization.GeometricMean(**options), k)
+        return LossCombiner(scalarization.GeometricMean(**options), k, **flags)
     if method == "dwa":
-        return DWACombiner(scalarization.DWA(**options), k)
+        return DWACombiner(scalarization.DWA(**options), k, **flags)
     if method == "famo":
-        return FAMOCombiner(scalarization.FAMO(k, **options), k)
+        return FAMOCombiner(scalarization.FAMO(k, **options), k, **flags)
     raise KeyError(method)

@@ -31,10 +31,16 @@ class Method:
     # Gradient-based: the result for pairwise non-conflicting gradients ("sum" or "mean").
     no_conflict_result: str | None = None
     nonconflicting: bool = False  # the direction never increases any task's loss (J d >= 0)
+    # What the engine must do for it (tests check the built method agrees):
+    learnable: bool = False  # weights learned by the run's optimizer
+    losses_after_step: bool = False  # the batch's losses again after the update
+    global_values: bool = False  # state built from loss values, averaged over processes
 
 
 def _loss(name: str, family: str, title: str, signature: Callable | None, **kw) -> Method:
-    return Method(name, "loss", family, title, lambda k, o: build_loss_combiner(name, k, o),
+    global_values = kw.get("global_values", False)
+    return Method(name, "loss", family, title,
+                  lambda k, o: build_loss_combiner(name, k, o, global_values=global_values),
                   signature, **kw)  # fmt: skip
 
 
@@ -55,13 +61,14 @@ METHODS: dict[str, Method] = {
               start_scale=1.0),
         _loss("mean", "equal", "Equal weighting, mean", None, start_scale="1/K"),
         _loss("uw", "learned weights", "Uncertainty weighting (Kendall et al., 2018)", None,
-              stateful=True, start_scale=0.5),
+              stateful=True, start_scale=0.5, learnable=True),
         _loss("imtl_l", "learned weights", "IMTL-L (Liu et al., 2021)", None, stateful=True,
-              start_scale=1.0),
+              start_scale=1.0, learnable=True),
         _loss("dwa", "loss rates", "Dynamic weight average (Liu et al., 2019)",
-              lambda temperature=2.0: None, stateful=True, start_scale=1.0),
+              lambda temperature=2.0: None, stateful=True, start_scale=1.0, global_values=True),
         _loss("famo", "loss rates", "FAMO (Liu et al., 2023)",
-              lambda lr=0.025, weight_decay=1e-3: None, stateful=True),
+              lambda lr=0.025, weight_decay=1e-3: None, stateful=True, global_values=True,
+              losses_after_step=True),
         _loss("rlw", "random", "Random loss weighting (Lin et al., 2022)", None, randomized=True),
         _loss("gls", "geometric", "Geometric loss strategy (Chennupati et al., 2019)", None),
         # ---- gradient-based: one Jacobian of the shared parameters per step

@@ -53,14 +53,14 @@ def register(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from transferkit.engine import train
-    from transferkit.recipes import load_recipe
+    from transferkit.recipes import resolve_recipe
     from transferkit.rundir import RunDir
 
-    # --resume alone continues with the run's own resolved recipe.
+    # --resume alone continues with the run's own recipe.
     if args.resume and not args.recipe:
-        recipe = RunDir(args.resume).recipe(args.set or [])
+        recipe = RunDir(args.resume).resolved_recipe(args.set or [])
     elif args.recipe:
-        recipe = load_recipe(args.recipe, args.set or [])
+        recipe = resolve_recipe(args.recipe, args.set or [])
     else:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
     run_dir = train(recipe, output=args.output, resume=args.resume)

@@ -19,6 +19,7 @@ from transferkit.core.task_spec import (
     LOWER_IS_BETTER,
     REGRESSION_METRICS,
     TASK_KINDS,
+    AuxHeadSpec,
     TaskSpec,
     task_of,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "REGRESSION_METRICS",
     "TASK_KINDS",
+    "AuxHeadSpec",
     "DataConfig",
     "Preprocessing",
     "TaskSpec",

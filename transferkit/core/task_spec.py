@@ -72,3 +72,25 @@ class TaskSpec:
         if data.get("class_names") is not None:
             data["class_names"] = tuple(str(c) for c in data["class_names"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class AuxHeadSpec:
+    """An auxiliary head for `task` on the feature map of backbone group `group` (deep supervision).
+
+    Its output is returned under the key `"{task}@{group}"`.
+    """
+
+    task: str
+    group: str
+    hidden: int | None = None
+    dropout: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """The output key of this head."""
+        return f"{self.task}{AUX_SEPARATOR}{self.group}"
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)

@@ -13,13 +13,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils.other import load as safe_load
 
+from transferkit.engine.state import TrainerState
 from transferkit.errors import UserError
 from transferkit.rundir import CHECKPOINT_STATE, RunDir, checkpoint_name
 
@@ -34,10 +34,12 @@ _REQUIRED = (
 )
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict, keep: int) -> Path:
-    """Save everything needed to resume; keep the newest `keep` plus `state['best_checkpoint']`."""
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: RunDir, state: TrainerState, keep: int
+) -> Path:
+    """Save everything needed to resume; keep the newest `keep` plus `state.best_checkpoint`."""
     folder = run_dir.checkpoints_dir
-    name = checkpoint_name(state["step"], state["epoch_done"])
+    name = checkpoint_name(state.step, state.epoch_done)
     final, tmp = folder / name, folder / f".tmp_{name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -46,10 +48,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict, keep
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+        state.save(tmp)  # last: marks the checkpoint complete
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        protected = {state.get("best_checkpoint")}
+        protected = {state.best_checkpoint}
         older = [p for p in run_dir.checkpoints()[:-keep] if p.name not in protected]
         for old in older:
             shutil.rmtree(old, ignore_errors=True)
@@ -57,7 +59,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict, keep
     return final
 
 
-def _verify(path: Path, num_processes: int) -> dict:
+def _verify(path: Path, num_processes: int) -> TrainerState:
     required = [
         *_REQUIRED,
         *((f"random_states_{i}.pkl",) for i in range(num_processes)),
@@ -82,13 +84,10 @@ def _verify(path: Path, num_processes: int) -> dict:
                 f"{str(err).splitlines()[0][:160]}); it may be corrupt or contain code, "
                 "which transferkit never runs"
             ) from None
-    try:
-        return json.loads((path / CHECKPOINT_STATE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {path}: unreadable {CHECKPOINT_STATE} ({err})") from None
+    return TrainerState.load(path)
 
 
-def load_checkpoint(accelerator: Accelerator, run_dir: RunDir) -> tuple[Path, dict]:
+def load_checkpoint(accelerator: Accelerator, run_dir: RunDir) -> tuple[Path, TrainerState]:
     """Load the newest complete checkpoint of a run; returns its path and trainer state."""
     checkpoints = run_dir.checkpoints()
     if not checkpoints:
@@ -105,8 +104,3 @@ def load_checkpoint(accelerator: Accelerator, run_dir: RunDir) -> tuple[Path, di
             "Was the recipe (tasks, classes, backbone) changed since the run started?"
         ) from None
     return path, state
-
-
-def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first (`RunDir(run_dir).checkpoints()`)."""
-    return RunDir(run_dir).checkpoints()

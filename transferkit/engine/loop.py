@@ -12,13 +12,19 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
+from timm.utils.model_ema import ModelEmaV3
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from transferkit.core import derive_seed
+from transferkit.core import TaskSpec, derive_seed
 from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss
-from transferkit.engine.strategies import PlainSum
+from transferkit.engine.mixing import TaskMixer
+from transferkit.engine.regularizers import Regularizers
+from transferkit.engine.state import TrainerState
+from transferkit.engine.strategies import PlainSum, Strategy
 from transferkit.errors import UserError
+from transferkit.recipes import TrainSection
 
 
 class TrainLoop:
@@ -27,45 +33,44 @@ class TrainLoop:
 
     def __init__(
         self,
+        *,
         accelerator: Accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
-        tasks: dict,
-        cfg,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        tasks: dict[str, TaskSpec],
+        cfg: TrainSection,
         seed: int,
-        strategy=None,
-        checkpoint: Callable[[dict], None] | None = None,
-        regularizers=None,
-        ema=None,
-        mixer=None,
+        strategy: Strategy | None = None,
+        checkpoint: Callable[[TrainerState], None] | None = None,
+        regularizers: Regularizers | None = None,
+        ema: ModelEmaV3 | None = None,
+        mixer: TaskMixer | None = None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
         self.strategy = strategy or PlainSum(accelerator, {})
-        self.checkpoint = checkpoint
-        self.regularizers = regularizers  # engine.regularizers.Regularizers, or None
+        self.checkpoint = checkpoint  # saves a step checkpoint (train.checkpoint_every)
+        self.regularizers = regularizers
         self.forward_module = model  # the compiled model when train.compile is on
-        self.ema, self.mixer = ema, mixer  # train.ema (timm ModelEmaV3), train.mixup (TaskMixer)
+        self.ema, self.mixer = ema, mixer  # train.ema, train.mixup
 
-    def epoch(self, loader, state: dict) -> dict:
+    def epoch(self, loader: DataLoader, state: TrainerState) -> dict[str, float | None]:
         acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
         self.model.train()
         start, seen, running = time.perf_counter(), 0, None
         totals: dict[str, float] = {}  # per-task weights and gradient cosines, epoch means
         counts: dict[str, int] = {}
         # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
-        bar = tqdm(loader, desc=f"epoch {state['epoch']}", leave=False,
+        bar = tqdm(loader, desc=f"epoch {state.epoch}", leave=False,
                    disable=not acc.is_main_process or not sys.stderr.isatty())  # fmt: skip
         for batch in bar:
             # Dropout and other in-model randomness depend on the position only, so a run
             # resumed at any step replays them exactly (saved RNG states would not survive the
             # draws that creating a data iterator makes).
-            torch.manual_seed(
-                derive_seed(self.seed, state["epoch"], state["batches"], acc.process_index)
-            )
-            state["batches"] += 1
-            position = (state["epoch"], state["batches"])
+            torch.manual_seed(derive_seed(self.seed, state.epoch, state.batches, acc.process_index))
+            state.batches += 1
+            position = (state.epoch, state.batches)
             if self.mixer is not None:
                 batch = self.mixer(batch, *position)
             with acc.accumulate(self.model):
@@ -87,7 +92,7 @@ class TrainLoop:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
-                    strategy.after_step(self.model, batch, self.tasks, cfg.channels_last)
+                    strategy.after_step(batch)
             seen += batch["index"].shape[0] * acc.num_processes
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(
@@ -95,16 +100,16 @@ class TrainLoop:
             )
             if not acc.sync_gradients:
                 continue
-            state["step"] += 1
+            state.step += 1
             if self.ema is not None:  # the step number drives its warmup: replayed on resume
-                self.ema.update(acc.unwrap_model(self.model), step=state["step"])
+                self.ema.update(acc.unwrap_model(self.model), step=state.step)
             balance = strategy.log_values()
             if self.regularizers:
                 balance.update(self.regularizers.values)
             for key, value in balance.items():
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
-            if state["step"] % cfg.log_every == 0:
+            if state.step % cfg.log_every == 0:
                 acc.log(
                     {
                         "train/loss": loss.item(),
@@ -116,15 +121,11 @@ class TrainLoop:
                             if "group" in g
                         },  # fmt: skip
                     },
-                    step=state["step"],
+                    step=state.step,
                 )
-            if (
-                self.checkpoint
-                and cfg.checkpoint_every
-                and state["step"] % cfg.checkpoint_every == 0
-            ):
+            if self.checkpoint and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 self.checkpoint(state)
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
+            if cfg.max_steps and state.step >= cfg.max_steps:
                 break
         elapsed = time.perf_counter() - start
         strategy.end_epoch()
@@ -142,15 +143,15 @@ class TrainLoop:
             self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes
         )
 
-    def _nonfinite(self, losses: dict, state: dict) -> None:
+    def _nonfinite(self, losses: dict, state: TrainerState) -> None:
         bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
-        where = f"epoch {state['epoch']}, step {state['step'] + 1} (batch {state['batches']})"
+        where = f"epoch {state.epoch}, step {state.step + 1} (batch {state.batches})"
         if self.cfg.nonfinite == "stop":
             raise UserError(
                 f"non-finite loss for task {', '.join(bad)} at {where}; lower train.lr, check that "
                 "task's labels, or set train.nonfinite: skip. The last good checkpoint is kept."
             )
-        state["skipped_steps"] += 1
+        state.skipped_steps += 1
         # The whole accumulation window is dropped: the gradients, and any strategy state.
         self.optimizer.zero_grad(set_to_none=True)
         self.strategy.discard()

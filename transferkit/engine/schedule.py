@@ -8,6 +8,7 @@ holds every parameter from the start, so unfreezing never rebuilds it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models import Backbone, FreezeSpec
@@ -20,16 +21,25 @@ HEADS = "heads"  # the name that lr_mult uses for every task head (and auxiliary
 UNFROZEN_LR_MULT = 0.25
 
 
-class FreezeSchedule:
-    """Phases `[(from_epoch, freeze spec, lr multipliers)]` applied to a backbone by epoch.
+@dataclass(frozen=True)
+class Phase:
+    """From `from_epoch` on, what trains (`freeze`) and each group's rate multiplier."""
 
-    Registered with Accelerate for checkpointing: its state is the current epoch.
+    from_epoch: int
+    freeze: FreezeSpec
+    lr_mult: dict[str, float]
+
+
+class FreezeSchedule:
+    """Phases applied to a backbone by epoch (a recipe's `schedule.phases`, checked against the
+    backbone's groups). Registered with Accelerate for checkpointing: its state is the epoch.
     """
 
     def __init__(
         self,
         backbone: Backbone,
-        phases: Sequence,
+        phases: Sequence,  # recipe phases: from_epoch, freeze (a spec string), lr_mult
+        *,
         layer_decay: float | None = None,
         freeze_norm_stats: bool = False,
         unfrozen_lr_mult: float = 1.0,
@@ -44,7 +54,7 @@ class FreezeSchedule:
         # running statistics estimated on millions, and accuracy falls at the unfreeze (measured
         # in docs/quality.md). Kept fixed unless a phase asks for `@norm=train`.
         self.freeze_norm_stats = freeze_norm_stats
-        self.phases = []
+        self.phases: list[Phase] = []
         valid = [*backbone.group_names, HEADS]
         for index, phase in enumerate(phases):
             spec = FreezeSpec.parse(phase.freeze)
@@ -58,7 +68,7 @@ class FreezeSchedule:
                         f"schedule.phases.{index}.lr_mult: unknown group {group!r}."
                         f"{did_you_mean(group, valid)} Groups: {', '.join(valid)}"
                     )
-            self.phases.append((int(phase.from_epoch), spec, dict(phase.lr_mult)))
+            self.phases.append(Phase(int(phase.from_epoch), spec, dict(phase.lr_mult)))
         # A phase that trains groups an earlier phase kept frozen (the fine-tune phase of
         # LP-FT: the heads have been fitted to the frozen features) runs every group, heads
         # included, at `unfrozen_lr_mult` of the rate unless its lr_mult names them: at the
@@ -66,8 +76,8 @@ class FreezeSchedule:
         # first fine-tune epoch loses 15 points (docs/quality.md).
         self.defaults: list[dict[str, float]] = []
         frozen_before: set[str] = set()
-        for _, spec, _ in self.phases:
-            trainable = set(spec.trainable_groups(backbone))
+        for phase in self.phases:
+            trainable = set(phase.freeze.trainable_groups(backbone))
             fine_tune = trainable & frozen_before
             self.defaults.append(
                 dict.fromkeys([*trainable, HEADS], unfrozen_lr_mult) if fine_tune else {}
@@ -78,7 +88,7 @@ class FreezeSchedule:
         # fine-tuning from the first step): a random head's gradients at the full rate wreck
         # the pretrained features before the head is any good (chance accuracy at 5 labels per
         # class without it, docs/quality.md). A probe, or random weights, needs no ramp here.
-        first = set(self.phases[0][1].trainable_groups(backbone)) & set(backbone.group_names)
+        first = set(self.phases[0].freeze.trainable_groups(backbone)) & set(backbone.group_names)
         self.warm_first_phase = from_weights and bool(first)
         # "phase": each phase runs the LR schedule anew over its own epochs (fastai's fine_tune:
         # a probe cycle, then a fine-tune cycle); "run": one schedule over the whole run.
@@ -97,7 +107,7 @@ class FreezeSchedule:
         index = self.phase_index(step // max(steps_per_epoch, 1))
         if (index == 0 and not self.warm_first_phase) or not self.phase_warmup_epochs:
             return 1.0
-        start, end = self.phase_span(self.phases[index][0])
+        start, end = self.phase_span(self.phases[index].from_epoch)
         length = (end - start) if end is not None else self.phase_warmup_epochs * 3
         ramp = round(min(self.phase_warmup_epochs, length / 3) * steps_per_epoch)
         into = step - start * steps_per_epoch
@@ -107,8 +117,10 @@ class FreezeSchedule:
         """The first epoch of the phase in force at `epoch`, and the first epoch after it (None
         for the last phase of a run of unknown length)."""
         index = self.phase_index(epoch)
-        start = self.phases[index][0]
-        end = self.phases[index + 1][0] if index + 1 < len(self.phases) else self.total_epochs
+        start = self.phases[index].from_epoch
+        end = (
+            self.phases[index + 1].from_epoch if index + 1 < len(self.phases) else self.total_epochs
+        )
         if self.total_epochs is not None and self.total_epochs > start:
             end = min(end, self.total_epochs)  # the next phase never starts (a short run)
         return start, end
@@ -118,19 +130,19 @@ class FreezeSchedule:
         or the normalization layers of its frozen ones (`@norm=train` or `stats_frozen`)."""
         last = self.phase_index(epoch)
         return any(
-            spec.trainable_groups(self.backbone) or spec.norm != "frozen"
-            for _, spec, _ in self.phases[: last + 1]
+            phase.freeze.trainable_groups(self.backbone) or phase.freeze.norm != "frozen"
+            for phase in self.phases[: last + 1]
         )
 
     def phase_index(self, epoch: int) -> int:
         """Index of the phase in force at `epoch`."""
-        return max(i for i, (start, _, _) in enumerate(self.phases) if start <= epoch)
+        return max(i for i, phase in enumerate(self.phases) if phase.from_epoch <= epoch)
 
     def apply(self, epoch: int) -> int:
         """Freeze the backbone as the phase at `epoch` says; returns the phase index."""
         self.epoch = epoch
         index = self.phase_index(epoch)
-        spec = self.phases[index][1]
+        spec = self.phases[index].freeze
         self.backbone.freeze(spec)
         if self.freeze_norm_stats and spec.norm != "train":
             self.backbone.freeze_norm_statistics()
@@ -141,7 +153,7 @@ class FreezeSchedule:
         layer-wise decay."""
         epoch = self.epoch if epoch is None else epoch
         index = self.phase_index(epoch)
-        multiplier = self.phases[index][2].get(group, self.defaults[index].get(group, 1.0))
+        multiplier = self.phases[index].lr_mult.get(group, self.defaults[index].get(group, 1.0))
         if self.layer_decay and group in self.backbone.group_names:
             depth_from_top = len(self.backbone.group_names) - self.backbone.group_names.index(group)
             multiplier *= self.layer_decay**depth_from_top

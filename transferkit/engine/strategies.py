@@ -6,6 +6,10 @@ The step loop calls the same methods whatever the strategy, and never branches o
     strategy.backward(loss, losses, batch, position, penalty)  # gradients into `.grad`
     ... optimizer.step() ...
     strategy.after_step(batch)                        # at the end of an accumulation window
+    strategy.end_epoch(); strategy.log_values()       # per epoch; per step, for the records
+
+Every strategy is built once per run with what it needs (`build_strategy`): the model, the
+tasks, the static weights, each task's loss options and the balancer.
 
 A regularizer's penalty (`regularizers.py`) is already in `loss`, and passed apart as well:
 the loss-based strategies back-propagate `loss`; the Jacobian one adds the penalty's gradient to
@@ -23,24 +27,28 @@ the aggregated direction, unbalanced.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor
 
 from transferkit.balancing import Balancer, objective_gradients, write_direction
-from transferkit.core import task_of
+from transferkit.core import TaskSpec, task_of
 from transferkit.engine.forward import model_outputs
-from transferkit.engine.losses import multitask_loss, weighted_sum
+from transferkit.engine.losses import LossOptions, multitask_loss, weighted_sum
 
 
 class PlainSum:
     """Static task weights (`tasks.NAME.weight`), summed."""
 
-    def __init__(self, accelerator: Accelerator, weights: dict[str, float]) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        weights: dict[str, float],
+        loss_options: dict[str, LossOptions] | None = None,
+    ) -> None:
         self.accelerator, self.weights = accelerator, weights
-        self.loss_options: dict = {}  # per task (engine.losses.LossOptions), set by set-up
+        self.loss_options = dict(loss_options or {})  # per task: smoothing, class weights, focal
 
     def forward_context(self, model):
         return contextlib.nullcontext()
@@ -56,7 +64,7 @@ class PlainSum:
     def discard(self) -> None:
         """A skipped (non-finite) step: nothing is kept outside `.grad`."""
 
-    def after_step(self, model, batch: dict, tasks: dict, channels_last: bool) -> None:
+    def after_step(self, batch: dict) -> None:
         """Nothing to do after the optimizer step."""
 
     def end_epoch(self) -> None:
@@ -69,8 +77,14 @@ class PlainSum:
 class _Balanced(PlainSum):
     """What both balanced strategies share: the balancer and labelled-task flags."""
 
-    def __init__(self, accelerator: Accelerator, weights: dict, balancer: Balancer) -> None:
-        super().__init__(accelerator, weights)
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        weights: dict[str, float],
+        loss_options: dict[str, LossOptions] | None,
+        balancer: Balancer,
+    ) -> None:
+        super().__init__(accelerator, weights, loss_options)
         self.balancer = balancer
 
     def present(self, batch: dict, local: Tensor) -> Tensor:
@@ -86,7 +100,7 @@ class _Balanced(PlainSum):
         return flags > 0
 
     def end_epoch(self) -> None:
-        self.balancer.impl.end_epoch()
+        self.balancer.end_epoch()
 
     def log_values(self) -> dict[str, float]:
         values = {f"mtl/weight/{k}": v for k, v in self.balancer.weights_dict().items()}
@@ -95,12 +109,21 @@ class _Balanced(PlainSum):
 
 
 class CombinedLoss(_Balanced):
-    """A loss combiner makes the scalar; one ordinary backward pass."""
+    """A loss combiner makes the scalar; one ordinary backward pass. FAMO also sees the batch's
+    losses after the update, from one extra forward pass of `model` (`after_step`)."""
 
-    def __init__(self, accelerator: Accelerator, weights: dict, balancer: Balancer) -> None:
-        super().__init__(accelerator, weights, balancer)
-        if accelerator.num_processes > 1:
-            balancer.impl.reduce = partial(accelerator.reduce, reduction="mean")
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        weights: dict[str, float],
+        loss_options: dict[str, LossOptions] | None,
+        balancer: Balancer,
+        model: torch.nn.Module,
+        tasks: dict[str, TaskSpec],
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(accelerator, weights, loss_options, balancer)
+        self.model, self.tasks, self.channels_last = model, tasks, channels_last
 
     def loss(self, losses: dict[str, Tensor], batch: dict, position: tuple) -> Tensor:
         vector, present = self.balancer.stack(losses)
@@ -112,33 +135,39 @@ class CombinedLoss(_Balanced):
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
             # UW / IMTL-L parameters live outside the DDP model: average their gradients here.
-            for param in self.balancer.impl.parameters():
+            for param in self.balancer.learnable_parameters():
                 if param.grad is not None:
                     param.grad = self.accelerator.reduce(param.grad, reduction="mean")
 
-    def after_step(self, model, batch: dict, tasks: dict, channels_last: bool) -> None:
+    def after_step(self, batch: dict) -> None:
         """FAMO: the same batch's losses after the update (no gradient; BatchNorm statistics
         and the random stream are restored, so the extra forward changes nothing else)."""
-        if not getattr(self.balancer.impl, "needs_losses_after_step", False):
+        if not self.balancer.needs_losses_after_step:
             return
-        model = self.accelerator.unwrap_model(model)
+        model = self.accelerator.unwrap_model(self.model)
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            outputs = model_outputs(model, batch, channels_last)
-            _, losses = multitask_loss(
-                outputs, batch["targets"], batch["mask"], tasks, self.weights, self.loss_options
-            )
+            outputs = model_outputs(model, batch, self.channels_last)
+            _, losses = multitask_loss(outputs, batch["targets"], batch["mask"], self.tasks,
+                                       self.weights, self.loss_options)  # fmt: skip
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
         vector, present = self.balancer.stack(losses)
-        self.balancer.impl.after_step(vector, self.present(batch, present))
+        self.balancer.after_step(vector, self.present(batch, present))
 
 
 class JacobianAggregation(_Balanced):
     """Per-task gradients of the trainable backbone, aggregated at the end of each window."""
 
-    def __init__(self, accelerator: Accelerator, weights: dict, balancer: Balancer, model) -> None:
-        super().__init__(accelerator, weights, balancer)
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        weights: dict[str, float],
+        loss_options: dict[str, LossOptions] | None,
+        balancer: Balancer,
+        model: torch.nn.Module,
+    ) -> None:
+        super().__init__(accelerator, weights, loss_options, balancer)
         self.model = model
         self._window: dict | None = None  # Jacobians accumulated over micro-batches
 
@@ -245,10 +274,23 @@ class JacobianAggregation(_Balanced):
         write_direction(direction if penalty is None else direction + penalty, shared)
 
 
-def build_strategy(accelerator: Accelerator, model, weights: dict, balancer: Balancer | None):
+Strategy = PlainSum | CombinedLoss | JacobianAggregation
+
+
+def build_strategy(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    weights: dict[str, float],
+    balancer: Balancer | None,
+    *,
+    tasks: dict[str, TaskSpec] | None = None,
+    loss_options: dict[str, LossOptions] | None = None,
+    channels_last: bool = False,
+) -> Strategy:
     """The strategy for a run: plain sum without a balancer, else by the method's kind."""
     if balancer is None:
-        return PlainSum(accelerator, weights)
+        return PlainSum(accelerator, weights, loss_options)
     if balancer.kind == "gradient":
-        return JacobianAggregation(accelerator, weights, balancer, model)
-    return CombinedLoss(accelerator, weights, balancer)
+        return JacobianAggregation(accelerator, weights, loss_options, balancer, model)
+    return CombinedLoss(accelerator, weights, loss_options, balancer, model, tasks or {},
+                        channels_last)  # fmt: skip

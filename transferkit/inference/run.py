@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import PIL.Image
 import torch
@@ -20,15 +19,13 @@ from transferkit.errors import UserError
 from transferkit.inference.predictions import Predictor, batched, describe_prediction, preprocessed
 from transferkit.models import (
     AdapterSpec,
-    AuxHeadSpec,
-    DataConfig,
     MultiTaskModel,
     TaskSpec,
     attach_adapter,
     create_backbone,
 )
 from transferkit.models import probabilities as prediction
-from transferkit.rundir import RunDir
+from transferkit.rundir import ModelInfo, RunDir
 
 # describe_prediction is imported from here by callers written before it moved.
 __all__ = ["Run", "describe_prediction", "load", "load_run", "resolve_device"]
@@ -87,19 +84,19 @@ class Run(Predictor):
     model: MultiTaskModel
     transform: Callable[[PIL.Image.Image], torch.Tensor]
     tasks: dict[str, TaskSpec]
-    info: dict[str, Any]
+    info: ModelInfo
     run_dir: RunDir | None = None
 
     @property
     def temperatures(self) -> dict[str, float]:
         """Per classification task, the temperature `transferkit calibrate` fitted ({} if none)."""
-        return dict(self.info.get("temperatures") or {})
+        return dict(self.info.temperatures)
 
     def views(self, tta: list[str] | None = None) -> list[str]:
         """The test-time views to use: `tta`, or the recipe's `data.tta`; flips only where the
         recipe allows them (`data.horizontal_flip`)."""
-        views = list(self.info.get("tta") or []) if tta is None else list(tta)
-        if "hflip" in views and not self.info.get("horizontal_flip", True):
+        views = list(self.info.tta) if tta is None else list(tta)
+        if "hflip" in views and not self.info.horizontal_flip:
             raise UserError(
                 "test-time flips (--tta hflip) are forbidden for this run: its recipe sets "
                 "data.horizontal_flip: false (these images must not be mirrored); use --tta "
@@ -147,12 +144,11 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
         return load_onnx(run_dir)
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     info = folder.info()
-    tasks = [TaskSpec.from_dict(t) for t in info["tasks"]]
-    backbone = create_backbone(info["backbone"], None, **info.get("model_kwargs", {}))
-    backbone.data_config = DataConfig.from_dict(info["data_config"])
-    if info.get("adapter"):  # the saved weights include the adapter's: inject it first
-        attach_adapter(backbone, AdapterSpec.from_dict(info["adapter"]))
-    model = MultiTaskModel(backbone, tasks, [AuxHeadSpec(**a) for a in info.get("aux_heads", [])])
+    backbone = create_backbone(info.backbone, None, **info.model_kwargs)
+    backbone.data_config = info.data_config
+    if info.adapter:  # the saved weights include the adapter's: inject it first
+        attach_adapter(backbone, AdapterSpec.from_dict(info.adapter))
+    model = MultiTaskModel(backbone, info.tasks, info.aux_heads)
     try:
         load_model(model, str(folder.weights_path), strict=True)
     except SafetensorError as err:  # a truncated or corrupt file
@@ -165,9 +161,9 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
             f"{str(err).splitlines()[0][:200]}"
         ) from None
     transform = build_transforms(
-        backbone.data_config, train=False, augment="none", image_size=info.get("image_size")
+        backbone.data_config, train=False, augment="none", image_size=info.image_size
     )
-    return Run(model.eval(), transform, {t.name: t for t in tasks}, info, folder)
+    return Run(model.eval(), transform, info.task_specs, info, folder)
 
 
 load_run = load

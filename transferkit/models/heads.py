@@ -8,12 +8,11 @@ target, `[B, T]` for several.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from transferkit.core import TASK_KINDS, TaskSpec
+from transferkit.core import TASK_KINDS, AuxHeadSpec, TaskSpec
 from transferkit.errors import UserError
 
 __all__ = ["TASK_KINDS", "AuxHead", "AuxHeadSpec", "Head", "TaskSpec", "pool_dims"]
@@ -42,28 +41,6 @@ class Head(nn.Module):
         """`[B, D]` features -> the task's output (see the module docstring for shapes)."""
         out = self.net(features)
         return out.squeeze(-1) if self._squeeze else out
-
-
-@dataclass(frozen=True)
-class AuxHeadSpec:
-    """An auxiliary head for `task` on the feature map of backbone group `group` (deep supervision).
-
-    Its output is returned under the key `"{task}@{group}"`.
-    """
-
-    task: str
-    group: str
-    hidden: int | None = None
-    dropout: float = 0.0
-
-    @property
-    def key(self) -> str:
-        """The output key of this head."""
-        return f"{self.task}@{self.group}"
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def pool_dims(shape: Sequence[int]) -> tuple[tuple[int, ...], int]:

@@ -12,7 +12,8 @@ from typing import Any, get_args, get_origin
 import yaml
 
 from transferkit.errors import UserError, did_you_mean
-from transferkit.recipes.schema import Recipe, cross_checks
+from transferkit.recipes.checks import cross_checks, normalized
+from transferkit.recipes.schema import Recipe
 from transferkit.recipes.validation import UNIONS, build, hints, key_path, show, suggest
 
 
@@ -132,7 +133,7 @@ def parse_recipe(data: dict, overrides: Sequence[str] = (), source: str = "<reci
         errors = cross_checks(recipe)
     if errors:
         raise UserError(prefix + "; ".join(errors))
-    return recipe
+    return normalized(recipe)
 
 
 LIBRARY = Path(__file__).parent / "library"  # the recipes shipped with transferkit
@@ -175,17 +176,6 @@ def read_recipe_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping, got {show(data)}")
     return data
-
-
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read and validate a YAML recipe (a file, or a shipped recipe's name); an empty `name`
-    becomes the file's stem."""
-    path = find_recipe(path)
-    data = read_recipe_file(path)
-    recipe = parse_recipe(data, overrides, source=str(path))
-    if not recipe.name:
-        recipe.name = path.stem
-    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

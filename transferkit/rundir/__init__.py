@@ -10,12 +10,14 @@ from transferkit.rundir.folder import (
     RunDir,
     checkpoint_name,
 )
+from transferkit.rundir.info import ModelInfo
 
 __all__ = [
     "CHECKPOINT_STATE",
     "EXPORTED",
     "LOCAL_ONLY",
     "TRAINING_ONLY",
+    "ModelInfo",
     "RunDir",
     "checkpoint_name",
     "render_card",

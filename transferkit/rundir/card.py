@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from transferkit.core import TaskSpec
 from transferkit.rundir.folder import RunDir
 
 
@@ -22,8 +23,7 @@ def render_card(run_dir: RunDir, summary: dict[str, Any]) -> str:
     recipe = yaml.safe_load(recipe_text)
     info = run_dir.info()
     facts = summary.get("card", {})
-    tasks = info["tasks"]
-    backbone = info["backbone"]
+    tasks, backbone = info.tasks, info.backbone
     library = backbone.split(":", 1)[0]
     lines = [
         "---",
@@ -35,32 +35,32 @@ def render_card(run_dir: RunDir, summary: dict[str, Any]) -> str:
         "",
         f"A `{backbone}` backbone fine-tuned with transferkit for "
         f"{len(tasks)} task{'s' if len(tasks) != 1 else ''}: "
-        + ", ".join(f"`{t['name']}` ({t['kind']})" for t in tasks)
+        + ", ".join(f"`{t.name}` ({t.kind})" for t in tasks)
         + ".",
         "",
         "## Model",
         "",
-        f"- Backbone: `{backbone}`" + _kwargs(info.get("model_kwargs")),
+        f"- Backbone: `{backbone}`" + _kwargs(info.model_kwargs),
         f"- Weights it started from: {_weights(recipe['model'].get('weights'), backbone)}",
     ]
     if facts.get("weights_report"):
         lines.append(f"- Loading them: {facts['weights_report']}")
-    config = info["data_config"]
-    size = info.get("image_size") or config["input_size"][1]
+    config = info.data_config
+    size = info.image_size or config.input_size[1]
     lines += [
-        f"- Input: RGB {size}x{size} px, resized by {config['interpolation']} "
-        f"(crop_pct {config['crop_pct']}, {config['crop_mode']} crop), normalized with mean "
-        f"{_floats(config['mean'])} and std {_floats(config['std'])}",
-        f"- Saved model: epoch {info.get('epoch')}, the best by `{info.get('monitor')}`",
+        f"- Input: RGB {size}x{size} px, resized by {config.interpolation} "
+        f"(crop_pct {config.crop_pct}, {config.crop_mode} crop), normalized with mean "
+        f"{_floats(config.mean)} and std {_floats(config.std)}",
+        f"- Saved model: epoch {info.epoch}, the best by `{info.monitor}`",
     ]
-    if info.get("aux_heads"):
-        keys = ", ".join(f"`{a['task']}@{a['group']}`" for a in info["aux_heads"])
+    if info.aux_heads:
+        keys = ", ".join(f"`{head.key}`" for head in info.aux_heads)
         lines.append(f"- Auxiliary heads (training signal; left out of exports by default): {keys}")
     lines += ["", "## Tasks", "", "| task | kind | outputs |", "|---|---|---|"]
     for task in tasks:
-        names = task.get("class_names")
-        outputs = ", ".join(map(str, names)) if names else str(task["num_outputs"])
-        lines.append(f"| {task['name']} | {task['kind']} | {outputs} |")
+        names = task.class_names
+        outputs = ", ".join(map(str, names)) if names else str(task.num_outputs)
+        lines.append(f"| {task.name} | {task.kind} | {outputs} |")
     lines += _data_section(recipe, facts.get("data"), tasks)
     lines += _metrics_section(run_dir, tasks, summary)
     lines += _training_section(recipe, run_dir, summary, facts)
@@ -105,12 +105,12 @@ def _weights(weights, backbone: str) -> str:
     return f"the weights in `{weights}`"
 
 
-def _data_section(recipe: dict, data: dict | None, tasks: list[dict]) -> list[str]:
+def _data_section(recipe: dict, data: dict | None, tasks: list[TaskSpec]) -> list[str]:
     source = recipe["data"]
     lines = ["", "## Data", "", f"Source: {source['source']} `{source['path']}`."]
     if not data:
         return lines + ["", "(Split sizes were not recorded for this run.)"]
-    names = [t["name"] for t in tasks]
+    names = [t.name for t in tasks]
     lines += ["", "| split | images | " + " | ".join(f"{n} labelled" for n in names) + " |"]
     lines.append("|---|---|" + "---|" * len(names))
     for split, counts in data.items():
@@ -124,7 +124,7 @@ def _share(count: int, total: int) -> str:
     return f"{count} ({100 * count / total:.0f}%)" if total else str(count)
 
 
-def _metrics_section(run_dir: RunDir, tasks: list[dict], summary: dict) -> list[str]:
+def _metrics_section(run_dir: RunDir, tasks: list[TaskSpec], summary: dict) -> list[str]:
     best = run_dir.best()
     lines = [
         "",
@@ -135,11 +135,11 @@ def _metrics_section(run_dir: RunDir, tasks: list[dict], summary: dict) -> list[
     ]
     lines += ["| task | metric | value |", "|---|---|---|"]
     for task in tasks:
-        prefix = f"val/{task['name']}/"
+        prefix = f"val/{task.name}/"
         for key, value in best.items():
             if key.startswith(prefix) and isinstance(value, (int, float)):
                 shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-                lines.append(f"| {task['name']} | {key[len(prefix) :]} | {shown} |")
+                lines.append(f"| {task.name} | {key[len(prefix) :]} | {shown} |")
     return lines
 
 
@@ -171,7 +171,7 @@ def _training_section(recipe: dict, run_dir: RunDir, summary: dict, facts: dict)
     return lines
 
 
-def _limitations(recipe: dict, data: dict | None, tasks: list[dict]) -> list[str]:
+def _limitations(recipe: dict, data: dict | None, tasks: list[TaskSpec]) -> list[str]:
     source = recipe["data"]
     lines = ["", "## Limitations", ""]
     if source.get("val_split") is None:
@@ -188,16 +188,16 @@ def _limitations(recipe: dict, data: dict | None, tasks: list[dict]) -> list[str
     if train and train["images"] < 1000:
         lines.append(f"- Trained on only {train['images']} images.")
     for task in tasks:
-        if task["kind"] == "multiclass":
+        if task.kind == "multiclass":
             lines.append(
-                f"- `{task['name']}` always answers one of its {task['num_outputs']} classes, "
+                f"- `{task.name}` always answers one of its {task.num_outputs} classes, "
                 "even for an image that shows none of them."
             )
-        if task["kind"] == "regression":
-            lines.append(f"- `{task['name']}` predicts values in the units of its training column.")
-        if train and train["labelled"].get(task["name"], 0) < train["images"]:
-            missing = train["images"] - train["labelled"].get(task["name"], 0)
-            lines.append(f"- `{task['name']}`: {missing} training images had no label for it.")
+        if task.kind == "regression":
+            lines.append(f"- `{task.name}` predicts values in the units of its training column.")
+        if train and train["labelled"].get(task.name, 0) < train["images"]:
+            missing = train["images"] - train["labelled"].get(task.name, 0)
+            lines.append(f"- `{task.name}`: {missing} training images had no label for it.")
     if source.get("max_samples"):
         lines.append(f"- data.max_samples {source['max_samples']}: only part of the data was used.")
     return lines

@@ -23,12 +23,14 @@ sweep, ensemble and the notebooks all read a run through this class.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from transferkit.errors import UserError
+from transferkit.rundir.info import ModelInfo
 
 RECIPE = "recipe.yaml"
 ORIGIN = "origin.json"
@@ -67,15 +69,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _from_origin(value: str, origin: Path) -> str:
-    """`value` as given when it exists from here (or is absolute); else under `origin` when it
-    exists there."""
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists() or not (origin / path).exists():
-        return value
-    return str(origin / path)
 
 
 class RunDir:
@@ -176,28 +169,26 @@ class RunDir:
         A relative `data.path` or `model.weights` file that does not exist from here but does
         from the folder training ran in (`origin.json`) is made absolute, so eval, export and
         resume work from any directory."""
-        from transferkit.recipes import BEFORE_KEY_EXISTED, parse_recipe, read_recipe_file
+        return self.resolved_recipe(overrides).recipe
+
+    def resolved_recipe(self, overrides: list[str] | tuple[str, ...] = ()):
+        """`recipe()` with the recipe as recipe.yaml writes it (`transferkit.recipes.ResolvedRecipe`);
+        keys a run saved by an older version lacks take the meaning they had then."""
+        from transferkit.recipes import BEFORE_KEY_EXISTED, read_recipe_file, resolve_recipe
 
         if not self.recipe_path.is_file():
             raise UserError(f"{self.path} is not a run folder: it has no {RECIPE}")
         data = read_recipe_file(self.recipe_path)
-        for (section, key), value in BEFORE_KEY_EXISTED.items():  # a run saved by an older version
+        for (section, key), value in BEFORE_KEY_EXISTED.items():
             if isinstance(data.get(section), dict):
                 data[section].setdefault(key, value)
-        recipe = parse_recipe(data, list(overrides), source=str(self.recipe_path))
-        origin = self.origin()
-        if origin is not None:
-            if recipe.data.source != "hub" and recipe.data.path:
-                recipe.data.path = _from_origin(recipe.data.path, origin)
-            if recipe.model.weights not in (None, "pretrained"):
-                recipe.model.weights = _from_origin(recipe.model.weights, origin)
-        return recipe
+        return resolve_recipe(data, overrides, origin=self.origin(), where=str(self.recipe_path))
 
     def as_written(self, recipe):
         """`recipe` with `data.path` and `model.weights` as recipe.yaml has them where
         `recipe()` only resolved them from origin.json: a resumed run's recipe.yaml keeps the
         paths the user wrote, not this machine's absolute ones."""
-        from transferkit.recipes import read_recipe_file
+        from transferkit.recipes import from_origin, read_recipe_file
 
         origin = self.origin()
         if origin is None or not self.recipe_path.is_file():
@@ -207,7 +198,7 @@ class RunDir:
         for section, key in (("data", "path"), ("model", "weights")):
             written = (saved.get(section) or {}).get(key)
             now = getattr(getattr(recipe, section), key)
-            if isinstance(written, str) and now and _from_origin(written, origin) == now:
+            if isinstance(written, str) and now and from_origin(written, origin) == now:
                 setattr(getattr(recipe, section), key, written)
         return recipe
 
@@ -222,28 +213,31 @@ class RunDir:
             return None
         return Path(json.loads(path.read_text())["working_directory"])
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         """model.json: what is needed to rebuild the model and its preprocessing."""
         if not self.has_model():
             raise UserError(
                 f"{self.path} has no model ({MODEL_INFO} and {MODEL_WEIGHTS}); "
                 "is it a run folder whose first epoch finished?"
             )
-        return json.loads(self.info_path.read_text())
+        return ModelInfo.from_dict(json.loads(self.info_path.read_text()), str(self.info_path))
 
-    def save_model(self, model, info: dict[str, Any]) -> None:
+    def save_model(self, model, info: ModelInfo) -> None:
         """Write the model atomically (temporary names, then rename), weights before info."""
         from safetensors.torch import save_model as save_safetensors
 
         tmp_weights = self.path / (MODEL_WEIGHTS + ".tmp")
         metadata = {
             "format": "pt",
-            "transferkit.backbone": info["backbone"],
-            "transferkit.data_config": json.dumps(info["data_config"]),
+            "transferkit.backbone": info.backbone,
+            "transferkit.data_config": json.dumps(info.data_config.to_dict()),
         }
         save_safetensors(model, str(tmp_weights), metadata=metadata)
         tmp_weights.replace(self.weights_path)
-        _write_atomic(self.info_path, json.dumps(info, indent=2))
+        self._write_info(info)
+
+    def _write_info(self, info: ModelInfo) -> None:
+        _write_atomic(self.info_path, json.dumps(info.to_dict(), indent=2))
 
     @property
     def adapter_dir(self) -> Path:
@@ -260,13 +254,13 @@ class RunDir:
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         _write_atomic(self.adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str))
 
-    def update_info(self, updates: dict[str, Any]) -> None:
-        """Add or replace keys of model.json (calibration's temperatures), atomically. A model
+    def update_info(self, **changes: Any) -> ModelInfo:
+        """Replace fields of model.json (calibration's temperatures), atomically. A model
         saved later (a better epoch) writes a new model.json, without them: they belong to
         the weights they were fitted on."""
-        info = self.info()
-        info.update(updates)
-        _write_atomic(self.info_path, json.dumps(info, indent=2))
+        info = dataclasses.replace(self.info(), **changes)
+        self._write_info(info)
+        return info
 
     # ---- metrics
     def records(self) -> list[dict[str, Any]]:
@@ -307,7 +301,7 @@ class RunDir:
     def best(self) -> dict[str, Any]:
         """The record of the epoch whose model was kept (the best of the monitored metric)."""
         records = self.records()
-        epoch = self.info().get("epoch") if self.has_model() else None
+        epoch = self.info().epoch if self.has_model() else None
         chosen = [r for r in records if r["epoch"] == epoch]
         if not chosen:
             raise UserError(f"{self.path} has no record of its saved model's epoch ({epoch})")

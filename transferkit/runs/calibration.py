@@ -119,7 +119,7 @@ def calibrate_run(
         curves[name] = (task, logits, target, t)
     temperatures = {n: r["temperature"] for n, r in report.items()}
     calibration = {"split": split, "views": views, "tasks": report}
-    folder.update_info({"temperatures": temperatures, "calibration": calibration})
+    folder.update_info(temperatures=temperatures, calibration=calibration)
     reliability_diagram(curves, folder.reliability_path)
     return report
 

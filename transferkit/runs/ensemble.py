@@ -45,12 +45,9 @@ def soup(run_dirs: list[str | Path], runs: list[Run]) -> Run:
         # when the seed is the same too.
         starts.append((recipe.model.weights, recipe.seed if recipe.model.weights is None else None))
     for run_dir, run, start in zip(run_dirs, runs, starts):
-        if (run.info["backbone"], run.info.get("model_kwargs")) != (
-            first["backbone"],
-            first.get("model_kwargs"),
-        ):
+        if (run.info.backbone, run.info.model_kwargs) != (first.backbone, first.model_kwargs):
             raise UserError(
-                f"--soup: {run_dir} has backbone {run.info['backbone']}, {run_dirs[0]} has {first['backbone']}"
+                f"--soup: {run_dir} has backbone {run.info.backbone}, {run_dirs[0]} has {first.backbone}"
             )
         if start != starts[0]:
             raise UserError(

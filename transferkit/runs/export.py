@@ -127,9 +127,7 @@ def export_run(
 
 def export_info(run: Run, fmt: str, keys: list[str], dynamic_batch: bool, opset) -> dict:
     """The JSON that travels with the file: preprocessing, tasks, outputs and provenance."""
-    preprocessing = Preprocessing.from_config(
-        run.model.backbone.data_config, run.info.get("image_size")
-    )
+    preprocessing = Preprocessing.from_config(run.model.backbone.data_config, run.info.image_size)
     return {
         "version": FORMAT_VERSION,
         "format": fmt,
@@ -139,9 +137,9 @@ def export_info(run: Run, fmt: str, keys: list[str], dynamic_batch: bool, opset)
         "opset": opset,
         "tasks": [spec.to_dict() for spec in run.tasks.values()],
         "preprocessing": preprocessing.to_dict(),
-        "backbone": run.info["backbone"],
-        "epoch": run.info.get("epoch"),
-        "monitor": run.info.get("monitor"),
+        "backbone": run.info.backbone,
+        "epoch": run.info.epoch,
+        "monitor": run.info.monitor,
         # `transferkit calibrate`'s temperatures: the graph's outputs stay raw logits, and
         # `OnnxRun` divides them as `Run` does, so calibrated probabilities survive export.
         "temperatures": run.temperatures,

@@ -17,6 +17,7 @@ weights has no start to go back to: WiSE-FT needs a pretrained one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -89,9 +90,7 @@ def start_state(folder: RunDir, run: Run, start: str | None = None) -> tuple[dic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         try:
-            backbone = create_backbone(
-                run.info["backbone"], weights, **run.info.get("model_kwargs", {})
-            )
+            backbone = create_backbone(run.info.backbone, weights, **run.info.model_kwargs)
         except UserError as err:
             raise UserError(
                 f"cannot rebuild the start of {folder.path} (model.weights: {weights}): {err}. "
@@ -153,7 +152,7 @@ def _load_plain(folder: RunDir) -> Run:
     and the merged weights are the fine-tuned ones (so a saved mix is plain too)."""
     run = load(folder)
     merge_adapters(run.model)
-    run.info.pop("adapter", None)
+    run.info = dataclasses.replace(run.info, adapter=None)
     return run
 
 
@@ -198,7 +197,7 @@ def interpolate(
         model.backbone.model.load_state_dict(mix(state, tuned, alpha))
         metrics.append(evaluate(model, loader, run.tasks, prefix=split))
 
-    watched = run.info.get("monitor") or f"val/{next(iter(run.tasks))}/accuracy"
+    watched = run.info.monitor or f"val/{next(iter(run.tasks))}/accuracy"
     monitor = f"{split}/{watched.split('/', 1)[1]}"
     if monitor not in metrics[0]:
         monitor = next(k for k in metrics[0] if not k.endswith("/count"))
@@ -223,8 +222,8 @@ def _save(
     target.path.mkdir(parents=True, exist_ok=True)
     model = run.model.cpu()
     model.backbone.model.load_state_dict(mix(state, tuned, alpha))
-    info = {**run.info, "wise_ft": {"alpha": alpha, "start": start_name, "run": str(folder.path)}}
-    target.save_model(model, info)
+    mixed = {"alpha": alpha, "start": start_name, "run": str(folder.path)}
+    target.save_model(model, dataclasses.replace(run.info, wise_ft=mixed))
     shutil.copyfile(folder.recipe_path, target.recipe_path)
     return target.path
 

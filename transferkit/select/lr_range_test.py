@@ -5,21 +5,26 @@ decay), so the suggestion is a value for `train.lr`, the base rate the multiplie
 rate grows exponentially from `min_lr` to `max_lr` over `steps` optimizer steps (Smith 2017);
 the test stops early once the smoothed loss exceeds 4x its minimum. The suggestion follows
 fastai's "valley" rule: the middle of the longest stretch over which the loss keeps falling.
-The run folder is temporary: nothing is left behind but the plot.
+No run folder is made: nothing is left behind but the plot.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.utils import DistributedType
 
-from transferkit.engine import cached_loaders, model_outputs, multitask_loss, set_up
+from transferkit.engine import (
+    build_run,
+    cached_loaders,
+    make_accelerator,
+    model_outputs,
+    multitask_loss,
+)
 from transferkit.errors import UserError
 from transferkit.features import cache_decision
 from transferkit.recipes import Recipe
@@ -70,47 +75,56 @@ def range_test(
     if not 0 < min_lr < max_lr:
         raise UserError(f"lr-find: need 0 < --min-lr < --max-lr, got {min_lr} and {max_lr}")
     phase = phase % len(phases)
-    scratch = Path(tempfile.mkdtemp(prefix="transferkit_lr_find_"))
-    try:
-        run = set_up(recipe, output=str(scratch / "run"))
-        acc, optimizer = run.accelerator, run.optimizer
-        run.schedule.apply(phases[phase].from_epoch)
-        factors = [run.schedule.lr_factor(g.get("group", "")) for g in optimizer.param_groups]
-        # A phase that trains only heads runs on cached features, as training does: the shared
-        # cache makes the test as fast as the heads once any run has stored them.
-        use_cache, _ = cache_decision(run.cfg.feature_cache, run.backbone, recipe.data.augment,
-                                            bool(recipe.model.aux_heads), phase)  # fmt: skip
-        fsdp = acc.distributed_type == DistributedType.FSDP
-        loader = cached_loaders(run)[0] if use_cache and not fsdp else run.train_loader
-        run.model.train()
-        lrs, losses, smoothed, best = [], [], 0.0, math.inf
-        batches = itertools.cycle(loader)
-        for step in range(steps):
-            lr = min_lr * (max_lr / min_lr) ** (step / max(steps - 1, 1))
-            for group, factor in zip(optimizer.param_groups, factors):
-                group["lr"] = lr * factor
-            batch = next(batches)
-            outputs = model_outputs(run.model, batch, run.cfg.channels_last)
-            _, task_losses = multitask_loss(outputs, batch["targets"], batch["mask"], run.tasks,
-                                            run.strategy.weights, run.strategy.loss_options)  # fmt: skip
-            loss = run.strategy.loss(task_losses, batch, (0, step + 1))
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            optimizer.step()
-            value = float(acc.reduce(loss.detach(), reduction="mean"))
-            if not math.isfinite(value):
-                break
-            smoothed = beta * smoothed + (1 - beta) * value
-            debiased = smoothed / (1 - beta ** (step + 1))
-            lrs.append(lr)
-            losses.append(debiased)
-            best = min(best, debiased)
-            if step > 5 and debiased > 4 * best:
-                break  # diverged: the rest of the range says nothing
-        acc.end_training()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    acc = make_accelerator(recipe)
+    run = build_run(recipe, acc)
+    optimizer = run.optimizer
+    run.schedule.apply(phases[phase].from_epoch)
+    factors = [run.schedule.lr_factor(g.get("group", "")) for g in optimizer.param_groups]
+    # A phase that trains only heads runs on cached features, as training does: the shared
+    # cache makes the test as fast as the heads once any run has stored them.
+    use_cache, _ = cache_decision(run.cfg.feature_cache, run.backbone, recipe.data.augment,
+                                  bool(recipe.model.aux_heads), phase)  # fmt: skip
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    with tempfile.TemporaryDirectory(prefix="transferkit_lr_find_") as scratch:
+        # Features kept out of the shared cache and too large for memory go to `scratch`.
+        loader = (
+            cached_loaders(run, Path(scratch))[0] if use_cache and not fsdp else run.train_loader
+        )
+        lrs, losses = _sweep(run, loader, factors, steps, min_lr, max_lr, beta)
+    acc.end_training()
     return RangeTest(lrs, losses, valley(lrs, losses), phase)
+
+
+def _sweep(run, loader, factors: list[float], steps: int, min_lr: float, max_lr: float,
+           beta: float) -> tuple[list[float], list[float]]:  # fmt: skip
+    """The rates tried and the smoothed, debiased loss after each step."""
+    acc, optimizer = run.accelerator, run.optimizer
+    run.model.train()
+    lrs, losses, smoothed, best = [], [], 0.0, math.inf
+    batches = itertools.cycle(loader)
+    for step in range(steps):
+        lr = min_lr * (max_lr / min_lr) ** (step / max(steps - 1, 1))
+        for group, factor in zip(optimizer.param_groups, factors):
+            group["lr"] = lr * factor
+        batch = next(batches)
+        outputs = model_outputs(run.model, batch, run.cfg.channels_last)
+        _, task_losses = multitask_loss(outputs, batch["targets"], batch["mask"], run.tasks,
+                                        run.strategy.weights, run.strategy.loss_options)  # fmt: skip
+        loss = run.strategy.loss(task_losses, batch, (0, step + 1))
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        optimizer.step()
+        value = float(acc.reduce(loss.detach(), reduction="mean"))
+        if not math.isfinite(value):
+            break
+        smoothed = beta * smoothed + (1 - beta) * value
+        debiased = smoothed / (1 - beta ** (step + 1))
+        lrs.append(lr)
+        losses.append(debiased)
+        best = min(best, debiased)
+        if step > 5 and debiased > 4 * best:
+            break  # diverged: the rest of the range says nothing
+    return lrs, losses
 
 
 def plot(result: RangeTest, path: Path, title: str) -> Path:
