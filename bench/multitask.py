@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.compare import delta_m, seconds_per_step
+from transferkit.runs import delta_m, seconds_per_step
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = "timm:test_resnet"
@@ -207,7 +207,7 @@ def _train_one(run: dict, path: str, cfg: dict, workdir: Path) -> dict:
 
 
 def _delta_m(metrics: dict, baselines: dict, dataset: str) -> float | None:
-    """Δm% against the single-task runs (see `bench.compare.delta_m`)."""
+    """Δm% against the single-task runs (see `transferkit.runs.delta_m`)."""
     if not metrics or any(metrics[t] is None or not baselines.get(t) for t in metrics):
         return None
 

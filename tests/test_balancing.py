@@ -514,7 +514,7 @@ def test_bad_method_or_options_name_the_key(name, options, message):
 
 
 def test_delta_m_is_signed_so_lower_is_better():
-    from bench.compare import delta_m
+    from transferkit.runs import delta_m
 
     single = {"digit/accuracy": 0.8, "ink/mae": 0.5}
     # accuracy +10% relative (better: -10), MAE +20% relative (worse: +20): mean +5
@@ -527,7 +527,7 @@ def test_delta_m_is_signed_so_lower_is_better():
 def test_seconds_per_step_skips_the_first_epoch(tmp_path):
     import json
 
-    from bench.compare import seconds_per_step
+    from transferkit.runs import seconds_per_step
 
     lines = [{"epoch": 0, "step": 4, "epoch_time_s": 100.0},
              {"epoch": 1, "step": 8, "epoch_time_s": 2.0},

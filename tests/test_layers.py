@@ -7,12 +7,14 @@ reaches into the models:
   through one of its modules (`transferkit.engine.trainer`);
 - no two modules import each other, directly or round a longer cycle;
 - the ground floor and the ONNX path import no torch;
+- a function that only its own module uses is private (a leading underscore);
 - no module is much over 400 lines.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -180,6 +182,32 @@ def test_the_ground_floor_and_the_onnx_path_import_no_torch(start):
                 names = [node.module]
             heavy += [f"{module}: {n}" for n in names if n.split(".")[0] in HEAVY]
     assert not heavy, f"importing {start} imports {heavy}"
+
+
+# Where a public function may be used from: other modules, the tests, benchmarks, notebooks, docs.
+READERS = [
+    *PACKAGE.rglob("*.py"),
+    *(PACKAGE.parent / "tests").rglob("*.py"),
+    *(PACKAGE.parent / "bench").rglob("*.py"),
+    *(PACKAGE.parent / "notebooks").glob("*.ipynb"),
+    *(PACKAGE.parent / "docs").glob("*.md"),
+    PACKAGE.parent / "README.md",
+]
+COMMAND_HANDLERS = re.compile(r"^run_")  # cli/: named by `set_defaults(func=...)` in the same file
+
+
+@pytest.mark.parametrize("path", MODULES.values(), **IDS)
+def test_a_function_only_its_module_uses_is_private(path):
+    others = "\n".join(p.read_text() for p in READERS if p != path)
+    lonely = [
+        node.name
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.FunctionDef)
+        and not node.name.startswith("_")
+        and not COMMAND_HANDLERS.match(node.name)
+        and not re.search(rf"\b{node.name}\b", others)
+    ]
+    assert not lonely, f"used only in {path.name}: give them a leading underscore: {lonely}"
 
 
 @pytest.mark.parametrize("path", MODULES.values(), **IDS)

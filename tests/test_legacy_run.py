@@ -9,12 +9,12 @@ recipe.yaml, model.json, trainer_state.json and checkpoints are in that version'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from fixtures.legacy_run.make_fixture import digest  # the digest the expected values used
 
 from transferkit.cli import main
 
@@ -52,17 +52,6 @@ def test_an_old_run_predicts_as_it_did(legacy, capsys):
     assert _json_out(capsys, ["predict", "run", *images, "--json"]) == EXPECTED["predict"]
 
 
-def _digest(path: Path) -> str:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].numpy().tobytes())
-    return h.hexdigest()
-
-
 def test_an_old_run_resumes_bit_identically(legacy, capsys):
     assert main(["train", "--resume", "run", "--set", "train.epochs=3"]) == 0
     want = EXPECTED["resume_to_3_epochs"]
@@ -70,5 +59,5 @@ def test_an_old_run_resumes_bit_identically(legacy, capsys):
     _close({k: v for k, v in last.items() if k.startswith(("val/", "train/loss"))},
            want["final_record"])  # fmt: skip
     newest = sorted((legacy / "run/checkpoints").glob("step_*_end"))[-1]
-    assert _digest(newest / "model.safetensors") == want["checkpoint_sha256"]
-    assert _digest(legacy / "run/model.safetensors") == want["model_sha256"]
+    assert digest(newest / "model.safetensors") == want["checkpoint_sha256"]
+    assert digest(legacy / "run/model.safetensors") == want["model_sha256"]

@@ -15,7 +15,7 @@ class UserError(ValueError):
     """An error caused by the user's input, with a message that says how to fix it."""
 
 
-def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+def _close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Return up to `n` candidates that look like `word` (for "did you mean" hints)."""
     candidates = list(candidates)
     matches = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
@@ -27,5 +27,5 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """A ' Did you mean: a, b?' suffix, or '' when nothing is close."""
-    matches = close_matches(word, candidates)
+    matches = _close_matches(word, candidates)
     return f" Did you mean: {', '.join(matches)}?" if matches else ""

@@ -117,7 +117,7 @@ def to_device(state: Any, device: torch.device) -> Any:
     return state
 
 
-def host_state(module: nn.Module) -> dict[tuple[nn.Module, str], torch.Tensor]:
+def _host_state(module: nn.Module) -> dict[tuple[nn.Module, str], torch.Tensor]:
     """The state that the method keeps on the CPU (`HOST_STATE`), on the CPU, by place."""
     found = {}
     for sub in module.modules():
@@ -130,7 +130,7 @@ def host_state(module: nn.Module) -> dict[tuple[nn.Module, str], torch.Tensor]:
 
 def move_module(module: nn.Module, device: torch.device) -> None:
     """`module.to(device)`, except for the state that the method keeps on the CPU."""
-    host = host_state(module)
+    host = _host_state(module)
     module.to(device)
     for (sub, name), value in host.items():
         setattr(sub, name, value)

@@ -16,7 +16,7 @@ from transferkit.errors import UserError
 COMMANDS = [inspect, train, runs, calibrate, export, interpolate, rank, cache]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
         prog="transferkit", description="Transfer learning for timm and torchvision backbones."
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `transferkit` console script."""
-    args = build_parser().parse_args(argv)
+    args = _build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:

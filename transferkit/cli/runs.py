@@ -86,7 +86,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_predictions(results: list[dict], as_json: bool) -> None:
+def _print_predictions(results: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -122,7 +122,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite apply to --output FILE")
     results = run.predict_named(args.images, device=args.device,
                                 batch_size=args.batch_size or 64, tta=tta)  # fmt: skip
-    print_predictions(results, args.json)
+    _print_predictions(results, args.json)
     return 0
 
 
@@ -140,7 +140,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
         inputs = decode_prediction_inputs(args.predict)
         predictions = predict_ensemble(args.runs, [image for _, image in inputs])
         results = [{"image": name, **p} for (name, _), p in zip(inputs, predictions)]
-        print_predictions(results, args.json)
+        _print_predictions(results, args.json)
         return 0
     results = evaluate_ensemble(args.runs, args.split, args.data, args.soup)
     if args.output:

@@ -27,7 +27,7 @@ SPLIT_ALIASES = {
 }
 
 
-def canonical_split(name: str) -> str | None:
+def _canonical_split(name: str) -> str | None:
     """'val' -> 'validation', 'training' -> 'train', ...; None for other names."""
     lowered = name.strip().lower()
     for canonical, aliases in SPLIT_ALIASES.items():
@@ -40,9 +40,9 @@ def find_split(splits: dict[str, datasets.Dataset], name: str) -> str | None:
     """The key of `splits` that the recipe's split `name` means (exact, then by alias)."""
     if name in splits:
         return name
-    canonical = canonical_split(name)
+    canonical = _canonical_split(name)
     for key in splits:
-        if canonical is not None and canonical_split(key) == canonical:
+        if canonical is not None and _canonical_split(key) == canonical:
             return key
     return None
 
@@ -68,8 +68,8 @@ def _read_imagefolder(root: Path, data: DataSection) -> dict[str, datasets.Datas
     if not root.is_dir():
         raise UserError(f"data.path: {root} is not a folder (data.source: imagefolder)")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subdirs and all(canonical_split(p.name) for p in subdirs):
-        split_dirs = {canonical_split(p.name): p for p in subdirs}
+    if subdirs and all(_canonical_split(p.name) for p in subdirs):
+        split_dirs = {_canonical_split(p.name): p for p in subdirs}
     else:
         split_dirs = {"train": root}
     files = {}
@@ -126,7 +126,7 @@ def _read_manifest(path: Path) -> dict[str, datasets.Dataset]:
         raise UserError(f"data.path: cannot read manifest {path}: {err}") from err
     groups = {"train": frame}
     if "split" in frame.columns:
-        names = frame["split"].map(lambda v: "train" if pd.isna(v) else canonical_split(str(v)))
+        names = frame["split"].map(lambda v: "train" if pd.isna(v) else _canonical_split(str(v)))
         unknown = sorted({str(v) for v, n in zip(frame["split"], names) if n is None})
         if unknown:
             raise UserError(

@@ -1,6 +1,6 @@
 """The data side of a run: loading once for every process, batch sizes, loaders.
 
-Set-up (`setup.py`) calls these; they are apart so that each file reads in one go.
+The run's build (`build.py`) calls these; they are apart so that each file reads in one go.
 """
 
 from __future__ import annotations

@@ -104,11 +104,11 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
     if backbone.load_report and main:
         print(f"backbone weights: {backbone.load_report}")
     if recipe.model.adapter is not None:
-        attach_adapter(backbone, adapter_spec(recipe))
+        attach_adapter(backbone, _adapter_spec(recipe))
     data = load_shared_data(recipe, accelerator)
     chosen_metrics = {name: section.metrics for name, section in recipe.tasks.items()}
-    monitor = recipe.train.monitor or default_monitor(data.tasks, chosen_metrics)
-    check_monitor(monitor, data.tasks, chosen_metrics)
+    monitor = recipe.train.monitor or _default_monitor(data.tasks, chosen_metrics)
+    _check_monitor(monitor, data.tasks, chosen_metrics)
     aux = [AuxHeadSpec(a.task, a.group, a.hidden, a.dropout) for a in recipe.model.aux_heads]
     size = recipe.data.image_size
     backbone.use_image_size(size)
@@ -215,21 +215,23 @@ def fine_tune_lr_mult(recipe: Recipe) -> float:
     return 1.0 if only_adapter_trains(recipe) else UNFROZEN_LR_MULT
 
 
-def adapter_spec(recipe: Recipe) -> AdapterSpec:
+def _adapter_spec(recipe: Recipe) -> AdapterSpec:
     """The recipe's `model.adapter` as the model layer's spec."""
     section = recipe.model.adapter
     return AdapterSpec(section.method, tuple(section.targets), section.r, section.alpha,
                        section.dropout, section.train_rest)  # fmt: skip
 
 
-def default_monitor(tasks: list[TaskSpec], chosen: dict[str, list[str] | None]) -> str:
+def _default_monitor(tasks: list[TaskSpec], chosen: dict[str, list[str] | None]) -> str:
     first = tasks[0]
     names = metric_names(first, chosen.get(first.name))
     preferred = "mae" if first.kind == "regression" else "accuracy"
     return f"val/{first.name}/{preferred if preferred in names else names[0]}"
 
 
-def check_monitor(monitor: str, tasks: list[TaskSpec], chosen: dict[str, list[str] | None]) -> None:
+def _check_monitor(
+    monitor: str, tasks: list[TaskSpec], chosen: dict[str, list[str] | None]
+) -> None:
     """Fail before training, not after the first epoch, when train.monitor names no metric."""
     valid = [f"val/{t.name}/{m}" for t in tasks for m in metric_names(t, chosen.get(t.name))]
     if monitor not in valid:

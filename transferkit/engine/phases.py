@@ -54,7 +54,7 @@ def enter_phase(
         use_cache, why = False, "features: computed every step (train.mixup mixes the images)"
     if run.accelerator.is_main_process:
         print(why)
-        for note in (norm_note(run), rate_note(run, phase)):
+        for note in (_norm_note(run), rate_note(run, phase)):
             if note:
                 print(note)
     if cfg.compile:
@@ -106,7 +106,7 @@ def rate_note(run: RunSetup, phase: int) -> str | None:
     )
 
 
-def norm_note(run: RunSetup) -> str | None:
+def _norm_note(run: RunSetup) -> str | None:
     """At a phase change: what batch norm does, and a warning where a setting risks collapse."""
     trains = any(p.requires_grad for p in run.backbone.parameters())
     updating = [

@@ -2,7 +2,7 @@
 
 - L2-SP (Li et al. 2018): alpha/2 ||w - w0||^2 over the backbone's pretrained weights w0, and
   beta/2 ||w||^2 over the weights that have no pretrained value (heads, adapters). Weight decay,
-  which pulls towards zero, is then off (`setup.py`).
+  which pulls towards zero, is then off (`build.py`).
 - BSS (Chen et al. 2019): eta * the sum of the k smallest squared singular values of the batch's
   pooled features `[B, D]`, which the heads read.
 - DELTA (Li et al. 2019), its feature-map term without channel attention (TLlib's

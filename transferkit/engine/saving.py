@@ -24,11 +24,11 @@ def save_model(run: RunSetup, run_dir: RunDir, epoch: int) -> None:
             # refuses to save (shared storage): copy those.
             weights = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone()
                        for k, v in weights.items()}  # fmt: skip
-            run_dir.save_model(_GatheredWeights(weights), model_info(run, epoch))
+            run_dir.save_model(_GatheredWeights(weights), _model_info(run, epoch))
     elif acc.is_main_process:
         final = run.ema.module if run.ema is not None and run.cfg.ema.final_model else None
         model = final or acc.unwrap_model(run.model)
-        run_dir.save_model(model, model_info(run, epoch))
+        run_dir.save_model(model, _model_info(run, epoch))
         if model.backbone.adapter is not None:  # also peft's own files, to share the adapter
             run_dir.save_adapter(*adapter_state(model.backbone))
 
@@ -44,7 +44,7 @@ class _GatheredWeights(torch.nn.Module):
         return self.weights
 
 
-def model_info(run: RunSetup, epoch: int) -> ModelInfo:
+def _model_info(run: RunSetup, epoch: int) -> ModelInfo:
     """model.json: what `transferkit.load` needs to rebuild the model, and its epoch."""
     model = run.accelerator.unwrap_model(run.model)
     recipe = run.recipe

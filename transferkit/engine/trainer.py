@@ -47,7 +47,7 @@ def train(
     what recipe.yaml records; a plain `Recipe` is recorded as it is (on resume, with the paths
     the run's recipe.yaml already had where they resolve to the same files).
     """
-    run_dir = prepare_run_dir(recipe.recipe if isinstance(recipe, ResolvedRecipe) else recipe,
+    run_dir = _prepare_run_dir(recipe.recipe if isinstance(recipe, ResolvedRecipe) else recipe,
                               output, resume)  # fmt: skip
     if isinstance(recipe, ResolvedRecipe):
         recipe, written = recipe.recipe, recipe.written
@@ -144,7 +144,7 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState) -> str:
     return "finished"
 
 
-def prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
+def _prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
     """The run folder: the one to resume (it must have a checkpoint), or a new writable one."""
     if resume:
         run_dir = RunDir(resume)

@@ -1,7 +1,7 @@
 """The shared feature cache: backbone features on disk, kept across runs and commands.
 
 An entry holds the features of one split, as computed by one backbone, and is found by a key
-made of everything that determines them (`key_inputs`): the backbone's name and options, a
+made of everything that determines them (`_key_inputs`): the backbone's name and options, a
 hash of its weights, what is frozen, the transform, the image size, a fingerprint of the images
 and the device type. Any change to one of those is another key: a miss, never a stale hit.
 
@@ -59,7 +59,7 @@ def cache_root(configured: str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- key
-def weights_hash(module: torch.nn.Module) -> str:
+def _weights_hash(module: torch.nn.Module) -> str:
     """A hash of every parameter and buffer: names, dtypes, shapes and bytes (one pass)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
@@ -94,14 +94,14 @@ def backbone_id(name: str, kwargs: dict) -> str:
     return f"{name} {json.dumps(kwargs, sort_keys=True, default=str)}"
 
 
-def key_inputs(backbone, backbone_id: str, transform, data: str, device: torch.device) -> dict:
+def _key_inputs(backbone, backbone_id: str, transform, data: str, device: torch.device) -> dict:
     """Everything that determines a split's features; `backbone_id` names the backbone and its
     options (`timm:resnet18 {}`), `data` is a `data_fingerprint`."""
     summary = backbone.group_summary()
     return {
         "format": FORMAT,
         "backbone": backbone_id,
-        "weights": weights_hash(backbone),
+        "weights": _weights_hash(backbone),
         # The cache serves only phases where nothing in the backbone trains, so the frozen
         # prefix is every group; how normalization layers run is part of it.
         "frozen": [g["name"] for g in summary if not g["trainable"]],
@@ -114,7 +114,7 @@ def key_inputs(backbone, backbone_id: str, transform, data: str, device: torch.d
     }
 
 
-def make_key(inputs: dict) -> str:
+def _make_key(inputs: dict) -> str:
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -244,7 +244,7 @@ class FeatureStore:
         return removed
 
 
-def find_entry(store: FeatureStore, key: str) -> dict | None:
+def _find_entry(store: FeatureStore, key: str) -> dict | None:
     """A complete entry's manifest (and mark it used), or None."""
     manifest = store.manifest(key)
     if manifest is not None:
@@ -326,9 +326,9 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
     rank, processes = (
         (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     )
-    inputs = key_inputs(backbone, backbone_id, dataset.transform,
+    inputs = _key_inputs(backbone, backbone_id, dataset.transform,
                         data_fingerprint(dataset.images), device)  # fmt: skip
-    key, count, width = make_key(inputs), len(dataset), backbone.num_features
+    key, count, width = _make_key(inputs), len(dataset), backbone.num_features
     lock, manifest = None, None
     if processes > 1:
         key = broadcast_object_list([key])[0]  # the main process's view of the inputs decides
@@ -336,12 +336,12 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
     protect.add(key)
     if rank == 0:
         store.check_writable()
-        manifest = _usable(find_entry(store, key), count, width)
+        manifest = _usable(_find_entry(store, key), count, width)
         if manifest is None:
             lock = store.lock(key)
             lock.acquire()  # waits while another process builds this entry
             try:
-                manifest = _usable(find_entry(store, key), count, width)
+                manifest = _usable(_find_entry(store, key), count, width)
                 if manifest is None:
                     store.begin(key)
             except BaseException:

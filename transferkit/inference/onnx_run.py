@@ -31,7 +31,7 @@ def is_onnx_file(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() == ".onnx"
 
 
-def check_export_info(info: dict[str, Any], where: str) -> dict[str, Any]:
+def _check_export_info(info: dict[str, Any], where: str) -> dict[str, Any]:
     """The export's metadata, or a clear error when it is not a transferkit export's."""
     missing = [k for k in ("version", "tasks", "outputs", "preprocessing") if k not in info]
     if missing:
@@ -135,7 +135,7 @@ def load_onnx(path: str | os.PathLike, providers: list[str] | None = None) -> On
             f"{path} has no {METADATA_KEY!r} metadata: it was not written by `transferkit export`, "
             "so its preprocessing and tasks are unknown; export the run with transferkit"
         )
-    info = check_export_info(json.loads(raw), str(path))
+    info = _check_export_info(json.loads(raw), str(path))
     graph_outputs = [o.name for o in session.get_outputs()]
     tasks = {t["name"]: TaskSpec.from_dict(t) for t in info["tasks"]}
     absent = [name for name in tasks if name not in graph_outputs]

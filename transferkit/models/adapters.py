@@ -96,7 +96,7 @@ class AttachedAdapter:
         return len(self.tensors)
 
 
-def target_modules(backbone: Backbone, targets: tuple[str, ...]) -> list[str]:
+def _target_modules(backbone: Backbone, targets: tuple[str, ...]) -> list[str]:
     """Names of the Linear/Conv2d modules the targets select; a target that selects none is an
     error that names the valid groups."""
     if not targets:
@@ -146,7 +146,7 @@ def attach_adapter(backbone: Backbone, spec: AdapterSpec) -> AttachedAdapter:
 
     if backbone.adapter is not None:
         raise UserError(f"{backbone.name} already has an adapter; merge it first")
-    modules = target_modules(backbone, spec.targets)
+    modules = _target_modules(backbone, spec.targets)
     before = {name: backbone.group_of(name) for name in backbone.model.state_dict(keep_vars=True)}
     inject_adapter_in_model(spec.peft_config(modules), backbone.model)
     own: set[str] = set()

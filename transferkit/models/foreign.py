@@ -105,11 +105,11 @@ def convert_checkpoint(
         k: v for k, v in state.items() if not any(re.match(pattern, k) for pattern in mapping.drop)
     }
     if mapping.by_order:
-        return match_by_order(state, shapes, source, mapping.name)
-    return apply_rules(state, mapping.rules, shapes, source, mapping.name)
+        return _match_by_order(state, shapes, source, mapping.name)
+    return _apply_rules(state, mapping.rules, shapes, source, mapping.name)
 
 
-def match_by_order(
+def _match_by_order(
     state: Mapping[str, torch.Tensor], target: Shapes, source: str, name: str = "by order"
 ) -> dict[str, torch.Tensor]:
     """Pair `state`'s tensors with `target`'s keys in order; refuse on the first mismatch."""
@@ -138,7 +138,7 @@ def match_by_order(
     return {target_key: state[key] for key, target_key in zip(keys, targets)}
 
 
-def apply_rules(
+def _apply_rules(
     state: Mapping[str, torch.Tensor],
     rules: tuple[tuple[str, str], ...],
     target: Shapes,

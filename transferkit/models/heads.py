@@ -15,7 +15,7 @@ from torch import nn
 from transferkit.core import TASK_KINDS, AuxHeadSpec, TaskSpec
 from transferkit.errors import UserError
 
-__all__ = ["TASK_KINDS", "AuxHead", "AuxHeadSpec", "Head", "TaskSpec", "pool_dims"]
+__all__ = ["TASK_KINDS", "AuxHead", "AuxHeadSpec", "Head", "TaskSpec"]
 
 
 class Head(nn.Module):
@@ -43,7 +43,7 @@ class Head(nn.Module):
         return out.squeeze(-1) if self._squeeze else out
 
 
-def pool_dims(shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+def _pool_dims(shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
     """For a feature map shape, the dims to average over and the channel count.
 
     `[B, C]` -> nothing to pool; `[B, N, C]` tokens -> mean over N; `[B, C, H, W]` or
@@ -68,7 +68,7 @@ class AuxHead(nn.Module):
         self, spec: TaskSpec, feature_shape: Sequence[int], hidden: int | None, dropout: float
     ) -> None:
         super().__init__()
-        self.dims, channels = pool_dims(feature_shape)
+        self.dims, channels = _pool_dims(feature_shape)
         head_spec = TaskSpec(
             spec.name, spec.kind, spec.num_outputs, hidden, dropout, spec.class_names
         )

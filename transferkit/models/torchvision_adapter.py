@@ -93,7 +93,7 @@ def create(
         )
         data_config = data_config_from_metadata(metadata) or data_config
     return Backbone(
-        model, f"torchvision:{name}", num_features, data_config, family_groups(model), report
+        model, f"torchvision:{name}", num_features, data_config, _family_groups(model), report
     )
 
 
@@ -279,7 +279,7 @@ FAMILY_RULES: dict[str, Callable[[nn.Module], Rules]] = {
 }
 
 
-def family_groups(model: nn.Module) -> list[LayerGroup]:
+def _family_groups(model: nn.Module) -> list[LayerGroup]:
     """Layer groups from the family rule for this model class, or the generic fallback."""
     rule = FAMILY_RULES.get(type(model).__name__)
     return groups_from_prefixes(model, rule(model)) if rule else fallback_groups(model)

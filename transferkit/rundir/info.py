@@ -14,7 +14,6 @@ from typing import Any
 from transferkit.core import AuxHeadSpec, DataConfig, TaskSpec
 from transferkit.errors import UserError
 
-
 _ONLY_WHEN_SET = ("temperatures", "calibration", "wise_ft")
 
 

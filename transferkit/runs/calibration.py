@@ -56,7 +56,7 @@ def fit_temperature(task: TaskSpec, logits: torch.Tensor, target: torch.Tensor) 
 
 
 @torch.no_grad()
-def collect_logits(
+def _collect_logits(
     run, rows, device, batch_size: int, views=()
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per classification task: (logits, targets) of the labelled rows, on the CPU; logits
@@ -101,7 +101,7 @@ def calibrate_run(
     _, rows, specs = eval_split(folder, split)
     check_tasks(folder.path, run.tasks, specs)
     report, curves = {}, {}
-    for name, (logits, target) in collect_logits(
+    for name, (logits, target) in _collect_logits(
         run, rows, resolve_device(device), batch_size, views
     ).items():
         task = run.tasks[name]
@@ -120,7 +120,7 @@ def calibrate_run(
     temperatures = {n: r["temperature"] for n, r in report.items()}
     calibration = {"split": split, "views": views, "tasks": report}
     folder.update_info(temperatures=temperatures, calibration=calibration)
-    reliability_diagram(curves, folder.reliability_path)
+    _reliability_diagram(curves, folder.reliability_path)
     return report
 
 
@@ -146,7 +146,7 @@ def _bins(task: TaskSpec, logits: torch.Tensor, target: torch.Tensor, bins: int)
     return rows
 
 
-def reliability_diagram(curves: dict, path: Path, bins: int = 10) -> None:
+def _reliability_diagram(curves: dict, path: Path, bins: int = 10) -> None:
     """One panel per task: accuracy against confidence per bin, before and after scaling."""
     import matplotlib
 

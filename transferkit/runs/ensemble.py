@@ -24,7 +24,7 @@ from transferkit.inference import load as load_run
 from transferkit.rundir import RunDir
 
 
-def load_members(run_dirs: list[str | Path]) -> list[Run]:
+def _load_members(run_dirs: list[str | Path]) -> list[Run]:
     """Load runs and check that they predict the same tasks with the same classes."""
     if len(run_dirs) < 2:
         raise UserError("an ensemble needs at least two run folders")
@@ -77,7 +77,7 @@ def evaluate_ensemble(
     run_dirs: list[str], split: str = "validation", data: str | None = None, with_soup: bool = False
 ) -> dict:
     """Per task and metric: each member's value, the ensemble's, and the soup's if asked."""
-    runs = load_members(run_dirs)
+    runs = _load_members(run_dirs)
     members = {str(d): r for d, r in zip(run_dirs, runs)}
     if with_soup:
         members["soup"] = soup(run_dirs, runs)
@@ -137,7 +137,7 @@ def _warn_if_splits_differ(run_dirs: list[str]) -> None:
 
 def predict_ensemble(run_dirs: list[str], images: list) -> list[dict]:
     """Average the members' predictions for PIL images; per image and task, like `predict`."""
-    runs = load_members(run_dirs)
+    runs = _load_members(run_dirs)
     tasks = runs[0].tasks
     per_run = [
         _probabilities(run, torch.stack([run.transform(i.convert("RGB")) for i in images]))

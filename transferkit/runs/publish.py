@@ -24,7 +24,7 @@ class PushResult:
     url: str  # the commit's page on the Hub
 
 
-def prepare_push(run_dir) -> RunDir:
+def _prepare_push(run_dir) -> RunDir:
     """Check the folder is a finished run with a model, and give it a card if it has none."""
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if not folder.path.is_dir():
@@ -42,7 +42,7 @@ def prepare_push(run_dir) -> RunDir:
 
 def push_run(run_dir, repo_id: str, private: bool = False, token: str | None = None) -> PushResult:
     """Upload a finished run folder to the model repo `repo_id` (created if needed)."""
-    folder = prepare_push(run_dir)
+    folder = _prepare_push(run_dir)
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 

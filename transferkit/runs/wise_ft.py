@@ -72,7 +72,7 @@ def parse_alphas(text: str | list[float] | tuple[float, ...]) -> list[float]:
     return sorted(set(values))
 
 
-def start_state(folder: RunDir, run: Run, start: str | None = None) -> tuple[dict, str]:
+def _start_state(folder: RunDir, run: Run, start: str | None = None) -> tuple[dict, str]:
     """The starting backbone's state dict and a description of where it came from."""
     if start is not None and RunDir(start).has_model():
         # Another run's backbone (its heads are not used).
@@ -161,7 +161,7 @@ def interpolated(run_dir, alpha: float, start: str | None = None) -> Run:
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run = _load_plain(folder)
     tuned = run.model.backbone.model.state_dict()
-    state, name = start_state(folder, run, start)
+    state, name = _start_state(folder, run, start)
     check_same_architecture(state, tuned, name, str(folder.path))
     run.model.backbone.model.load_state_dict(mix(state, tuned, parse_alphas([alpha])[0]))
     return run
@@ -182,7 +182,7 @@ def interpolate(
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run = _load_plain(folder)
     tuned = {k: v.clone() for k, v in run.model.backbone.model.state_dict().items()}
-    state, start_name = start_state(folder, run, start)
+    state, start_name = _start_state(folder, run, start)
     check_same_architecture(state, tuned, start_name, str(folder.path))
 
     recipe, rows, specs = eval_split(folder, split)

@@ -145,12 +145,12 @@ def sweep(
                 f"run {run_dir.name} failed (exit {result.returncode}); see {run_dir / 'train.log'}"
             )
             (run_dir / CLAIM).unlink(missing_ok=True)
-        write_report(root, grid)
-    write_report(root, grid)
+        _write_report(root, grid)
+    _write_report(root, grid)
     return root
 
 
-def collect(root: Path, grid: dict[str, list]) -> list[dict]:
+def _collect(root: Path, grid: dict[str, list]) -> list[dict]:
     """One row per finished run: its combination, final metrics, size, speed and memory."""
     rows = []
     for index, combo in enumerate(combinations(grid)):
@@ -171,9 +171,9 @@ def collect(root: Path, grid: dict[str, list]) -> list[dict]:
     return rows
 
 
-def write_report(root: Path, grid: dict[str, list]) -> list[dict]:
+def _write_report(root: Path, grid: dict[str, list]) -> list[dict]:
     """report.md, report.csv and report_<metric>.png (metric against trainable groups)."""
-    rows = collect(root, grid)
+    rows = _collect(root, grid)
     if not rows:
         return rows
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -89,7 +89,7 @@ def parse_candidate(spec: str) -> Candidate:
     return Candidate(backbone, weights)
 
 
-def task_targets(task: TaskSpec, targets: torch.Tensor) -> np.ndarray:
+def _task_targets(task: TaskSpec, targets: torch.Tensor) -> np.ndarray:
     """A task's labels as the `[N, K]` columns the scores read: one-hot classes (binary: two
     classes), 0/1 labels (multilabel), or standardized values (regression: LogME has no bias
     and a fixed prior scale, so the values are centred and scaled per column)."""
@@ -138,7 +138,7 @@ def feature_pass(backbone, dataset, groups: list[str], batch_size: int, device, 
 
 
 @torch.no_grad()
-def stored_features(backbone, name: str, kwargs: dict, dataset, batch_size: int, device,
+def _stored_features(backbone, name: str, kwargs: dict, dataset, batch_size: int, device,
                     workers: int, cfg):  # fmt: skip
     """The pooled output's features through the shared feature cache (engine.feature_store):
     the entry a linear probe of this backbone on this data reads too, so ranking candidates
@@ -167,7 +167,7 @@ def stored_features(backbone, name: str, kwargs: dict, dataset, batch_size: int,
     )
 
 
-def score_features(features: torch.Tensor, tasks, targets, masks) -> dict[str, dict[str, float]]:
+def _score_features(features: torch.Tensor, tasks, targets, masks) -> dict[str, dict[str, float]]:
     """LogME and kNN of one feature matrix for every task, on the rows that task labels."""
     scores = {}
     for task in tasks:
@@ -175,7 +175,7 @@ def score_features(features: torch.Tensor, tasks, targets, masks) -> dict[str, d
         f = features[keep].double().numpy()
         if len(f) < 2:
             raise UserError(f"task {task.name!r}: fewer than 2 labelled training rows to score")
-        y = task_targets(task, targets[task.name][keep])
+        y = _task_targets(task, targets[task.name][keep])
         scores[task.name] = {"logme": logme(f, y), "knn": knn_score(f, y, task.kind)}
     return scores
 
@@ -230,14 +230,14 @@ def rank(
                                    bad_images=recipe.data.bad_images)  # fmt: skip
         cfg = recipe.train
         if not names and cfg.feature_cache != "forbid" and cfg.feature_cache_shared:
-            cached = stored_features(backbone, candidate.backbone, kwargs, dataset, size, device,
+            cached = _stored_features(backbone, candidate.backbone, kwargs, dataset, size, device,
                                      workers, cfg)  # fmt: skip
             features, targets, masks = cached
         else:  # group maps are not what the store keeps: one pass with hooks
             features, targets, masks = feature_pass(backbone, dataset, names, size, device, workers)
         seconds = time.perf_counter() - start
         for group in [*names, OUTPUT]:
-            scores = score_features(features[group], data.tasks, targets, masks)
+            scores = _score_features(features[group], data.tasks, targets, masks)
             rows.append(Scored(candidate.label, group, features[group].shape[1], seconds, scores))
         del backbone
     key = primary_task(recipe)

@@ -1,11 +1,12 @@
-"""Comparing multi-task methods: Δm% against single-task runs, and seconds per step."""
+"""Comparing finished runs of multi-task methods: Δm% against single-task runs, and training
+seconds per step (the multi-task benchmark and notebook use them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transferkit.models.task_outputs import LOWER_IS_BETTER
-from transferkit.rundir.folder import RunDir
+from transferkit.core import LOWER_IS_BETTER
+from transferkit.rundir import RunDir
 
 
 def delta_m(metrics: dict[str, float], single_task: dict[str, float]) -> float:
