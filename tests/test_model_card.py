@@ -28,7 +28,11 @@ def test_a_finished_run_has_a_model_card(multitask_run, source_run):
     assert f"Loading them: loaded 90 tensors from {source_run}" in card
     # Tasks and classes.
     assert "| digit | multiclass | 5, 6, 7, 8, 9 |" in card
-    assert "| parity | binary | even, odd |" in card and "| ink | regression | 1 |" in card
+    assert "| parity | binary | even, odd |" in card
+    ink = RunDir(multitask_run).info().task_specs["ink"]
+    mean, sd = ink.target_mean[0], ink.target_std[0]
+    assert (f"| ink | regression | 1 (learned standardized by the training split's mean "
+            f"({mean:.3f}) and sd ({sd:.3f}); answers in the column's units) |") in card  # fmt: skip
     # Data sizes and label coverage per task: a fifth of parity and ink labels are missing.
     train = data["train"]
     assert train["images"] == 48 and train["labelled"]["digit"] == 48

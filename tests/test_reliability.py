@@ -170,7 +170,10 @@ def _poisoned_manifest(workdir: Path) -> Path:
 
 
 def _poisoned_recipe(workdir: Path, *extra: str):
-    overrides = [f"data.path={_poisoned_manifest(workdir)}", "data.max_samples=null", "data.val_fraction=0.1",
+    # In raw units: standardized by the training split's sd (itself about 1e29), the error
+    # would be finite.
+    overrides = [f"data.path={_poisoned_manifest(workdir)}", "tasks.ink.standardize=false",
+                 "data.max_samples=null", "data.val_fraction=0.1",
                  "train.epochs=1", "train.checkpoint_every=1", "model.weights=none", "schedule.phases.1.from_epoch=5", *extra]  # fmt: skip
     return load_recipe(ROOT / "recipes/digits_transfer.yaml", overrides)
 

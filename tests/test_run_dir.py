@@ -5,6 +5,11 @@ the other data."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import QUICK, ROOT
@@ -163,3 +168,69 @@ def test_a_run_saved_before_a_schedule_key_existed_keeps_its_old_meaning(source_
     assert (schedule.lr_cycle, schedule.unfrozen_lr_mult) == ("run", 1.0)
     assert (schedule.phase_warmup_epochs, schedule.norm_stats) == (0.0, "train")
     assert RunDir(old).recipe(["schedule.lr_cycle=phase"]).schedule.lr_cycle == "phase"
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder belongs to one run at a time
+
+CLI = [sys.executable, "-m", "transferkit.cli"]
+
+
+def _cli(args: list[str], cwd, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*CLI, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_intact(workdir, tmp_path):
+    """Two real processes: the second `train` (and a `--resume`) on the folder the first is
+    training into exits 2 with one line, and the first run ends as it would have alone."""
+    recipe = str(ROOT / "recipes/digits_source.yaml")
+    folder = tmp_path / "shared"
+    first = _cli(["train", recipe, "--output", str(folder), "--set", "train.epochs=4",
+                  "--set", "data.max_samples=96", "--set", "train.lr=0.01"], workdir)  # fmt: skip
+    lock = folder / ".lock"
+    deadline = time.monotonic() + 120
+    while first.poll() is None and time.monotonic() < deadline:
+        if lock.is_file() and lock.read_text().startswith("pid"):
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could start"
+    first.send_signal(signal.SIGSTOP)  # paused mid-run, its claim held, while the others try
+    for args in (["train", recipe, "--output", str(folder), "--set", "train.lr=0.001"],
+                 ["train", "--resume", str(folder)]):  # fmt: skip
+        second = _cli(args, workdir)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert err.count("\n") == 1 and "is in use by a run that is still training" in err
+        assert f"pid {first.pid} " in err
+    first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    run = RunDir(folder)
+    assert run.is_complete() and [r["epoch"] for r in run.records()] == [0, 1, 2, 3]
+    assert run.recipe().train.lr == 0.01  # the recipe the run trained with, not the refused one's
+
+
+def test_a_new_run_into_a_folder_holding_one_is_refused_with_the_ways_out(source_run, tmp_path,
+                                                                         monkeypatch, capsys):  # fmt: skip
+    import shutil
+
+    from transferkit.cli import main
+
+    folder = tmp_path / "taken"
+    shutil.copytree(source_run, folder)
+    monkeypatch.chdir(RunDir(source_run).origin())
+    epochs = len(RunDir(folder).records())
+    assert main(["train", "digits_source", "--output", str(folder), *_sets(QUICK)]) == 2
+    err = capsys.readouterr().err
+    assert f"already holds a finished run; continue it with --resume {folder}" in err
+    assert "--overwrite" in err and len(RunDir(folder).records()) == epochs  # nothing touched
+    assert main(["train", "digits_source", "--output", str(folder), "--overwrite",
+                 *_sets([*QUICK, "train.epochs=1"])]) == 0  # fmt: skip
+    assert [r["epoch"] for r in RunDir(folder).records()] == [0]  # cleared, then one epoch
+    assert len(RunDir(folder).checkpoints()) == 1
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [part for o in overrides for part in ("--set", o)]

@@ -69,6 +69,7 @@ def fine_tune(
     data_options: Mapping | None = None,
     overrides: Sequence[str] = (),
     resume: str | os.PathLike | None = None,
+    overwrite: bool = False,
     **sections: Any,
 ) -> FineTuneResult:
     """Fine-tune as the recipe says (see the module docstring) and return the result.
@@ -78,7 +79,8 @@ def fine_tune(
     `(image, labels)` pairs, images as paths or PIL images and labels as `{column: value}`;
     or a plain mapping, merged into the recipe's data section like the other sections.
     `data_options`: settings of the data section (`image_size`, `augment`, ...) to use with
-    in-memory data.
+    in-memory data. `overwrite`: train afresh into an `output` folder that holds a run,
+    clearing it first (without it, such a folder is refused: resume it instead).
     """
     from transferkit.engine import train
 
@@ -96,8 +98,10 @@ def fine_tune(
     built = resolve_recipe(recipe, overrides, sections=sections).recipe
     folder = RunDir(output if output is not None else f"{built.output_dir}/{built.name}")
     if data is not None:
+        if overwrite and folder.path.is_dir():
+            folder.clear()  # before the data is saved into it
         built = _with_data(built, data, folder)
-    return FineTuneResult(RunDir(train(built, output=str(folder.path))))
+    return FineTuneResult(RunDir(train(built, output=str(folder.path), overwrite=overwrite)))
 
 
 def _is_dataset(data: Any) -> bool:

@@ -21,6 +21,11 @@ def register(sub) -> None:
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train afresh into a folder that holds a run, clearing it first",
+    )
     train.set_defaults(func=run_train)
 
     finder = sub.add_parser(
@@ -58,12 +63,16 @@ def run_train(args: argparse.Namespace) -> int:
 
     # --resume alone continues with the run's own recipe.
     if args.resume and not args.recipe:
-        recipe = RunDir(args.resume).resolved_recipe(args.set or [])
+        folder = RunDir(args.resume)
+        if folder.path.is_dir():
+            with folder.claimed():  # in use: say so, before its recipe is read
+                pass
+        recipe = folder.resolved_recipe(args.set or [])
     elif args.recipe:
         recipe = resolve_recipe(args.recipe, args.set or [])
     else:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
-    run_dir = train(recipe, output=args.output, resume=args.resume)
+    run_dir = train(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite)
     print(f"run folder: {run_dir}")
     return 0
 

@@ -27,6 +27,11 @@ class TaskSpec:
 
     `num_outputs` is the number of classes (multiclass), labels (multilabel) or targets
     (regression); binary tasks have one output. `hidden` adds an MLP layer of that width.
+
+    A regression task may be standardized: the head learns `(y - target_mean) / target_std`
+    (one per target, from the training split) and answers in the column's own units, so its
+    loss is in standard units beside the classification losses and everything downstream
+    (metrics, predictions, exports) sees the original units.
     """
 
     name: str
@@ -35,6 +40,8 @@ class TaskSpec:
     hidden: int | None = None
     dropout: float = 0.0
     class_names: tuple[str, ...] | None = None
+    target_mean: tuple[float, ...] | None = None
+    target_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "." in self.name or "@" in self.name:
@@ -58,11 +65,32 @@ class TaskSpec:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"task {self.name!r}: dropout must be in [0, 1), got {self.dropout}")
+        if (self.target_mean is None) != (self.target_std is None):
+            raise UserError(f"task {self.name!r}: target_mean and target_std go together")
+        if self.target_std is not None:
+            if self.kind != "regression":
+                raise UserError(f"task {self.name!r}: only a regression task is standardized")
+            if not len(self.target_mean) == len(self.target_std) == self.num_outputs:
+                raise UserError(
+                    f"task {self.name!r}: one target_mean and target_std per target "
+                    f"({self.num_outputs})"
+                )
+            if not all(s > 0 for s in self.target_std):
+                raise UserError(f"task {self.name!r}: target_std must be > 0")
+
+    @property
+    def standardized(self) -> bool:
+        return self.target_std is not None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (inverse of `from_dict`)."""
+        """A JSON-ready dict (inverse of `from_dict`); unset target statistics are left out."""
         data = asdict(self)
         data["class_names"] = list(self.class_names) if self.class_names is not None else None
+        for key in ("target_mean", "target_std"):
+            if data[key] is None:
+                del data[key]
+            else:
+                data[key] = list(data[key])
         return data
 
     @classmethod
@@ -71,6 +99,9 @@ class TaskSpec:
         data = dict(data)
         if data.get("class_names") is not None:
             data["class_names"] = tuple(str(c) for c in data["class_names"])
+        for key in ("target_mean", "target_std"):
+            if data.get(key) is not None:
+                data[key] = tuple(float(v) for v in data[key])
         return cls(**data)
 
 

@@ -39,6 +39,10 @@ class TaskSection:
     class_weights: list[float] | Literal["balanced"] | None = None
     # Binary and multilabel: focal loss with this gamma instead of binary cross-entropy.
     focal_gamma: float | None = bounded(None, gt=0)
+    # Regression: learn the target standardized by the training split's mean and sd (the loss in
+    # standard units beside the other tasks'; predictions and metrics stay in the column's
+    # units). false: the raw values, as runs made before this key trained.
+    standardize: bool = True
 
 
 @dataclass(kw_only=True)

@@ -57,6 +57,9 @@ def task_loss(
         )
     if task.kind in ("binary", "multilabel"):
         return _sigmoid_loss(task, output, target.float(), options, weights)
+    if task.standardized:  # the error in standard units: (output - target) / sd
+        scale = torch.tensor(task.target_std, device=output.device)
+        return F.mse_loss(output / scale, target.float() / scale)
     return F.mse_loss(output, target.float())
 
 

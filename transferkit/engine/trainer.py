@@ -18,9 +18,12 @@ from the epoch; `TrainerState` (state.py) is the loop's position and the best ep
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from transferkit.engine.accelerator import make_accelerator
@@ -39,46 +42,104 @@ from transferkit.rundir import RunDir, checkpoint_name
 
 
 def train(
-    recipe: Recipe | ResolvedRecipe, output: str | None = None, resume: str | None = None
+    recipe: Recipe | ResolvedRecipe,
+    output: str | None = None,
+    resume: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Fine-tune as the recipe says; returns the run folder's path (see `RunDir`).
 
     A `ResolvedRecipe` (`transferkit.recipes.resolve_recipe`, `RunDir.resolved_recipe`) says
     what recipe.yaml records; a plain `Recipe` is recorded as it is (on resume, with the paths
-    the run's recipe.yaml already had where they resolve to the same files).
+    the run's recipe.yaml already had where they resolve to the same files). The folder is
+    claimed for the run's life: a second run into it is refused, and so is a new run into a
+    folder that holds one, unless `overwrite` (which clears it first).
     """
-    run_dir = _prepare_run_dir(recipe.recipe if isinstance(recipe, ResolvedRecipe) else recipe,
-                              output, resume)  # fmt: skip
     if isinstance(recipe, ResolvedRecipe):
         recipe, written = recipe.recipe, recipe.written
     else:
-        written = run_dir.as_written(recipe) if resume else recipe
+        written = RunDir(resume).as_written(recipe) if resume else recipe
+    run_dir = RunDir(resume or output or f"{recipe.output_dir}/{recipe.name}")
     acc = make_accelerator(recipe, run_dir)
-    run = build_run(recipe, acc)
-    main = acc.is_main_process
-    if main:
-        _record_start(run, run_dir, written, resumed=bool(resume))
-    acc.init_trackers("tensorboard")
-    state = TrainerState()
-    if resume:
-        path, state = load_checkpoint(acc, run_dir)
+    with _claimed(acc, run_dir, bool(resume), overwrite):
+        run = build_run(recipe, acc)
+        main = acc.is_main_process
         if main:
-            run_dir.truncate_records(state.epoch if state.epoch_done else state.epoch - 1)
-            print(f"resumed from {path} (epoch {state.epoch}, step {state.step})")
-    stopped = _epochs(run, run_dir, state)
-    # The main process decides (other machines may not see its folder), and all take part:
-    # under FSDP every process joins in gathering the weights.
-    if broadcast_object_list([main and not run_dir.has_model()])[0]:
-        save_model(run, run_dir, state.epoch)
-    acc.wait_for_everyone()
-    if main:  # last: only now does the folder count as a finished run
-        summary = {"stopped": stopped, "monitor": monitored(run.monitor, run.cfg.ema),
-                   "best": state.best, "best_epoch": state.best_epoch, "epochs": state.epoch + 1,
-                   "steps": state.step, "card": card_facts(run)}  # fmt: skip
-        write_card(run_dir, summary)
-        run_dir.mark_complete(summary)
-    acc.end_training()
+            _record_start(run, run_dir, written, resumed=bool(resume))
+        acc.init_trackers("tensorboard")
+        state = TrainerState()
+        if resume:
+            path, state = load_checkpoint(acc, run_dir)
+            if main:
+                run_dir.truncate_records(state.epoch if state.epoch_done else state.epoch - 1)
+                print(f"resumed from {path} (epoch {state.epoch}, step {state.step})")
+        stopped = _epochs(run, run_dir, state)
+        # The main process decides (other machines may not see its folder), and all take part:
+        # under FSDP every process joins in gathering the weights.
+        if broadcast_object_list([main and not run_dir.has_model()])[0]:
+            save_model(run, run_dir, state.epoch)
+        acc.wait_for_everyone()
+        if main:  # last: only now does the folder count as a finished run
+            summary = {"stopped": stopped, "monitor": monitored(run.monitor, run.cfg.ema),
+                       "best": state.best, "best_epoch": state.best_epoch,
+                       "epochs": state.epoch + 1, "steps": state.step, "card": card_facts(run)}  # fmt: skip
+            write_card(run_dir, summary)
+            run_dir.mark_complete(summary)
+        acc.end_training()
     return run_dir.path
+
+
+@contextlib.contextmanager
+def _claimed(acc: Accelerator, run_dir: RunDir, resume: bool, overwrite: bool) -> Iterator[None]:
+    """The main process claims the folder for the run (`RunDir.claimed`) and checks it may
+    train there; an error reaches every process, so none waits for the others forever."""
+    with contextlib.ExitStack() as stack:
+        message = None
+        if acc.is_main_process:
+            try:
+                stack.enter_context(_writable(run_dir).claimed())
+                _check_folder(run_dir, resume, overwrite)
+            except UserError as err:
+                message = str(err)
+        if acc.num_processes > 1:
+            message = broadcast_object_list([message])[0]
+        if message is not None:
+            raise UserError(message)
+        yield
+
+
+def _writable(run_dir: RunDir) -> RunDir:
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        probe = run_dir.path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write the run folder {run_dir.path}: {err.strerror}; choose another with --output"
+        ) from None
+    return run_dir
+
+
+def _check_folder(run_dir: RunDir, resume: bool, overwrite: bool) -> None:
+    """Resume: the folder must have a checkpoint. A new run: the folder must hold none, unless
+    it may clear it (`overwrite`)."""
+    if resume:
+        if not run_dir.checkpoints():
+            raise UserError(
+                f"--resume {run_dir.path}: no complete checkpoint in {run_dir.checkpoints_dir}"
+            )
+        return
+    if not run_dir.holds_run():
+        return
+    if not overwrite:
+        done = "a finished run" if run_dir.is_complete() else "a run"
+        raise UserError(
+            f"run folder {run_dir.path} already holds {done}; continue it with "
+            f"--resume {run_dir.path}, or start afresh with --overwrite (which clears it)"
+        )
+    run_dir.clear()
 
 
 def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState) -> str:
@@ -142,28 +203,6 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState) -> str:
                 print(f"early stopping: {monitor} has not improved for {state.bad_epochs} epochs")
             return "early_stopping"
     return "finished"
-
-
-def _prepare_run_dir(recipe: Recipe, output: str | None, resume: str | None) -> RunDir:
-    """The run folder: the one to resume (it must have a checkpoint), or a new writable one."""
-    if resume:
-        run_dir = RunDir(resume)
-        if not run_dir.checkpoints():
-            raise UserError(
-                f"--resume {run_dir.path}: no complete checkpoint in {run_dir.checkpoints_dir}"
-            )
-        return run_dir
-    run_dir = RunDir(output if output else f"{recipe.output_dir}/{recipe.name}")
-    try:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        probe = run_dir.path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(
-            f"cannot write the run folder {run_dir.path}: {err.strerror}; choose another with --output"
-        ) from None
-    return run_dir
 
 
 def _record_start(run: RunSetup, run_dir: RunDir, written: Recipe, resumed: bool) -> None:

@@ -7,6 +7,7 @@ target, `[B, T]` for several.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -36,10 +37,17 @@ class Head(nn.Module):
         # One output is squeezed where the targets are scalars (binary, one regression target);
         # multilabel targets are rows of L labels even when L is 1.
         self._squeeze = spec.num_outputs == 1 and spec.kind != "multilabel"
+        self._standardized = spec.standardized
+        if spec.standardized:  # rebuilt from the spec, so not in the weights file
+            self.register_buffer("target_mean", torch.tensor(spec.target_mean), persistent=False)
+            self.register_buffer("target_std", torch.tensor(spec.target_std), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """`[B, D]` features -> the task's output (see the module docstring for shapes)."""
+        """`[B, D]` features -> the task's output (see the module docstring for shapes); a
+        standardized regression head answers in the target's own units."""
         out = self.net(features)
+        if self._standardized:
+            out = out * self.target_std.to(out.dtype) + self.target_mean.to(out.dtype)
         return out.squeeze(-1) if self._squeeze else out
 
 
@@ -69,10 +77,7 @@ class AuxHead(nn.Module):
     ) -> None:
         super().__init__()
         self.dims, channels = _pool_dims(feature_shape)
-        head_spec = TaskSpec(
-            spec.name, spec.kind, spec.num_outputs, hidden, dropout, spec.class_names
-        )
-        self.head = Head(head_spec, channels)
+        self.head = Head(dataclasses.replace(spec, hidden=hidden, dropout=dropout), channels)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         """Pool `feature_map` and apply the head."""

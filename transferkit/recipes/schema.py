@@ -127,6 +127,7 @@ BEFORE_KEY_EXISTED = {
     ("schedule", "unfrozen_lr_mult"): 1.0,
     ("schedule", "phase_warmup_epochs"): 0.0,
     ("schedule", "lr_cycle"): "run",
+    ("tasks.*", "standardize"): False,  # every task's
 }
 
 

@@ -60,6 +60,9 @@ def render_card(run_dir: RunDir, summary: dict[str, Any]) -> str:
     for task in tasks:
         names = task.class_names
         outputs = ", ".join(map(str, names)) if names else str(task.num_outputs)
+        if task.standardized:
+            outputs += (f" (learned standardized by the training split's mean {_floats(task.target_mean)}"
+                        f" and sd {_floats(task.target_std)}; answers in the column's units)")  # fmt: skip
         lines.append(f"| {task.name} | {task.kind} | {outputs} |")
     lines += _data_section(recipe, facts.get("data"), tasks)
     lines += _metrics_section(run_dir, tasks, summary)

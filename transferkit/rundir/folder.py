@@ -22,10 +22,15 @@ sweep, ensemble and the notebooks all read a run through this class.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import os
+import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +56,9 @@ EXPORTED = {
     "exported-program": "model.pt2",
 }
 # Folders only training uses (resume state, cached features): left out when a run is published.
+LOCK = ".lock"  # held (flock) by the process training into the folder
 TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
-LOCAL_ONLY = (ORIGIN,)  # this machine's paths: left out when a run is published too
+LOCAL_ONLY = (ORIGIN, LOCK)  # this machine's: left out when a run is published too
 ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -139,6 +145,48 @@ class RunDir:
     def reliability_path(self) -> Path:
         return self.path / RELIABILITY
 
+    # ---- who trains into it
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[RunDir]:
+        """This process's exclusive claim on the folder while a run trains into it. The lock
+        (`flock` on `.lock`) is released by the OS when the process ends, however it ends, so
+        a killed run can be resumed at once; a second claim while it lives fails at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = (self.path / LOCK).open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"run folder {self.path} is in use by a run that is still training ({holder}); "
+                "wait for it to end, or train into another folder (--output)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield self
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    def holds_run(self) -> bool:
+        """Whether a run has trained (or begun to) in this folder."""
+        return self.recipe_path.is_file() or self.metrics_path.is_file() or bool(self.checkpoints())
+
+    def clear(self) -> None:
+        """Remove everything in the folder but its lock (`train --overwrite`)."""
+        for entry in self.path.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     # ---- state
     def has_model(self) -> bool:
         """A model was saved (the best so far, or the final one once complete)."""
@@ -180,8 +228,13 @@ class RunDir:
             raise UserError(f"{self.path} is not a run folder: it has no {RECIPE}")
         data = read_recipe_file(self.recipe_path)
         for (section, key), value in BEFORE_KEY_EXISTED.items():
-            if isinstance(data.get(section), dict):
-                data[section].setdefault(key, value)
+            parent, _, each = section.partition(".")
+            sections = data.get(parent)
+            if not isinstance(sections, dict):
+                continue
+            for entry in sections.values() if each == "*" else [sections]:
+                if isinstance(entry, dict):
+                    entry.setdefault(key, value)
         return resolve_recipe(data, overrides, origin=self.origin(), where=str(self.recipe_path))
 
     def as_written(self, recipe):
