@@ -14,6 +14,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 from PIL import ImageFile
@@ -77,4 +78,24 @@ def open_image(source: Any) -> PIL.Image.Image:
         image = PIL.ImageOps.exif_transpose(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes to RGB
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8_bit(image)  # PIL's own conversion clips: a 16-bit scan comes out white
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16- or 32-bit integer or float grayscale image scaled to 8 bits by its real range:
+    16-bit files by 0-65535; 32-bit integers by 0-255 or 0-65535 when their values fit, floats
+    by 0-1 or 0-255 when theirs do; anything else by the image's own minimum and maximum."""
+    pixels = np.asarray(image, dtype=np.float64)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        low, top = 0.0, 65535.0
+    elif low >= 0 and high <= (1.0 if image.mode == "F" else 255.0):
+        low, top = 0.0, 1.0 if image.mode == "F" else 255.0
+    elif low >= 0 and high <= (255.0 if image.mode == "F" else 65535.0):
+        low, top = 0.0, 255.0 if image.mode == "F" else 65535.0
+    else:
+        top = high if high > low else low + 1.0
+    scaled = np.clip(np.round((pixels - low) / (top - low) * 255.0), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(scaled, mode="L")

@@ -43,6 +43,9 @@ class TaskSection:
     # standard units beside the other tasks'; predictions and metrics stay in the column's
     # units). false: the raw values, as runs made before this key trained.
     standardize: bool = True
+    # Classes found in the data (not declared in `classes`) must have at least this many
+    # labelled examples; a class seen once is usually a typo, and it skews AUROC and F1.
+    min_examples: int = bounded(2, ge=1)
 
 
 @dataclass(kw_only=True)

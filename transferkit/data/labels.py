@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any
 
 import datasets
@@ -22,6 +23,9 @@ NAN = float("nan")
 _BINARY_WORDS = {"0": 0, "false": 0, "1": 1, "true": 1}
 # Separators for a multilabel cell stored as text (CSV cannot hold lists): "cat;dog".
 _LABEL_SEPARATORS = re.compile(r"[;|,]")
+# A multilabel cell that says "none of these labels" (an all-negative example); a blank cell
+# means the labels are missing. A list column says it with an empty list.
+NO_LABELS = ("-", "[]")
 # "3.0" in a text column is pandas' way of writing the integer 3 in a column with gaps.
 _WHOLE_FLOAT_TEXT = re.compile(r"^-?\d+\.0+$")
 
@@ -85,11 +89,13 @@ def _preview(names: list[str], limit: int = 12) -> str:
 
 
 def _label_list(value: Any) -> list[str] | None:
-    """A multilabel cell as a list of names (None when missing)."""
+    """A multilabel cell as a list of names (None when missing; [] for `NO_LABELS`)."""
     value = clean(value)
     if value is None:
         return None
     if isinstance(value, str):
+        if value in NO_LABELS:
+            return []
         return [part.strip() for part in _LABEL_SEPARATORS.split(value) if part.strip()]
     if isinstance(value, (list, tuple)):
         return [str(clean(v)) for v in value if clean(v) is not None]
@@ -147,6 +153,8 @@ def infer_task(
         num_outputs = len(names)
     else:
         names, num_outputs = None, len(columns)
+    if declared is None and names is not None and not isinstance(cfg.column, (list, tuple)):
+        _check_found_classes(name, cfg, names, _counts(kind, values[0]))
     return TaskSpec(
         name=name,
         kind=kind,
@@ -155,6 +163,68 @@ def infer_task(
         dropout=float(getattr(cfg, "dropout", 0.0) or 0.0),
         class_names=tuple(names) if names is not None else None,
     )
+
+
+def _counts(kind: str, values: list) -> Counter:
+    """Labelled examples per class name in a column's raw values."""
+    if kind == "multilabel":
+        return Counter(label for v in values for label in (_label_list(v) or []))
+    return Counter(str(v) for v in map(clean, values) if v is not None)
+
+
+def _check_found_classes(name: str, cfg: Any, names: list[str], counts: Counter) -> None:
+    """Classes found in the data, checked before a head is built on them: names that differ
+    only by case, spacing or one small edit from another, and classes with too few examples.
+    Declaring the classes (`tasks.NAME.classes`) accepts them as they are."""
+    problems = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            how = _how_alike(a, b)
+            if how:
+                problems.append(f"{a!r} ({counts[a]}) and {b!r} ({counts[b]}) differ only by {how}")
+    if problems:
+        raise UserError(
+            f"tasks.{name}: the classes found in the data look like typos of each other: "
+            f"{'; '.join(problems[:5])}. Fix the labels, or declare the classes to keep them "
+            f"apart (tasks.{name}.classes: [...])"
+        )
+    least = max(1, int(getattr(cfg, "min_examples", 1) or 1))
+    rare = [f"{n!r} ({counts[n]})" for n in names if counts[n] < least]
+    if rare:
+        raise UserError(
+            f"tasks.{name}: {len(rare)} class(es) found in the data have fewer than {least} "
+            f"labelled examples: {', '.join(rare[:8])}. Fix the labels, or accept them with "
+            f"tasks.{name}.min_examples: 1 (or by declaring tasks.{name}.classes)"
+        )
+
+
+def _how_alike(a: str, b: str) -> str | None:
+    """'case or spacing' / 'one small edit' when two class names look like one, else None.
+    Names that differ in digits (class_1, class_2) or are short (cat, car) are left alone."""
+
+    def squeeze(text: str) -> str:
+        return re.sub(r"[\s_\-]+", "", text.lower())
+
+    if squeeze(a) == squeeze(b):
+        return "case or spacing"
+    a, b = squeeze(a), squeeze(b)
+    if min(len(a), len(b)) < 5 or re.sub(r"\d", "", a) == re.sub(r"\d", "", b):
+        return None
+    return "one small edit" if _one_edit_apart(a, b) else None
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One insertion, deletion, substitution or swap of neighbours turns `a` into `b`."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(diff) == 1:
+            return not (a[diff[0]].isdigit() or b[diff[0]].isdigit())
+        return (len(diff) == 2 and diff[1] == diff[0] + 1
+                and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])  # fmt: skip
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 def _binary_names(name: str, column: str, values: list) -> list[str]:
