@@ -105,7 +105,7 @@ def test_full_recipe_round_trips_through_dict_and_yaml():
 def test_defaults_fill():
     recipe = recipe_with()
     assert (recipe.name, recipe.output_dir, recipe.seed) == ("", "runs", 0)
-    assert recipe.model.weights is None and recipe.model.aux_heads == []
+    assert recipe.model.weights == "auto" and recipe.model.aux_heads == []  # resolved by the run
     task = recipe.tasks["digit"]
     assert (task.column, task.classes, task.dropout, task.weight) == (None, None, 0.0, 1.0)
     assert recipe.data.val_split == "validation" and recipe.data.augment == "light"

@@ -88,7 +88,9 @@ def test_a_standardized_head_answers_in_units_and_its_loss_is_in_standard_units(
     assert losses["size"].item() == pytest.approx(standard.item(), rel=1e-5)
 
 
-def test_a_run_learns_standardized_and_reports_in_the_columns_units(sized_digits, monkeypatch, capsys):
+def test_a_run_learns_standardized_and_reports_in_the_columns_units(
+    sized_digits, monkeypatch, capsys
+):
     monkeypatch.chdir(sized_digits)
     recipe = sized_digits / "recipe.yaml"
     recipe.write_text(

@@ -42,11 +42,13 @@ from transferkit.engine.schedule import UNFROZEN_LR_MULT, FreezeSchedule
 from transferkit.engine.strategies import Strategy, build_strategy
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models import (
+    AUTO_WEIGHTS,
     AdapterSpec,
     Backbone,
     MultiTaskModel,
     attach_adapter,
     create_backbone,
+    resolve_auto_weights,
 )
 from transferkit.recipes import Recipe, TrainSection
 
@@ -87,6 +89,9 @@ class RunSetup:
         even if the data or a default changes."""
         return dataclasses.replace(
             written,
+            model=dataclasses.replace(
+                written.model, weights=_chosen(written.model.weights, self.recipe.model.weights)
+            ),
             train=dataclasses.replace(written.train, batch_size=self.recipe.train.batch_size),
             schedule=dataclasses.replace(
                 written.schedule, unfrozen_lr_mult=self.recipe.schedule.unfrozen_lr_mult
@@ -97,6 +102,11 @@ class RunSetup:
 def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
     """Build the run the recipe describes; writes nothing (see the module docstring)."""
     main = accelerator.is_main_process
+    weights, said = resolve_auto_weights(recipe.model.backbone, recipe.model.weights)
+    if said and main:
+        print(said)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=weights))
+    _check_regularizers(recipe)
     set_seed(recipe.seed)  # every random initialization below follows from the recipe's seed
 
     # ---- model and data
@@ -197,6 +207,21 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
                     workers=workers, regularizers=regularizers, sampler=sampler, ema=ema,
                     mixer=mixer, steps_per_epoch=steps_per_epoch,
                     skipped_images=data.skipped_images)  # fmt: skip
+
+
+def _chosen(written: str | None, resolved: str | None) -> str | None:
+    """The value recipe.yaml records: what `auto` resolved to, else what the user wrote."""
+    return resolved if written == AUTO_WEIGHTS else written
+
+
+def _check_regularizers(recipe: Recipe) -> None:
+    chosen = [k for k, v in vars(recipe.regularizers).items() if v is not None]
+    if chosen and recipe.model.weights is None:
+        raise UserError(
+            f"regularizers.{chosen[0]}: it pulls the model towards its pretrained start, but "
+            f"{recipe.model.backbone} starts from random weights here (no pretrained weights "
+            "load offline); set model.weights to pretrained or a file, or remove the regularizer"
+        )
 
 
 def only_adapter_trains(recipe: Recipe) -> bool:

@@ -14,6 +14,7 @@ from transferkit.models.foreign import KeyMapping, convert_checkpoint, register_
 from transferkit.models.freezing import NORM_STATS, FreezeSpec
 from transferkit.models.heads import AuxHeadSpec, TaskSpec
 from transferkit.models.multitask import MultiTaskModel
+from transferkit.models.offline import AUTO_WEIGHTS, pretrained_offline, resolve_auto_weights
 from transferkit.models.task_outputs import probabilities
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "merge_adapters",
     "normalize_weights",
     "parse_backbone_name",
+    "pretrained_offline",
+    "resolve_auto_weights",
+    "AUTO_WEIGHTS",
     "probabilities",
     "AuxHeadSpec",
     "Backbone",

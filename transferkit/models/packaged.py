@@ -71,19 +71,3 @@ def packaged_weights(name: str) -> PackagedWeights | None:
     arch, _, tag = name.partition(".")
     packaged = PACKAGED.get(arch)
     return packaged if packaged is not None and tag in ("", packaged.tag) else None
-
-
-def hub_has_cached(pretrained_cfg: dict) -> bool:
-    """Whether the Hugging Face cache already holds the file timm would load for this config."""
-    from huggingface_hub import try_to_load_from_cache
-
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if not hub_id:
-        return False
-    repo, _, revision = hub_id.partition("@")
-    # timm reads `hf_hub_filename` when set, else model.safetensors before pytorch_model.bin.
-    filename = pretrained_cfg.get("hf_hub_filename")
-    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
-    return any(
-        isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str) for n in names
-    )

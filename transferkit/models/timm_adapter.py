@@ -18,7 +18,8 @@ from transferkit.errors import UserError, did_you_mean
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup
 from transferkit.models.foreign import KeyMapping, convert_checkpoint, detect_mapping, get_mapping
 from transferkit.models.grouping import common_module_prefix, output_module_for
-from transferkit.models.packaged import hub_has_cached, packaged_weights
+from transferkit.models.offline import download_host, hub_has_cached, reachable
+from transferkit.models.packaged import packaged_weights
 from transferkit.models.weights import data_config_from_metadata, load_into, read_weights
 
 
@@ -52,6 +53,8 @@ def create(
     if weights == "pretrained" and (packaged := _packaged_source(name)) is not None:
         weights, key_mapping = packaged
     pretrained = weights == "pretrained"
+    if pretrained:
+        _check_reachable(name)
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
     except Exception as err:  # noqa: BLE001 - timm/hub raise many kinds of errors when offline
@@ -101,6 +104,21 @@ def _packaged_source(name: str) -> tuple[str, str] | None:
         return None
     path = packaged.file()
     return None if path is None else (str(path), packaged.mapping)
+
+
+def _check_reachable(name: str) -> None:
+    """Fail in seconds, not after the hub's minute of retries, when timm would have to download
+    the weights and their host does not answer."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or hub_has_cached(cfg.to_dict()):
+        return
+    host = download_host(cfg.to_dict())
+    if not reachable(host):
+        raise UserError(
+            _pretrained_error(name, ConnectionError(f"{host} does not answer"))
+        ) from None
 
 
 def _pretrained_error(name: str, err: Exception) -> str:

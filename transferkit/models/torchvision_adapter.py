@@ -10,6 +10,7 @@ with a generic rule for anything else. The preprocessing comes from the weights 
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from transferkit.errors import UserError, did_you_mean
 from transferkit.models.backbone import Backbone, DataConfig, LayerGroup
 from transferkit.models.foreign import KeyMapping, convert_checkpoint, detect_mapping, get_mapping
 from transferkit.models.grouping import fallback_groups, groups_from_prefixes
+from transferkit.models.offline import reachable, torch_hub_file
 from transferkit.models.weights import data_config_from_metadata, load_into, read_weights
 
 _AUX_HEADS = ("aux1", "aux2", "AuxLogits")
@@ -67,6 +69,15 @@ def create(
     arch = name.partition(".")[0]
     weights_enum = _weights_enum(name)
     if weights == "pretrained":
+        if not torch_hub_file(weights_enum.url).is_file() and not reachable(
+            urlparse(weights_enum.url).hostname or ""
+        ):
+            raise UserError(
+                f"could not get pretrained weights for torchvision:{name}: they are not in the "
+                f"torch hub cache ({torch.hub.get_dir()}) and {urlparse(weights_enum.url).hostname} "
+                "does not answer. Download them once where there is network, or pass a local "
+                "file: weights: /path/to/model.pth"
+            )
         try:
             model = models.get_model(arch, weights=weights_enum, **model_kwargs)
         except Exception as err:  # noqa: BLE001 - urllib/hash/IO errors when offline

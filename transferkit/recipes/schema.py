@@ -22,6 +22,7 @@ from transferkit.core import bounded
 from transferkit.data import DataSection, TaskSection
 from transferkit.models import (
     ADAPTER_METHODS,
+    AUTO_WEIGHTS,
     NORM_STATS,
 )
 
@@ -51,7 +52,9 @@ class AdapterSection:
 @dataclass(kw_only=True)
 class ModelSection:
     backbone: str
-    weights: str | None = None
+    # pretrained, none (random), a file, or unset (auto): pretrained where they load offline
+    # (a package ships them, or a local cache holds them), else random; the run says which.
+    weights: str | None = AUTO_WEIGHTS
     kwargs: dict[str, Any] = field(default_factory=dict)
     aux_heads: list[AuxHeadSection] = field(default_factory=list)
     adapter: AdapterSection | None = None

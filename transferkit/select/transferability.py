@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from transferkit.data import TaskImageDataset, build_transforms, collate, load_data, num_workers
 from transferkit.errors import UserError
 from transferkit.inference import resolve_device
-from transferkit.models import TaskSpec, create_backbone, parse_backbone_name
+from transferkit.models import TaskSpec, create_backbone, parse_backbone_name, resolve_auto_weights
 from transferkit.recipes import Recipe, load_recipe
 from transferkit.select.scores import KNN_K, knn_score, logme
 
@@ -71,6 +71,11 @@ def primary_task(recipe: Recipe) -> str:
         if len(parts) == 3 and parts[1] in recipe.tasks:
             return parts[1]
     return next(iter(recipe.tasks))
+
+
+def _weights(recipe: Recipe) -> str | None:
+    """The recipe's weights, `auto` resolved as a run would."""
+    return resolve_auto_weights(recipe.model.backbone, recipe.model.weights)[0]
 
 
 def parse_candidate(spec: str) -> Candidate:
@@ -207,7 +212,7 @@ def rank(
     chosen = (
         [parse_candidate(c) for c in candidates]
         if candidates
-        else [Candidate(recipe.model.backbone, recipe.model.weights)]
+        else [Candidate(recipe.model.backbone, _weights(recipe))]
     )
     if len({c.label for c in chosen}) < len(chosen):
         raise UserError("--backbones names the same backbone and weights twice")
