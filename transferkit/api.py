@@ -95,7 +95,10 @@ def fine_tune(
     if data is not None:  # the data section's source and path are replaced below
         placeholder = {"source": "disk", "path": "(in-memory data)"}
         sections["data"] = merged(placeholder, sections.get("data") or {})
-    built = resolve_recipe(recipe, overrides, sections=sections).recipe
+    resolved = resolve_recipe(recipe, overrides, sections=sections)
+    if data is None:
+        resolved.check_data()
+    built = resolved.recipe
     folder = RunDir(output if output is not None else f"{built.output_dir}/{built.name}")
     if data is not None:
         if overwrite and folder.path.is_dir():

@@ -136,7 +136,7 @@ def write_overlaid_digits(root: str | Path, size: int = 32, n: int = 2000, seed:
     return root
 
 
-if __name__ == "__main__":
-    import sys
-
-    print(write_digits(sys.argv[1] if len(sys.argv) > 1 else "data/digits"))
+def write_examples(root: str = "data/digits") -> None:
+    """The example data the shipped recipes read (`python -m transferkit.demo --data-only`)."""
+    write_digits(root)
+    print(f"wrote {write_few_labels(root)} and the manifests under {root}")

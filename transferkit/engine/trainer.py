@@ -57,6 +57,7 @@ def train(
     folder that holds one, unless `overwrite` (which clears it first).
     """
     if isinstance(recipe, ResolvedRecipe):
+        recipe.check_data()
         recipe, written = recipe.recipe, recipe.written
     else:
         written = RunDir(resume).as_written(recipe) if resume else recipe

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import UserError
-from transferkit.recipes.io import find_recipe, parse_recipe, read_recipe_file, recipe_to_dict
+from transferkit.recipes.io import (
+    LIBRARY,
+    find_recipe,
+    parse_recipe,
+    read_recipe_file,
+    recipe_to_dict,
+)
 from transferkit.recipes.schema import Recipe
 
 RecipeSource = str | os.PathLike | Mapping | Recipe
@@ -29,6 +35,18 @@ RecipeSource = str | os.PathLike | Mapping | Recipe
 class ResolvedRecipe:
     recipe: Recipe  # validated and normalized; its paths usable from the working directory
     written: Recipe  # the same with data.path and model.weights as the user wrote them
+    shipped: bool = False  # one of the recipes that ship inside the package
+
+    def check_data(self) -> None:
+        """A shipped recipe reads the example data `make demo` writes: say how to write it
+        when it is missing here, before anything else fails on it."""
+        data = self.recipe.data
+        if self.shipped and data.source != "hub" and not Path(data.path).expanduser().exists():
+            raise UserError(
+                f"the shipped recipe {self.recipe.name} reads {data.path}, the example digits "
+                f"that `make demo` writes, and it is not in {Path.cwd()}; write it here with "
+                "`python -m transferkit.demo --data-only`, or run from the folder of `make demo`"
+            )
 
 
 def resolve_recipe(
@@ -41,7 +59,7 @@ def resolve_recipe(
 ) -> ResolvedRecipe:
     """Validate a recipe source with its sections and overrides (see the module docstring);
     errors start with `where` (a file's path) when the source is a mapping read from one."""
-    name = ""
+    name, shipped = "", False
     if isinstance(source, Recipe):
         if not overrides and not sections:  # validated already
             written = source if source.name else dataclasses.replace(source, name="run")
@@ -52,6 +70,7 @@ def resolve_recipe(
     elif isinstance(source, (str, os.PathLike)):
         path = find_recipe(source)
         data, name, where = read_recipe_file(path), path.stem, str(path)
+        shipped = path.parent == LIBRARY
     else:
         raise UserError(
             f"recipe: expected a YAML path, a shipped recipe name, a mapping or a Recipe, "
@@ -60,7 +79,7 @@ def resolve_recipe(
     written = parse_recipe(merged(data, sections or {}), overrides, source=where)
     if not written.name:
         written = dataclasses.replace(written, name=name or "run")
-    return ResolvedRecipe(_with_origin(written, origin), written)
+    return ResolvedRecipe(_with_origin(written, origin), written, shipped)
 
 
 def merged(base: Mapping, update: Mapping) -> dict:
