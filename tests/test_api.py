@@ -119,9 +119,17 @@ def test_predict_takes_paths_pil_images_and_tensors_in_batches(small_run, tmp_pa
     by_pil = run.predict(images, batch_size=3)
     by_tensor = run.predict(tensors)
     by_folder = run.predict(tmp_path)
-    assert len(by_path) == 5 and by_path == by_pil == by_tensor == by_folder
-    named = run.predict_named(str(tmp_path))
-    assert [row["image"] for row in named] == [str(p) for p in sorted(paths)]
+    assert len(by_path) == 5
+    assert _unnamed(by_path) == _unnamed(by_pil) == _unnamed(by_tensor) == _unnamed(by_folder)
+    # Every result says which input it is: the file's path, or its place among the inputs.
+    assert [row["image"] for row in by_folder] == [str(p) for p in sorted(paths)]
+    assert [row["image"] for row in by_pil] == [f"input[{i}]" for i in range(5)]
+    assert [row["image"] for row in by_tensor] == [f"input[0][{i}]" for i in range(5)]
+    assert run.predict_named(str(tmp_path)) == by_folder  # its earlier name
+
+
+def _unnamed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "image"} for row in rows]
 
 
 def test_predict_decodes_like_training_exif_orientation_included(small_run, tmp_path):
@@ -136,9 +144,9 @@ def test_predict_decodes_like_training_exif_orientation_included(small_run, tmp_
     exif[PIL.Image.ExifTags.Base.Orientation] = 6
     path = tmp_path / "sideways.png"
     stored.save(path, exif=exif)
-    expected = run.predict([upright])
-    assert run.predict([str(path)]) == expected
-    assert run.predict([PIL.Image.open(path)]) == expected
+    expected = _unnamed(run.predict([upright]))
+    assert _unnamed(run.predict([str(path)])) == expected
+    assert _unnamed(run.predict([PIL.Image.open(path)])) == expected
     probabilities = [p for _, p in run.probabilities([PIL.Image.open(path), stored])]
     sideways = probabilities[0]["digit"]
     assert not torch.allclose(sideways[0], sideways[1])  # orientation does change the output

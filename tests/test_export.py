@@ -133,7 +133,7 @@ def test_auxiliary_heads_are_left_out_unless_asked_for(aux_run, workdir, monkeyp
     assert len(graph.node) > len(onnx.load(str(default.path)).graph.node)
     # An exported file with the auxiliary output still predicts the tasks only.
     predicted = transferkit.load(with_aux.path).predict(_images(workdir, 2))
-    assert set(predicted[0]) == {"digit", "parity", "ink"}
+    assert set(predicted[0]) == {"image", "digit", "parity", "ink"}
 
 
 def test_parity_check_sees_a_model_that_differs(multitask_run, aux_run, workdir, monkeypatch):

@@ -126,8 +126,8 @@ class _Interrupted:
     def __init__(self, run) -> None:
         self.run, self.tasks = run, run.tasks
 
-    def probabilities(self, inputs, device=None, batch_size=64, tta=None):
-        for i, batch in enumerate(self.run.probabilities(inputs, device, batch_size, tta)):
+    def probabilities(self, inputs, device=None, batch_size=64, tta=None, skipped=None):
+        for i, batch in enumerate(self.run.probabilities(inputs, device, batch_size, tta, skipped)):
             if i == 1:
                 raise KeyboardInterrupt
             yield batch
@@ -165,8 +165,9 @@ def test_prediction_table_resumes_after_an_interruption(
 
     read = pd.read_csv if suffix == ".csv" else pd.read_parquet
     got, want = read(table), read(complete)
-    columns = ["image", "digit", "digit_score", "parity", "parity_score", "ink"]
+    columns = ["image", "digit", "digit_score", "parity", "parity_score", "ink", "error"]
     assert list(got.columns) == columns and len(got) == 25 and got["image"].is_unique
+    assert got["error"].isna().all()
     pd.testing.assert_frame_equal(got.sort_values("image", ignore_index=True), want)
     assert set(got["parity"]) <= {"even", "odd"}
     assert not (tmp_path / "table.parquet.parts").exists()
@@ -242,3 +243,43 @@ def test_prediction_table_columns_for_every_task_kind(task, probabilities, colum
     assert len(row) == len(columns)
     for got, want in zip(row, cells):
         assert got == (want if isinstance(want, str) else pytest.approx(want, abs=1e-4))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_unreadable_images_are_listed_in_the_table_or_stop_it(
+    suffix, onnx_model, workdir, tmp_path
+):
+    import pandas as pd
+
+    run = transferkit.load(onnx_model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for file in sorted((workdir / "data/digits/transfer/images").iterdir())[:6]:
+        (folder / file.name).write_bytes(file.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(UserError, match="cannot read image .*broken.png"):
+        write_predictions(run, folder, tmp_path / f"stopped{suffix}", progress=False)
+    table = tmp_path / f"skipped{suffix}"
+    summary = write_predictions(run, folder, table, progress=False, bad_images="skip")
+    assert [name for name, _ in summary.skipped] == [str(folder / "broken.png")]
+    got = (pd.read_csv if suffix == ".csv" else pd.read_parquet)(table)
+    assert len(got) == 7 and got["error"].notna().sum() == 1
+    broken = got[got["image"] == str(folder / "broken.png")].iloc[0]
+    assert "cannot identify image file" in broken["error"] and pd.isna(broken["digit"])
+
+
+def test_a_table_begun_before_the_error_column_resumes_as_it_was(onnx_model, workdir, tmp_path):
+    import pandas as pd
+
+    run = transferkit.load(onnx_model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for file in sorted((workdir / "data/digits/transfer/images").iterdir())[:4]:
+        (folder / file.name).write_bytes(file.read_bytes())
+    table = tmp_path / "old.csv"
+    write_predictions(run, folder, table, progress=False)
+    old = pd.read_csv(table).drop(columns="error").iloc[:2]  # as an older version wrote it
+    old.to_csv(table, index=False)
+    summary = write_predictions(run, folder, table, resume=True, progress=False)
+    assert (summary.already, summary.written) == (2, 2)
+    assert "error" not in pd.read_csv(table).columns and len(pd.read_csv(table)) == 4

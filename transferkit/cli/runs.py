@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from transferkit.cli.common import device_options, short, tta_option
@@ -43,6 +44,13 @@ def register(sub) -> None:
     table.add_argument("--overwrite", action="store_true", help="--output exists: replace it")
     predict.add_argument(
         "--no-progress", action="store_true", help="no progress bar while writing --output"
+    )
+    predict.add_argument(
+        "--bad-images",
+        choices=("skip", "error"),
+        default="skip",
+        help="an unreadable image: listed (in the table's error column, or in the output) and "
+        "the rest predicted (skip, the default), or stop with an error",
     )
     tta_option(predict)
     device_options(predict)
@@ -91,6 +99,9 @@ def _print_predictions(results: list[dict], as_json: bool) -> None:
         print(json.dumps(results, indent=2))
         return
     for row in results:
+        if "error" in row:
+            print(f"{row['image']}  unreadable: {row['error']}")
+            continue
         tasks = "  ".join(f"{k}={short(v)}" for k, v in row.items() if k != "image")
         print(f"{row['image']}  {tasks}")
 
@@ -113,17 +124,27 @@ def run_predict(args: argparse.Namespace) -> int:
         summary = write_predictions(
             run, args.images, args.output, resume=args.resume, overwrite=args.overwrite,
             batch_size=args.batch_size or 64, device=args.device, progress=not args.no_progress,
-            tta=tta,
+            tta=tta, bad_images=args.bad_images,
         )  # fmt: skip
         resumed = f" ({summary.already} were already there)" if summary.already else ""
         print(f"wrote {summary.written} rows to {summary.path}{resumed}")
+        _say_skipped(summary.skipped, "its error column says why")
         return 0
     if args.resume or args.overwrite:
         raise UserError("--resume and --overwrite apply to --output FILE")
-    results = run.predict_named(args.images, device=args.device,
-                                batch_size=args.batch_size or 64, tta=tta)  # fmt: skip
+    results = run.predict(args.images, device=args.device, batch_size=args.batch_size or 64,
+                          tta=tta, bad_images=args.bad_images)  # fmt: skip
     _print_predictions(results, args.json)
+    _say_skipped([(r["image"], r["error"]) for r in results if "error" in r], "listed above")
     return 0
+
+
+def _say_skipped(skipped: list[tuple[str, str]], where: str) -> None:
+    if skipped:
+        names = ", ".join(name for name, _ in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"skipped {len(skipped)} unreadable image(s): {names}{more} ({where}; "
+              "--bad-images error stops at the first)", file=sys.stderr)  # fmt: skip
 
 
 def run_ensemble(args: argparse.Namespace) -> int:

@@ -79,7 +79,7 @@ class OnnxRun(Predictor):
                 parts[name].append(value[: len(chunk)])
         return {n: np.concatenate(v) for n, v in parts.items()}
 
-    def probabilities(self, inputs, device=None, batch_size: int = 64, tta=None):
+    def probabilities(self, inputs, device=None, batch_size: int = 64, tta=None, skipped=None):
         """Per batch: the inputs' names and per task the probabilities (or values), as NumPy.
 
         `device` is accepted for the same calls as a `Run`; onnxruntime runs on its CPU
@@ -99,9 +99,8 @@ class OnnxRun(Predictor):
                 "for the averaged ones",
                 stacklevel=2,
             )
-        items = preprocessed(
-            inputs, self.transform, np.ndarray, lambda a: np.asarray(a, np.float32), "NumPy array"
-        )
+        items = preprocessed(inputs, self.transform, np.ndarray,
+                             lambda a: np.asarray(a, np.float32), "NumPy array", skipped)  # fmt: skip
         temperatures = self.info.get("temperatures") or {}
         for names, arrays in batched(items, batch_size):
             raw = self.outputs(np.stack(arrays))

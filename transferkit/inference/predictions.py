@@ -18,54 +18,76 @@ import PIL.Image
 from transferkit.core import TaskSpec, list_image_files, open_image
 from transferkit.errors import UserError
 
+BAD_IMAGE_POLICIES = ("error", "skip")
+
 
 class Predictor:
-    """`predict` and `predict_named` on top of a subclass's `tasks` and `probabilities`, which
-    yields per batch the inputs' names and per task the probabilities (or values)."""
+    """`predict` on top of a subclass's `tasks` and `probabilities`, which yields per batch the
+    inputs' names and per task the probabilities (or values)."""
 
     tasks: dict[str, TaskSpec]
 
     def probabilities(
-        self, inputs, device=None, batch_size: int = 64, tta: list[str] | None = None
+        self,
+        inputs,
+        device=None,
+        batch_size: int = 64,
+        tta: list[str] | None = None,
+        skipped: list[tuple[str, str]] | None = None,
     ) -> Iterator[tuple]:
+        """`skipped`: unreadable image files are added to it (name, reason) instead of failing."""
         raise NotImplementedError
 
     def predict(
-        self, inputs, device=None, batch_size: int = 64, tta: list[str] | None = None
+        self,
+        inputs,
+        device=None,
+        batch_size: int = 64,
+        tta: list[str] | None = None,
+        bad_images: str = "error",
     ) -> list[dict[str, Any]]:
-        """Per image, per task: `{"label", "score"}` (classification) or `{"value"}`.
+        """Per image, its name under `"image"` (the file's path, or `input[i]`) and per task
+        `{"label", "score"}` (classification) or `{"value"}`.
 
         `inputs`: image files or folders (searched recursively), PIL images, or arrays already
         preprocessed as `run.transform` does (`[3, H, W]`, or a batch `[N, 3, H, W]`); one of
         these or a list of them. `device`: None picks the GPU when there is one. `tta`:
-        test-time views (`hflip`, `crops`), by default the recipe's `data.tta`.
+        test-time views (`hflip`, `crops`), by default the recipe's `data.tta`. `bad_images`:
+        "error" stops at an unreadable file; "skip" predicts the rest and gives each
+        unreadable one a row `{"image", "error"}` at the end.
         """
-        return [
-            {k: v for k, v in row.items() if k != "image"}
-            for row in self.predict_named(inputs, device, batch_size, tta)
-        ]
-
-    def predict_named(
-        self, inputs, device=None, batch_size: int = 64, tta: list[str] | None = None
-    ) -> list[dict[str, Any]]:
-        """Like `predict`, each result with `"image"`: its file path, or `input[i]`."""
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise UserError(
+                f"bad_images: use {' or '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}"
+            )
+        skipped: list[tuple[str, str]] | None = [] if bad_images == "skip" else None
         results = []
-        for names, probabilities in self.probabilities(inputs, device, batch_size, tta):
+        for names, probabilities in self.probabilities(inputs, device, batch_size, tta, skipped):
             for i, name in enumerate(names):
                 row = {
                     t: describe_prediction(s, probabilities[t][i]) for t, s in self.tasks.items()
                 }
                 results.append({"image": name, **row})
-        return results
+        return results + [{"image": name, "error": reason} for name, reason in skipped or []]
+
+    def predict_named(self, *args, **kwargs) -> list[dict[str, Any]]:
+        """`predict` (which names each result now too), under its earlier name."""
+        return self.predict(*args, **kwargs)
 
 
 def preprocessed(
-    inputs, transform: Callable, array_type: type, to_float: Callable, what: str = "tensor"
+    inputs,
+    transform: Callable,
+    array_type: type,
+    to_float: Callable,
+    what: str = "tensor",
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """(name, model-ready array) for every image in `inputs`, decoded lazily.
 
     Inputs are paths (files or folders), PIL images, or arrays of `array_type` (a torch tensor
-    or a NumPy array) already preprocessed, `[3, H, W]` or `[N, 3, H, W]`.
+    or a NumPy array) already preprocessed, `[3, H, W]` or `[N, 3, H, W]`. An image file that
+    cannot be read is an error, or, given a `skipped` list, added to it (name, reason).
     """
     single = isinstance(inputs, (str, os.PathLike, PIL.Image.Image, array_type))
     items = [inputs] if single else list(inputs)
@@ -85,7 +107,16 @@ def preprocessed(
             yield f"input[{position}]", transform(open_image(item))
         elif isinstance(item, (str, os.PathLike)):
             for file in image_files(Path(item)):
-                yield str(file), transform(read_image(file))
+                try:
+                    image = read_image(file)
+                except UserError as err:
+                    if skipped is None:
+                        raise
+                    skipped.append(
+                        (str(file), str(err).removeprefix(f"cannot read image {file}: "))
+                    )
+                    continue
+                yield str(file), transform(image)
         else:
             raise UserError(
                 f"input[{position}]: cannot predict on a {type(item).__name__}; "

@@ -114,12 +114,14 @@ class Run(Predictor):
         device=None,
         batch_size: int = 64,
         tta: list[str] | None = None,
+        skipped: list[tuple[str, str]] | None = None,
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
         """Per batch: the inputs' names and per task the probabilities (or values), on the CPU;
         calibrated when the run was, averaged over `tta` views (default: the recipe's)."""
         device = resolve_device(device)
         model = self.adjusted(tta).to(device).eval()
-        items = preprocessed(inputs, self.transform, torch.Tensor, torch.Tensor.float)
+        items = preprocessed(inputs, self.transform, torch.Tensor, torch.Tensor.float,
+                             skipped=skipped)  # fmt: skip
         for names, tensors in batched(items, batch_size):
             yield names, _forward(model, tensors, self.tasks, device)
 

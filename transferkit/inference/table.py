@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferkit.errors import UserError
@@ -27,6 +27,7 @@ from transferkit.inference.predictions import (
 
 TABLE_FORMATS = (".csv", ".parquet")
 IMAGE = "image"
+ERROR = "error"  # why an image could not be read (bad_images: skip); empty for the others
 
 
 @dataclass
@@ -34,20 +35,22 @@ class TableSummary:
     path: Path
     written: int  # rows added now
     already: int  # rows found from an earlier, interrupted call
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable: (image, reason)
 
 
 def write_predictions(
     run, inputs, output, resume: bool = False, overwrite: bool = False, batch_size: int = 64,
-    device=None, progress: bool = True, tta: list[str] | None = None,
+    device=None, progress: bool = True, tta: list[str] | None = None, bad_images: str = "error",
 ) -> TableSummary:  # fmt: skip
     """Predict every image of `inputs` (files or folders) into the table `output` (`tta`: the
-    test-time views, by default the recipe's)."""
+    test-time views, by default the recipe's). `bad_images: skip` writes a row for each
+    unreadable image with its reason in the `error` column, and predicts the rest."""
     output = Path(output)
     if output.suffix.lower() not in TABLE_FORMATS:
         raise UserError(f"--output {output}: the table must end in {' or '.join(TABLE_FORMATS)}")
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other: pick one")
-    columns = [IMAGE] + [c for spec in run.tasks.values() for c in table_columns(spec)]
+    columns = [IMAGE] + [c for spec in run.tasks.values() for c in table_columns(spec)] + [ERROR]
     table = _CsvTable(output) if output.suffix.lower() == ".csv" else _ParquetTable(output)
     if table.exists() and not (resume or overwrite):
         raise UserError(
@@ -55,29 +58,36 @@ def write_predictions(
         )
     if overwrite:
         table.remove()
+    if resume and table.header() == columns[:-1]:
+        columns = columns[:-1]  # a table begun before the error column: kept as it was
     # Absolute paths in the table, so a resume from another directory, or with the folder
     # given another way, still finds the rows already written.
     done = {_absolute(d) for d in table.done(columns)} if resume else set()
     files = [_absolute(f) for item in _as_list(inputs) for f in image_files(Path(item))]
     todo = [f for f in files if f not in done]
     written = 0
+    skipped: list[tuple[str, str]] | None = [] if bad_images == "skip" else None
     bar = _progress(len(files), len(files) - len(todo), progress)
     try:
         if todo:
-            for names, probabilities in run.probabilities(todo, device, batch_size, tta):
+            for names, probabilities in run.probabilities(todo, device, batch_size, tta, skipped):
                 rows = []
                 for i, name in enumerate(names):
                     row = [name]
                     for task, spec in run.tasks.items():
                         row += table_row(spec, describe_prediction(spec, probabilities[task][i]))
-                    rows.append(row)
+                    rows.append(row + [None] * (columns[-1] == ERROR))
                 table.append(columns, rows)
                 written += len(rows)
                 bar.update(len(rows))
+        if skipped and columns[-1] == ERROR:
+            empty = [None] * (len(columns) - 2)
+            table.append(columns, [[name, *empty, reason] for name, reason in skipped])
+            written += len(skipped)  # an older table without the column lists them nowhere
         table.finish(columns)
     finally:
         bar.close()
-    return TableSummary(output, written, len(files) - len(todo))
+    return TableSummary(output, written, len(files) - len(todo), skipped or [])
 
 
 def _absolute(path) -> str:
@@ -108,6 +118,12 @@ class _CsvTable:
 
     def exists(self) -> bool:
         return self.path.exists()
+
+    def header(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as handle:
+            return next(csv.reader(handle), [])
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -144,6 +160,12 @@ class _ParquetTable:
 
     def exists(self) -> bool:
         return self.path.exists() or self.parts.exists()
+
+    def header(self) -> list[str]:
+        import pyarrow.parquet as pq
+
+        files = self._files()
+        return pq.read_schema(files[0]).names if files else []
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
