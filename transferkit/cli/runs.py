@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from transferkit.cli.common import device_options, short, tta_option
+from transferkit.cli.common import device_options, recipe_overrides, short, tta_option
 from transferkit.errors import UserError
 
 
@@ -23,6 +23,9 @@ def register(sub) -> None:
         "--data", help="another data source: a manifest file, image folder or saved dataset"
     )
     evaluate.add_argument("--json", action="store_true")
+    recipe_overrides(
+        evaluate, help="a data key for the data evaluated, e.g. data.image_column=path (repeatable)"
+    )
     tta_option(evaluate)
     device_options(evaluate)
     evaluate.set_defaults(func=run_eval)
@@ -84,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     values = evaluate_run(
         args.run_dir, split=args.split, data=args.data, device=args.device,
-        batch_size=args.batch_size, tta=parse_tta(args.tta),
+        batch_size=args.batch_size, tta=parse_tta(args.tta), overrides=args.set or [],
     )  # fmt: skip
     if args.json:
         print(json.dumps(values, indent=2))

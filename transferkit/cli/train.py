@@ -22,6 +22,9 @@ def register(sub) -> None:
         "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
     )
     train.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
+    train.add_argument(
         "--overwrite",
         action="store_true",
         help="train afresh into a folder that holds a run, clearing it first",
@@ -72,7 +75,8 @@ def run_train(args: argparse.Namespace) -> int:
         recipe = resolve_recipe(args.recipe, args.set or [])
     else:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
-    run_dir = train(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite)
+    run_dir = train(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite,
+                    device=args.device)  # fmt: skip
     print(f"run folder: {run_dir}")
     return 0
 

@@ -37,10 +37,14 @@ from transferkit.recipes import Recipe
 from transferkit.rundir import RunDir
 
 
-def make_accelerator(recipe: Recipe, run_dir: RunDir | None = None) -> Accelerator:
-    """The Accelerator of a run; it logs to TensorBoard in the run folder, when there is one."""
+def make_accelerator(
+    recipe: Recipe, run_dir: RunDir | None = None, device: str | None = None
+) -> Accelerator:
+    """The Accelerator of a run; it logs to TensorBoard in the run folder, when there is one.
+    `device`: auto (a GPU when there is one; None too), cpu, cuda or cuda:N."""
     cfg = recipe.train
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+    cpu = _on_cpu(device)
+    if cfg.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         # Accelerate silently trains in fp32 then: say so instead.
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; on a CPU use bf16 or no")
     # Accelerate keeps one global state per process; a second run in the same process (a
@@ -54,7 +58,7 @@ def make_accelerator(recipe: Recipe, run_dir: RunDir | None = None) -> Accelerat
     return Accelerator(
         # Without a GPU, Accelerate only sets up multi-process (gloo) training under torchrun
         # when told it runs on the CPU; otherwise each process would train alone.
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard" if project is not None else None,
@@ -65,6 +69,25 @@ def make_accelerator(recipe: Recipe, run_dir: RunDir | None = None) -> Accelerat
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def _on_cpu(device: str | None) -> bool:
+    """Whether `train --device` asks for the CPU; cuda:N keeps GPU N visible alone."""
+    if device in (None, "auto"):
+        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    if device == "cpu":
+        return True
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if index and os.environ.get("CUDA_VISIBLE_DEVICES") != index:
+        if torch.cuda.is_initialized():
+            raise UserError(f"--device {device}: CUDA is already set up in this process; "
+                            f"set CUDA_VISIBLE_DEVICES={index} before it starts")  # fmt: skip
+        os.environ["CUDA_VISIBLE_DEVICES"] = index  # before CUDA counts its devices
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use cpu or auto")
+    return False
 
 
 def check_fsdp(accelerator: Accelerator, balancer: Balancer | None) -> None:

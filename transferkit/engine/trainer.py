@@ -47,6 +47,7 @@ def train(
     resume: str | None = None,
     *,
     overwrite: bool = False,
+    device: str | None = None,
 ) -> Path:
     """Fine-tune as the recipe says; returns the run folder's path (see `RunDir`).
 
@@ -54,7 +55,8 @@ def train(
     what recipe.yaml records; a plain `Recipe` is recorded as it is (on resume, with the paths
     the run's recipe.yaml already had where they resolve to the same files). The folder is
     claimed for the run's life: a second run into it is refused, and so is a new run into a
-    folder that holds one, unless `overwrite` (which clears it first).
+    folder that holds one, unless `overwrite` (which clears it first). `device`: auto (a GPU
+    when there is one), cpu, cuda or cuda:N.
     """
     if isinstance(recipe, ResolvedRecipe):
         recipe.check_data()
@@ -62,7 +64,7 @@ def train(
     else:
         written = RunDir(resume).as_written(recipe) if resume else recipe
     run_dir = RunDir(resume or output or f"{recipe.output_dir}/{recipe.name}")
-    acc = make_accelerator(recipe, run_dir)
+    acc = make_accelerator(recipe, run_dir, device)
     with _claimed(acc, run_dir, bool(resume), overwrite):
         run = build_run(recipe, acc)
         main = acc.is_main_process
