@@ -122,8 +122,8 @@ def test_the_loss_scaler_changes_nothing_but_the_scale(workdir, labelled, monkey
 
     make_accelerator = engine_trainer.make_accelerator
 
-    def with_scaler(recipe, run_dir):
-        accelerator = make_accelerator(recipe, run_dir)
+    def with_scaler(*args):
+        accelerator = make_accelerator(*args)
         accelerator.scaler = torch.amp.GradScaler("cpu")  # read by prepare, backward, save_state
         return accelerator
 

@@ -251,3 +251,123 @@ def test_hub_datasets_run_remote_code_only_when_the_recipe_asks(monkeypatch, opt
     read_source(data)
     assert seen["name"] == "someone/dataset"
     assert seen.get("trust_remote_code", False) is opt_in
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM stop at a step boundary with a checkpoint; a full disk is one line
+
+
+class _AskedAfter:
+    """A stop request that a signal makes after the loop has looked at it `checks` times."""
+
+    def __init__(self, checks: int, signum: int = signal.SIGINT) -> None:
+        self.checks, self.asked, self.wanted = checks, 0, signum
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @property
+    def signum(self) -> int:
+        self.asked += 1
+        return self.wanted if self.asked > self.checks else 0
+
+
+def test_a_stop_request_saves_at_the_step_and_resumes_exactly(workdir, monkeypatch, tmp_path):
+    """In-process: asked to stop during the second epoch, the run saves a mid-epoch checkpoint
+    at that step and raises `Interrupted`; resumed, it ends as the run that was never stopped."""
+    from transferkit.engine import trainer as trainer_module
+    from transferkit.errors import Interrupted
+
+    monkeypatch.chdir(workdir)
+    recipe = load_recipe(ROOT / "recipes/digits_source.yaml", [*QUICK, "train.epochs=3"])
+    whole = RunDir(train(recipe, output=str(tmp_path / "whole")))
+    monkeypatch.setattr(trainer_module, "StopRequest", lambda: _AskedAfter(checks=5))
+    with pytest.raises(Interrupted) as stopped:
+        train(recipe, output=str(tmp_path / "stopped"))
+    assert stopped.value.exit_code == 130 and stopped.value.step == 5
+    assert f"--resume {tmp_path / 'stopped'}" in str(stopped.value)
+    run = RunDir(tmp_path / "stopped")
+    assert run.checkpoints()[-1].name == "step_00000005" and not run.is_complete()
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    train(load_recipe(run.recipe_path), resume=str(run.path))
+    assert [r["epoch"] for r in run.records()] == [0, 1, 2]
+    resumed, expected = epoch_end_weights(run.path), epoch_end_weights(whole.path)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(workdir, monkeypatch, tmp_path):
+    """The second epoch's checkpoint fails as a full disk fails (safetensors' message): one
+    line naming the folder and the size a checkpoint takes; the first checkpoint resumes."""
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    monkeypatch.chdir(workdir)
+    recipe = load_recipe(ROOT / "recipes/digits_source.yaml", QUICK)
+    save_state, calls = Accelerator.save_state, []
+
+    def full_disk(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise SafetensorError(
+                "Error while serializing: IoError(No space left on device (os error 28))"
+            )
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    run_dir = tmp_path / "full"
+    with pytest.raises(UserError) as error:
+        train(recipe, output=str(run_dir))
+    message = str(error.value)
+    assert "\n" not in message and error.value.__suppress_context__
+    assert message.startswith(f"no space left on the device of {run_dir} (about ")
+    assert "MB a checkpoint" in message and f"--resume {run_dir}" in message
+    assert [p.name for p in RunDir(run_dir).checkpoints()] == ["step_00000003_end"]
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    train(load_recipe(run_dir / "recipe.yaml"), resume=str(run_dir))
+    assert RunDir(run_dir).is_complete()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_real_run_cleanly_and_it_resumes_bit_identically(
+    workdir, resume_recipe, uninterrupted, signum
+):
+    """Ctrl-C (SIGINT) or SIGTERM on a real `transferkit train`: exit 130 / 143 with one line
+    that says how to resume, no traceback; resumed, the weights equal the uninterrupted run's.
+    A second signal ends the process at once."""
+    run_dir = workdir / f"resume_signal_{signum}"
+    process = subprocess.Popen([CLI, "train", str(resume_recipe), "--output", str(run_dir)],
+                               cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while _newest_step(run_dir) < 6 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    assert f"the run is saved: continue it with `transferkit train --resume {run_dir}`" in err
+    stopped_at = _newest_step(run_dir)
+    assert 6 <= stopped_at < 30
+    result = subprocess.run([CLI, "train", "--resume", str(run_dir)], cwd=workdir,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"step {stopped_at})" in result.stdout
+    resumed = epoch_end_weights(run_dir)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    # Twice: the second signal does not wait for the step.
+    twice = subprocess.Popen([CLI, "train", str(resume_recipe), "--output", str(run_dir) + "_2"],
+                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    while _newest_step(Path(str(run_dir) + "_2")) < 2 and twice.poll() is None:
+        time.sleep(0.01)
+    twice.send_signal(signal.SIGINT)
+    twice.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    twice.communicate(timeout=60)
+    assert twice.returncode == 130 and time.monotonic() - start < 30

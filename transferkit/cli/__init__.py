@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from transferkit.cli import cache, calibrate, export, inspect, interpolate, rank, runs, train
-from transferkit.errors import UserError
+from transferkit.errors import Interrupted, UserError
 
 # In the order `transferkit --help` lists them.
 COMMANDS = [inspect, train, runs, calibrate, export, interpolate, rank, cache]
@@ -35,3 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"transferkit: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stopped:  # training saved a checkpoint first
+        print(f"transferkit: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("transferkit: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130

@@ -75,9 +75,8 @@ def run_train(args: argparse.Namespace) -> int:
         recipe = resolve_recipe(args.recipe, args.set or [])
     else:
         raise UserError("train needs a RECIPE (or --resume RUN_DIR)")
-    run_dir = train(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite,
-                    device=args.device)  # fmt: skip
-    print(f"run folder: {run_dir}")
+    train(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite,
+          device=args.device)  # it ends by saying where the run folder is  # fmt: skip
     return 0
 
 

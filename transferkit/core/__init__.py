@@ -12,6 +12,7 @@ from transferkit.core.fields import BOUNDS, bounded
 from transferkit.core.image_files import IMAGE_EXTENSIONS, list_image_files, open_image
 from transferkit.core.lazy import lazy_exports
 from transferkit.core.preprocess import DataConfig, Preprocessing
+from transferkit.core.progress import Progress
 from transferkit.core.seeding import derive_seed
 from transferkit.core.task_spec import (
     AUX_SEPARATOR,
@@ -38,6 +39,7 @@ __all__ = [
     "AuxHeadSpec",
     "DataConfig",
     "Preprocessing",
+    "Progress",
     "TaskSpec",
     "bounded",
     "derive_seed",

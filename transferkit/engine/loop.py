@@ -6,7 +6,7 @@ every `train.checkpoint_every` steps, step logging, and the non-finite-loss poli
 
 from __future__ import annotations
 
-import sys
+import signal
 import time
 from collections.abc import Callable
 
@@ -14,16 +14,16 @@ import torch
 from accelerate import Accelerator
 from timm.utils.model_ema import ModelEmaV3
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from transferkit.core import TaskSpec, derive_seed
+from transferkit.core import Progress, TaskSpec, derive_seed
 from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.mixing import TaskMixer
 from transferkit.engine.regularizers import Regularizers
 from transferkit.engine.state import TrainerState
+from transferkit.engine.stopping import StopRequest
 from transferkit.engine.strategies import PlainSum, Strategy
-from transferkit.errors import UserError
+from transferkit.errors import Interrupted, UserError
 from transferkit.recipes import TrainSection
 
 
@@ -46,6 +46,7 @@ class TrainLoop:
         regularizers: Regularizers | None = None,
         ema: ModelEmaV3 | None = None,
         mixer: TaskMixer | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.lr_scheduler, self.tasks, self.cfg, self.seed = lr_scheduler, tasks, cfg, seed
@@ -54,6 +55,7 @@ class TrainLoop:
         self.regularizers = regularizers
         self.forward_module = model  # the compiled model when train.compile is on
         self.ema, self.mixer = ema, mixer  # train.ema, train.mixup
+        self.stop = stop  # Ctrl-C or SIGTERM asked the run to stop at a step boundary
 
     def epoch(self, loader: DataLoader, state: TrainerState) -> dict[str, float | None]:
         acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
@@ -61,10 +63,9 @@ class TrainLoop:
         start, seen, running = time.perf_counter(), 0, None
         totals: dict[str, float] = {}  # per-task weights and gradient cosines, epoch means
         counts: dict[str, int] = {}
-        # The bar only on a terminal: in logs (CI, nohup) it would print a line per update.
-        bar = tqdm(loader, desc=f"epoch {state.epoch}", leave=False,
-                   disable=not acc.is_main_process or not sys.stderr.isatty())  # fmt: skip
-        for batch in bar:
+        progress = Progress(_length(loader), f"epoch {state.epoch}", "batch", acc.is_main_process)
+        stopping = False
+        for batch in loader:
             # Dropout and other in-model randomness depend on the position only, so a run
             # resumed at any step replays them exactly (saved RNG states would not survive the
             # draws that creating a data iterator makes).
@@ -82,7 +83,8 @@ class TrainLoop:
                 penalty = self.regularizers.penalty(batch) if self.regularizers else None
                 if penalty is not None:
                     loss = loss + penalty
-                if not self._finite(loss):
+                finite, stopping = self._check(loss)
+                if not finite:
                     self._nonfinite(losses, state)
                     continue
                 strategy.backward(loss, losses, batch, position, penalty)
@@ -95,9 +97,8 @@ class TrainLoop:
                     strategy.after_step(batch)
             seen += batch["index"].shape[0] * acc.num_processes
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-            bar.set_postfix(
-                loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
-            )
+            rate = seen / (time.perf_counter() - start)
+            progress.update(1, loss=f"{running:.4f}", images_per_s=f"{rate:.0f}")
             if not acc.sync_gradients:
                 continue
             state.step += 1
@@ -123,10 +124,15 @@ class TrainLoop:
                     },
                     step=state.step,
                 )
-            if self.checkpoint and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            saved = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
+            if self.checkpoint and saved:
                 self.checkpoint(state)
+            if stopping:
+                progress.close()
+                self._stopped(state, saved)
             if cfg.max_steps and state.step >= cfg.max_steps:
                 break
+        progress.close()
         elapsed = time.perf_counter() - start
         strategy.end_epoch()
         return {
@@ -136,12 +142,23 @@ class TrainLoop:
             **{k: round(v / counts[k], 6) for k, v in totals.items()},
         }
 
-    def _finite(self, loss) -> bool:
-        # Every process must take the same decision, or DDP's all-reduce would hang.
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
-        return bool(
-            self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes
-        )
+    def _check(self, loss) -> tuple[bool, bool]:
+        """Whether every process's loss is finite, and whether any was asked to stop: one
+        reduction, so that every process takes the same decisions (or DDP's all-reduce would
+        hang on the one that went another way)."""
+        asked = float(bool(self.stop and self.stop.signum))
+        flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
+                             loss.new_tensor(asked, dtype=torch.float32)])  # fmt: skip
+        finite, stopping = self.accelerator.reduce(flags, reduction="sum").tolist()
+        return finite == self.accelerator.num_processes, stopping > 0
+
+    def _stopped(self, state: TrainerState, saved: bool) -> None:
+        """Stop at this step boundary: save a checkpoint here (unless one was just saved) and
+        raise `Interrupted`; a resume continues from this very step."""
+        if self.checkpoint and not saved:
+            self.checkpoint(state)
+        signum = (self.stop.signum if self.stop else 0) or signal.SIGINT  # another process's
+        raise Interrupted(signum, state.step, state.epoch)
 
     def _nonfinite(self, losses: dict, state: TrainerState) -> None:
         bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
@@ -157,3 +174,10 @@ class TrainLoop:
         self.strategy.discard()
         if self.accelerator.is_main_process:
             print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length
+        return None

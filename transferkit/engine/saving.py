@@ -3,13 +3,44 @@ adapter's own files), the model card, and what each epoch's record says about it
 
 from __future__ import annotations
 
+import errno
+import shutil
+
 import torch
 from accelerate.utils import DistributedType
 
 from transferkit.engine.build import RunSetup
 from transferkit.engine.ema import monitored
+from transferkit.errors import UserError
 from transferkit.models import adapter_state
 from transferkit.rundir import ModelInfo, RunDir, render_card
+
+# How a full disk shows itself: OSError's errno, safetensors' message (os error 28), torch.save's
+# ("PytorchStreamWriter failed writing file ...: file write failed").
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28",
+                    "file write failed")  # fmt: skip
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+        return True
+    return any(words in str(err) for words in _DISK_FULL_WORDS)
+
+
+def disk_full_error(run_dir: RunDir) -> UserError:
+    """One line: the folder, about how much a checkpoint takes, and that the last one is kept."""
+    checkpoints = run_dir.checkpoints()
+    if checkpoints:
+        size = sum(f.stat().st_size for f in checkpoints[-1].rglob("*") if f.is_file())
+        need, kept = f"about {size / 2**20:.0f} MB a checkpoint", f"({checkpoints[-1].name}) "
+    else:
+        need, kept = "room for the first checkpoint", ""
+    return UserError(
+        f"no space left on the device of {run_dir.path} ({need}, "
+        f"{shutil.disk_usage(run_dir.path).free / 2**20:.0f} MB free); the last complete "
+        f"checkpoint {kept}is kept: free some space, then continue with --resume {run_dir.path}"
+    )
 
 
 def save_model(run: RunSetup, run_dir: RunDir, epoch: int) -> None:

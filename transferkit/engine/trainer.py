@@ -19,10 +19,13 @@ from the epoch; `TrainerState` (state.py) is the loop's position and the best ep
 from __future__ import annotations
 
 import contextlib
+import signal
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -34,11 +37,19 @@ from transferkit.engine.ema import monitored
 from transferkit.engine.evaluation import evaluate
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.phases import enter_phase
-from transferkit.engine.saving import card_facts, footprint, save_model, write_card
+from transferkit.engine.saving import (
+    card_facts,
+    disk_full_error,
+    footprint,
+    is_disk_full,
+    save_model,
+    write_card,
+)
 from transferkit.engine.state import TrainerState
-from transferkit.errors import UserError
+from transferkit.engine.stopping import StopRequest
+from transferkit.errors import Interrupted, UserError
 from transferkit.recipes import Recipe, ResolvedRecipe, save_recipe
-from transferkit.rundir import RunDir, checkpoint_name
+from transferkit.rundir import RunDir, checkpoint_name, render_curves
 
 
 def train(
@@ -63,9 +74,10 @@ def train(
         recipe, written = recipe.recipe, recipe.written
     else:
         written = RunDir(resume).as_written(recipe) if resume else recipe
+    started = time.perf_counter()
     run_dir = RunDir(resume or output or f"{recipe.output_dir}/{recipe.name}")
     acc = make_accelerator(recipe, run_dir, device)
-    with _claimed(acc, run_dir, bool(resume), overwrite):
+    with _claimed(acc, run_dir, bool(resume), overwrite), StopRequest() as stop:
         run = build_run(recipe, acc)
         main = acc.is_main_process
         if main:
@@ -77,20 +89,41 @@ def train(
             if main:
                 run_dir.truncate_records(state.epoch if state.epoch_done else state.epoch - 1)
                 print(f"resumed from {path} (epoch {state.epoch}, step {state.step})")
-        stopped = _epochs(run, run_dir, state)
-        # The main process decides (other machines may not see its folder), and all take part:
-        # under FSDP every process joins in gathering the weights.
-        if broadcast_object_list([main and not run_dir.has_model()])[0]:
-            save_model(run, run_dir, state.epoch)
-        acc.wait_for_everyone()
-        if main:  # last: only now does the folder count as a finished run
-            summary = {"stopped": stopped, "monitor": monitored(run.monitor, run.cfg.ema),
-                       "best": state.best, "best_epoch": state.best_epoch,
-                       "epochs": state.epoch + 1, "steps": state.step, "card": card_facts(run)}  # fmt: skip
-            write_card(run_dir, summary)
-            run_dir.mark_complete(summary)
+        try:
+            _train_and_finish(run, run_dir, state, stop, started)
+        except Interrupted as interrupted:  # a checkpoint was saved: say how to continue
+            interrupted.run_dir = str(run_dir.path)
+            acc.end_training()
+            raise
+        except Exception as err:
+            if is_disk_full(err):  # the atomic checkpoints keep the last complete one
+                raise disk_full_error(run_dir) from None
+            raise
         acc.end_training()
     return run_dir.path
+
+
+def _train_and_finish(
+    run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopRequest, started: float
+) -> None:
+    """The epochs, then what a finished run writes: its model (if no epoch saved one), the
+    model card, curves.png and, last, complete.json; and a summary on the console."""
+    acc, main = run.accelerator, run.accelerator.is_main_process
+    stopped = _epochs(run, run_dir, state, stop)
+    # The main process decides (other machines may not see its folder), and all take part:
+    # under FSDP every process joins in gathering the weights.
+    if broadcast_object_list([main and not run_dir.has_model()])[0]:
+        save_model(run, run_dir, state.epoch)
+    acc.wait_for_everyone()
+    if main:  # last: only now does the folder count as a finished run
+        summary = {"stopped": stopped, "monitor": monitored(run.monitor, run.cfg.ema),
+                   "best": state.best, "best_epoch": state.best_epoch,
+                   "epochs": state.epoch + 1, "steps": state.step,
+                   "seconds": round(time.perf_counter() - started, 1), "card": card_facts(run)}  # fmt: skip
+        write_card(run_dir, summary)
+        curves = _draw_curves(run_dir, summary["monitor"])
+        run_dir.mark_complete(summary)
+        print(_ending(run_dir, summary, curves))
 
 
 @contextlib.contextmanager
@@ -145,8 +178,9 @@ def _check_folder(run_dir: RunDir, resume: bool, overwrite: bool) -> None:
     run_dir.clear()
 
 
-def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState) -> str:
-    """Train from `state` to the last epoch (or an earlier stop); returns why it stopped."""
+def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopRequest) -> str:
+    """Train from `state` to the last epoch (or an earlier stop); returns why it stopped, or
+    raises `Interrupted` when a signal asked the run to stop (`stop`)."""
     acc, cfg, schedule = run.accelerator, run.cfg, run.schedule
     main = acc.is_main_process
     first_epoch, resume_batches = state.next_epoch, state.batches_done
@@ -154,7 +188,8 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState) -> str:
     loop = TrainLoop(accelerator=acc, model=run.model, optimizer=run.optimizer,
                      lr_scheduler=run.lr_scheduler, tasks=run.tasks, cfg=cfg,
                      seed=run.recipe.seed, strategy=run.strategy, checkpoint=checkpoint,
-                     regularizers=run.regularizers, ema=run.ema, mixer=run.mixer)  # fmt: skip
+                     regularizers=run.regularizers, ema=run.ema, mixer=run.mixer,
+                     stop=stop)  # fmt: skip
     monitor = monitored(run.monitor, cfg.ema)  # the EMA's metric when it is the final model
     current_phase, loaders = None, (run.train_loader, run.val_loader)
     for epoch in range(first_epoch, cfg.epochs):
@@ -201,6 +236,8 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState) -> str:
             save_model(run, run_dir, epoch)
         if cfg.max_steps and state.step >= cfg.max_steps:
             return "max_steps"
+        if epoch + 1 < cfg.epochs and _agreed(acc, stop):  # asked between two epochs' steps
+            raise Interrupted(stop.signum or signal.SIGINT, state.step, epoch)
         if early and state.bad_epochs >= early.patience:
             if main:
                 print(f"early stopping: {monitor} has not improved for {state.bad_epochs} epochs")
@@ -220,6 +257,39 @@ def _record_start(run: RunSetup, run_dir: RunDir, written: Recipe, resumed: bool
         print(
             f"skipped {len(run.skipped_images)} unreadable images (listed in {run_dir.skipped_images_path})"
         )
+
+
+def _agreed(acc: Accelerator, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop (every process decides the same)."""
+    asked = torch.tensor([float(bool(stop.signum))], device=acc.device)
+    return bool(acc.reduce(asked, reduction="sum").item() > 0)
+
+
+def _draw_curves(run_dir: RunDir, monitor: str) -> Path | None:
+    """curves.png; a plot that cannot be drawn must not fail a trained run."""
+    try:
+        return render_curves(run_dir, monitor)
+    except Exception as err:  # noqa: BLE001 - matplotlib or file errors: say so and go on
+        print(f"warning: {run_dir.curves_path} not drawn: {type(err).__name__}: {err}")
+        return None
+
+
+def _ending(run_dir: RunDir, summary: dict, curves: Path | None) -> str:
+    """What a finished run says last: how long it took, its best epoch, its last metrics."""
+    minutes, seconds = divmod(round(summary["seconds"]), 60)
+    took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    lines = [f"done in {took}: {summary['epochs']} epochs, {summary['steps']} steps "
+             f"({summary['stopped'].replace('_', ' ')})"]  # fmt: skip
+    if summary["best"] is not None:
+        lines.append(f"best: epoch {summary['best_epoch']}, {summary['monitor']} "
+                     f"{summary['best']:.4f} (the saved model)")  # fmt: skip
+    last = run_dir.records()[-1] if run_dir.records() else {}
+    shown = [f"{k} {v:.4f}" for k, v in last.items()
+             if k.startswith("val/") and not k.endswith("/count") and isinstance(v, float)]  # fmt: skip
+    if shown:
+        lines.append(f"last epoch ({last['epoch']}): " + " | ".join(shown))
+    lines.append(f"run folder: {run_dir.path}" + (f" (curves: {curves.name})" if curves else ""))
+    return "\n".join(lines)
 
 
 def _summary(record: dict) -> str:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.core import Progress
 from transferkit.errors import UserError
 from transferkit.models import Backbone
 
@@ -166,9 +167,10 @@ def interleave(shards: list[torch.Tensor], count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_features(backbone: Backbone, dataset, rows: range, store, batch_size: int,
-                     num_workers: int, device: torch.device) -> torch.Tensor:  # fmt: skip
-    """Run the backbone over `rows` of `dataset` into `store`, one batch at a time; returns the
-    dataset row each stored feature came from."""
+                     num_workers: int, device: torch.device, show: bool = True) -> torch.Tensor:  # fmt: skip
+    """Run the backbone over `rows` of `dataset` into `store`, one batch at a time (with a bar,
+    or a line every half minute in a log, when `show`); returns the dataset row each stored
+    feature came from."""
     from transferkit.data import collate
 
     subset = rows != range(len(dataset))
@@ -177,10 +179,13 @@ def compute_features(backbone: Backbone, dataset, rows: range, store, batch_size
         batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
     )  # fmt: skip
     order = []
+    progress = Progress(len(rows), "caching features", "img", enabled=show)
     for batch in loader:
         # Not bound to a name: the chunk is freed once stored, before the next one is computed.
         store.append(backbone(batch["image"].to(device)).float().cpu(), batch["index"])
         order.append(batch["index"])
+        progress.update(len(batch["index"]))
+    progress.close()
     # Position k holds sample k; its row differs only when an unreadable image was replaced by
     # the next readable one, whose targets then go with it, as on the image path.
     return torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
@@ -216,7 +221,8 @@ def build_cache(
     on_disk = count * width * 4 / 1e9 > max_gb
     shard_dir = disk_dir / shard_name(rank, processes) if processes > 1 else disk_dir
     store = ArrowStore(shard_dir, width) if on_disk else _MemoryStore(len(mine), width)
-    rows = compute_features(backbone, dataset, mine, store, batch_size, num_workers, device)
+    rows = compute_features(backbone, dataset, mine, store, batch_size, num_workers, device,
+                            show=rank == 0)  # fmt: skip
     stored = store.finish()
     if processes > 1:
         stored, rows = _combine(stored, rows, count, disk_dir, accelerator)

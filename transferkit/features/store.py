@@ -356,7 +356,8 @@ def shared_cache(store: FeatureStore, backbone, backbone_id: str, dataset, batch
         try:
             writer = ArrowStore(store.path(key) / shard_name(rank, processes), width)
             mine = shard_rows(count, rank, processes)
-            compute_features(backbone, dataset, mine, writer, batch_size, num_workers, device)
+            compute_features(backbone, dataset, mine, writer, batch_size, num_workers, device,
+                             show=rank == 0)  # fmt: skip
             writer.close()
             if processes > 1:
                 accelerator.wait_for_everyone()  # every shard is complete

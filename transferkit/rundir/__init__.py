@@ -2,6 +2,7 @@
 `model.json`, and `render_card` writes the model card (`README.md`) from both."""
 
 from transferkit.rundir.card import render_card
+from transferkit.rundir.curves import render_curves
 from transferkit.rundir.folder import (
     CHECKPOINT_STATE,
     EXPORTED,
@@ -21,4 +22,5 @@ __all__ = [
     "RunDir",
     "checkpoint_name",
     "render_card",
+    "render_curves",
 ]

@@ -14,6 +14,8 @@ A run folder holds:
     model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
     wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
     reliability.png        written by `transferkit calibrate` (temperatures go into model.json)
+    curves.png             loss and validation metrics per epoch, drawn when training ends
+    .lock                  held by the process training into the folder
 
 `model.json` appears after the first epoch and is replaced when the monitored metric improves,
 so it means "best so far"; only `complete.json` means "finished". Trainer, eval, predict,
@@ -64,6 +66,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 WISE_FT = "wise_ft"  # .json and .png: the WiSE-FT curve of `transferkit interpolate`
 RELIABILITY = "reliability.png"  # `transferkit calibrate`: reliability diagram, before/after
+CURVES = "curves.png"  # loss and validation metrics per epoch, drawn when a run ends
 
 
 def checkpoint_name(step: int, epoch_end: bool) -> str:
@@ -144,6 +147,10 @@ class RunDir:
     @property
     def reliability_path(self) -> Path:
         return self.path / RELIABILITY
+
+    @property
+    def curves_path(self) -> Path:
+        return self.path / CURVES
 
     # ---- who trains into it
     @contextlib.contextmanager
