@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -54,3 +54,6 @@ bench-quality: setup
 # LP-FT against peft adapters and fine-tuning regularizers on the digits (docs/transfer_methods.md).
 bench-transfer: setup
 	$(BIN)/python -m bench.transfer_methods
+# A regression target in its own units, learned raw or standardized (docs/training_features.md).
+bench-standardize: setup
+	$(BIN)/python -m bench.standardize

@@ -175,3 +175,16 @@ def test_paired_table_counts_each_draw_against_the_loop(monkeypatch):
     assert "| 5 | 3 | +0.0 | 2.9 | 1 / 1 / 1 |" in paired_table(
         rows, "ImageNet LP-FT", HAND_WRITTEN
     )
+
+
+@pytest.mark.slow  # two short LP-FT runs of EfficientNet-Lite0: about 25 s
+def test_standardize_bench_quick_compares_raw_and_standardized(tmp_path):
+    from bench import standardize
+
+    report = standardize.main(["--quick", "--out", str(tmp_path)])
+    runs = report["results"]["10"]
+    assert len(runs["raw"]) == len(runs["standardized"]) == 1
+    assert set(standardize.METRICS) <= set(runs["raw"][0])
+    table = (tmp_path / "standardize.md").read_text()
+    assert "| 10 | val/ink/r2 |" in table and (tmp_path / "standardize.json").is_file()
+    assert not list(tmp_path.glob("*_work"))  # the runs were left in a temporary folder

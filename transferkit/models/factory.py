@@ -9,6 +9,7 @@ import torch
 from transferkit.errors import UserError
 from transferkit.models.backbone import Backbone
 from transferkit.models.foreign import KeyMapping
+from transferkit.models.offline import AUTO_WEIGHTS, resolve_auto_weights
 
 SOURCES = ("timm", "torchvision")
 
@@ -47,8 +48,8 @@ def create_backbone(
             torchvision names a weights enum member (`resnet50.IMAGENET1K_V2`).
         weights: `None` (random init), `"pretrained"` (the library's hub or cache; for timm models
             listed in `packaged.PACKAGED`, an installed package's checkpoint when the cache has
-            none), or a local file (`.safetensors`, `.pth`, `.bin`, or a backbone saved by
-            `Backbone.save`).
+            none), `"auto"` (pretrained where they load offline, else random: `offline.py`), or a
+            local file (`.safetensors`, `.pth`, `.bin`, or a backbone saved by `Backbone.save`).
         device: build on this device; `"meta"` gives the structure only, without memory, which is
             what `transferkit inspect` uses for large models without weights.
         key_mapping: the layout of a weights file written by another codebase: a name in
@@ -58,6 +59,8 @@ def create_backbone(
             torchvision `image_size=64` for ViTs, `drop_path_rate=0.1`).
     """
     source, name = parse_backbone_name(spec)
+    if weights == AUTO_WEIGHTS:  # pretrained where they load offline, else random
+        weights = resolve_auto_weights(spec, weights)[0]
     weights = normalize_weights(weights)
     if key_mapping is not None and weights in (None, "pretrained"):
         raise UserError(f"key_mapping applies to a weights file, but weights is {weights!r}")
