@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 
-import pytest
 from conftest import QUICK, ROOT
 
 from transferkit.core import Progress
