@@ -11,7 +11,7 @@ def short(value: dict) -> str:
         return f"{value['label']} ({value['score']:.2f})"
     if "value" in value:
         return str(value["value"])
-    return ",".join(map(str, value.get("labels", [])))
+    return ",".join(map(str, value.get("labels", []))) or "-"  # "-": none of the labels
 
 
 def fmt(values) -> str:

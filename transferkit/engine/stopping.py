@@ -20,6 +20,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -32,6 +33,8 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            return  # a data-loader worker (forked with this handler): the run decides, not it
         if self.signum:  # the second: no more waiting
             os._exit(128 + signum)
         self.signum = signum
