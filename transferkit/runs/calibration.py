@@ -21,12 +21,11 @@ from torch.utils.data import DataLoader
 
 from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import compute_metrics, task_metrics, update_metrics
-from transferkit.runs.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
 from transferkit.inference import AdjustedModel, load, resolve_device
-from transferkit.models import TaskSpec
-from transferkit.models import probabilities
+from transferkit.models import TaskSpec, probabilities
 from transferkit.rundir import RunDir
+from transferkit.runs.evaluate import check_tasks, eval_split
 
 
 def nll(task: TaskSpec, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader
 
 from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import compute_metrics, task_metrics, update_metrics
-from transferkit.models import probabilities
-from transferkit.runs.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
 from transferkit.inference import Run, describe_prediction
 from transferkit.inference import load as load_run
+from transferkit.models import probabilities
 from transferkit.rundir import RunDir
+from transferkit.runs.evaluate import check_tasks, eval_split
 
 
 def _load_members(run_dirs: list[str | Path]) -> list[Run]:
@@ -99,8 +99,7 @@ def evaluate_ensemble(
         for run in members.values()
     ]
     collections = {
-        who: {t: task_metrics(spec) for t, spec in tasks.items()}
-        for who in [*members, "ensemble"]
+        who: {t: task_metrics(spec) for t, spec in tasks.items()} for who in [*members, "ensemble"]
     }
     for batches in zip(*loaders):
         targets, masks = batches[0]["targets"], batches[0]["mask"]
@@ -113,7 +112,12 @@ def evaluate_ensemble(
         for who, values in predictions.items():
             for t, spec in tasks.items():
                 update_metrics(
-                    collections[who][t], spec, values[t], targets[t], masks[t], are_probabilities=True
+                    collections[who][t],
+                    spec,
+                    values[t],
+                    targets[t],
+                    masks[t],
+                    are_probabilities=True,
                 )
     return {
         who: {t: compute_metrics(c) for t, c in per_task.items()}

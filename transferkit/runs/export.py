@@ -26,13 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferkit.core import VERSION, Preprocessing
 from transferkit.errors import UserError
-from transferkit.inference import Run
+from transferkit.inference import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    METADATA_KEY,
+    Run,
+    image_files,
+    load_onnx,
+    read_image,
+)
 from transferkit.inference import load as load_run
 from transferkit.models import merge_adapters
-from transferkit.inference import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, load_onnx
-from transferkit.inference import image_files, read_image
-from transferkit.core import VERSION, Preprocessing
 from transferkit.rundir import EXPORTED, RunDir
 
 FORMATS = tuple(EXPORTED)  # onnx, torchscript, exported-program

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transferkit.errors import UserError
-from transferkit.rundir import render_card
-from transferkit.rundir import LOCAL_ONLY, TRAINING_ONLY, RunDir
+from transferkit.rundir import LOCAL_ONLY, TRAINING_ONLY, RunDir, render_card
 
 # Leftovers of interrupted atomic writes never leave the machine.
 IGNORE_PATTERNS = [f"{name}/*" for name in TRAINING_ONLY] + [*LOCAL_ONLY, "*.tmp", "*.parts/*"]

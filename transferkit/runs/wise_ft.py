@@ -26,15 +26,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from transferkit.core import LOWER_IS_BETTER
 from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import evaluate
-from transferkit.runs.evaluate import check_tasks, eval_split
 from transferkit.errors import UserError
 from transferkit.inference import Run, load, resolve_device
-from transferkit.models import create_backbone
-from transferkit.models import merge_adapters
-from transferkit.core import LOWER_IS_BETTER
+from transferkit.models import create_backbone, merge_adapters
 from transferkit.rundir import RunDir
+from transferkit.runs.evaluate import check_tasks, eval_split
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
