@@ -225,3 +225,22 @@ def test_the_checkers_see_what_they_forbid(tmp_path):
     face = tmp_path / "face.py"
     face.write_text("_WHERE = {'x': 'transferkit.runs.export', 'y': 'transferkit.runs.export'}\n")
     assert _lazy_targets(face) == ["transferkit.runs.export"]
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A source file that .gitignore matches never reaches a clone: `runs/` once hid the whole
+    of `transferkit/runs/`'s new modules, and only a fresh clone could tell."""
+    import shutil
+    import subprocess
+
+    root = PACKAGE.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout (an installed copy): nothing can be ignored here")
+    files = [str(p.relative_to(root)) for folder in (PACKAGE, root / "tests", root / "bench")
+             for p in folder.rglob("*.py") if "__pycache__" not in p.parts]  # fmt: skip
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(files),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert found.stdout.split() == [], "ignored by .gitignore: fix the pattern, not the file"
+    assert "transferkit/runs/evaluate.py" in files
