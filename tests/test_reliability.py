@@ -297,6 +297,8 @@ def test_a_stop_request_saves_at_the_step_and_resumes_exactly(workdir, monkeypat
     assert [r["epoch"] for r in run.records()] == [0, 1, 2]
     resumed, expected = epoch_end_weights(run.path), epoch_end_weights(whole.path)
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    # Identical tensors and metadata, identical bytes: a resumed run's model hashes the same.
+    assert run.weights_path.read_bytes() == whole.weights_path.read_bytes()
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(workdir, monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ exported ONNX model can be described, preprocessed and predicted where torch is 
 - `preprocess`: a backbone's preprocessing (`DataConfig`) and eval preprocessing in NumPy;
 - `image_files`: finding and decoding image files the same way everywhere;
 - `fields`: numeric bounds on recipe fields; `seeding`: seeds derived from positions;
+- `stable_bytes`: safetensors files whose bytes depend only on what they hold;
 - `lazy`: package faces that import their modules on first use.
 """
 
@@ -14,6 +15,7 @@ from transferkit.core.lazy import lazy_exports
 from transferkit.core.preprocess import DataConfig, Preprocessing
 from transferkit.core.progress import Progress
 from transferkit.core.seeding import derive_seed
+from transferkit.core.stable_bytes import sort_safetensors_metadata
 from transferkit.core.task_spec import (
     AUX_SEPARATOR,
     CLASSIFICATION_METRICS,
@@ -46,5 +48,6 @@ __all__ = [
     "lazy_exports",
     "list_image_files",
     "open_image",
+    "sort_safetensors_metadata",
     "task_of",
 ]

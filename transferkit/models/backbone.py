@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from transferkit.core import DataConfig
+from transferkit.core import DataConfig, sort_safetensors_metadata
 from transferkit.errors import UserError
 from transferkit.models.freezing import FreezeSpec, is_norm_layer
 
@@ -251,3 +251,4 @@ class Backbone(nn.Module):
         }
         # save_model de-duplicates tied tensors, which safetensors cannot store twice.
         save_model(self.model, str(path), metadata=metadata, force_contiguous=True)
+        sort_safetensors_metadata(path)

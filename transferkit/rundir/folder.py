@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from transferkit.core import sort_safetensors_metadata
 from transferkit.errors import UserError
 from transferkit.rundir.info import ModelInfo
 
@@ -293,6 +294,7 @@ class RunDir:
             "transferkit.data_config": json.dumps(info.data_config.to_dict()),
         }
         save_safetensors(model, str(tmp_weights), metadata=metadata)
+        sort_safetensors_metadata(tmp_weights)  # identical models, identical bytes
         tmp_weights.replace(self.weights_path)
         self._write_info(info)
 
@@ -310,6 +312,7 @@ class RunDir:
         self.adapter_dir.mkdir(exist_ok=True)
         tmp = self.adapter_dir / (ADAPTER_WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
+        sort_safetensors_metadata(tmp)
         tmp.replace(self.adapter_dir / ADAPTER_WEIGHTS)
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         _write_atomic(self.adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str))
