@@ -70,13 +70,33 @@ def test_multitask_timm_run_exports_to_onnx_and_predicts_the_same(
     model = onnx.load(str(path))
     assert [o.name for o in model.graph.output] == ["digit", "parity", "ink"]
     info = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
-    assert info["preprocessing"]["size"] == 32 and info["batch_size"] == 1
+    assert info["preprocessing"]["size"] == 32 and info["batch_size"] is None  # any batch
     assert [t["name"] for t in info["tasks"]] == ["digit", "parity", "ink"]
     assert info["tasks"][1]["class_names"] == ["even", "odd"]
 
-    images = _images(workdir)  # the fixed-batch file runs them in batches of one
-    exported = transferkit.load(path).predict(images)
-    reference = transferkit.load(multitask_run).predict(images)
+    images = _images(workdir)
+    loaded = transferkit.load(path)
+    assert loaded.session.get_inputs()[0].shape[0] == "batch"
+    _assert_same_predictions(
+        loaded.predict(images), transferkit.load(multitask_run).predict(images)
+    )
+
+    # --static-batch: a graph for one image, which predict feeds one image at a time.
+    static = multitask_run / "static.onnx"
+    assert main(["export", str(multitask_run), "--static-batch", "--output", str(static)]) == 0
+    loaded = transferkit.load(static)
+    assert loaded.info["batch_size"] == 1 and loaded.session.get_inputs()[0].shape[0] == 1
+    _assert_same_predictions(
+        loaded.predict(images), transferkit.load(multitask_run).predict(images)
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse: the two ask for opposite graphs
+        main(["export", str(multitask_run), "--static-batch", "--dynamic-batch"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def _assert_same_predictions(exported: list[dict], reference: list[dict]) -> None:
+    assert len(exported) == len(reference) == 5
     for got, want in zip(exported, reference):
         assert got["digit"]["label"] == want["digit"]["label"]
         assert got["parity"]["label"] == want["parity"]["label"]

@@ -15,9 +15,13 @@ def register(sub) -> None:
     export.add_argument("run_dir")
     export.add_argument("--format", default="onnx", choices=list(EXPORTED))
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    export.add_argument(
-        "--dynamic-batch", action="store_true", help="any batch size (default: one image)"
-    )
+    batch = export.add_mutually_exclusive_group()
+    batch.add_argument(
+        "--static-batch", action="store_true",
+        help="a graph for exactly one image (default: any batch size)",
+    )  # fmt: skip
+    # Before any batch size was the default it had to be asked for; old commands still run.
+    batch.add_argument("--dynamic-batch", action="store_true", help=argparse.SUPPRESS)
     export.add_argument("--output", metavar="FILE", help="default: RUN_DIR/" + EXPORTED["onnx"])
     export.add_argument(
         "--include-aux", action="store_true", help="also export the auxiliary heads' outputs"
@@ -46,7 +50,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     result = export_run(
         args.run_dir, args.format, output=args.output, opset=args.opset,
-        dynamic_batch=args.dynamic_batch, include_aux=args.include_aux,
+        dynamic_batch=not args.static_batch, include_aux=args.include_aux,
         tolerance=args.tolerance, images=args.images, parity_images=args.parity_images,
     )  # fmt: skip
     size = result.path.stat().st_size / 2**20

@@ -62,7 +62,7 @@ class OnnxRun(Predictor):
     def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs of a preprocessed float32 batch `[N, 3, H, W]`, by output name.
 
-        A graph exported without --dynamic-batch takes exactly its batch size: the batch runs
+        A graph exported with --static-batch takes exactly its batch size: the batch runs
         in chunks of that size, the last one padded with zeros (and the padding dropped).
         """
         names = [o.name for o in self.session.get_outputs()]

@@ -78,7 +78,7 @@ def export_run(
     fmt: str = "onnx",
     output: str | Path | None = None,
     opset: int | None = None,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     include_aux: bool = False,
     tolerance: float | None = None,
     images: str | Path | None = None,
@@ -87,7 +87,7 @@ def export_run(
     """Export a run's model (the best epoch's) and check it; see the module docstring.
 
     `images`: a file or folder of images for the parity check, instead of the run's
-    validation data. `dynamic_batch`: any batch size; otherwise the file takes one image.
+    validation data. `dynamic_batch` (default): any batch size; False: the file takes exactly one image.
     `tolerance` (default 1e-3) and `parity_images` (default 8): the parity check's.
     """
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
