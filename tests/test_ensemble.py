@@ -103,3 +103,65 @@ def test_mismatched_runs_are_clear_errors(members, source_run, workdir, monkeypa
     with pytest.raises(UserError, match="--soup: .* started from random weights"):
         evaluate_ensemble([members[0], str(scratch)], with_soup=True)
     assert main(["ensemble", members[0], "--eval"]) == 2
+
+
+def test_the_greedy_path_adds_a_member_only_when_the_soup_improves():
+    """On plain numbers: best member first; a candidate goes in only on strict improvement."""
+    from transferkit.runs import greedy_path
+
+    soups = {(1, 0): 0.92, (1, 0, 2): 0.91, (1, 0, 3): 0.95}
+    chosen, steps = greedy_path(
+        ["a", "b", "c", "d"], [0.8, 0.9, 0.7, 0.6], lambda idx: soups[tuple(idx)]
+    )
+    assert chosen == [1, 0, 3]
+    assert [(s.run, s.soup, s.added) for s in steps] == [
+        ("b", 0.9, True), ("a", 0.92, True), ("c", 0.91, False), ("d", 0.95, True),
+    ]  # fmt: skip
+    # Lower is better (an error): the smallest first; a tie or NaN is no improvement.
+    chosen, steps = greedy_path(
+        ["a", "b", "c"], [3.0, 1.0, 2.0], lambda idx: {2: 1.0, 0: float("nan")}[idx[-1]],
+        lower_is_better=True,
+    )  # fmt: skip
+    assert chosen == [1] and [s.run for s in steps] == ["b", "c", "a"]
+    assert not any(s.added for s in steps[1:])
+
+
+def test_a_greedy_soup_reports_its_path_and_saves_a_model(members, workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    saved = workdir / "ens" / "greedy_soup"
+    args = ["ensemble", *members, "--eval", "--soup", "greedy", "--save-soup", str(saved)]
+    assert main([*args, "--json"]) == 0
+    out = capsys.readouterr()
+    results = json.loads(out.out)
+    assert f"wrote the greedy soup to {saved}" in out.err
+    path = results["greedy path"]
+    assert path["by"] == "digit/accuracy" and not path["lower_is_better"]
+    alone = {m: results[m]["digit"]["accuracy"] for m in members}
+    steps = path["steps"]
+    assert [s["run"] for s in steps] == sorted(members, key=lambda m: -alone[m])
+    assert steps[0]["added"] and [s["run"] for s in steps if s["added"]] == path["ingredients"]
+    # Each accepted step beats the soup before it, so the soup is at least the best member.
+    kept = [s["soup"] for s in steps if s["added"]]
+    assert kept == sorted(kept) and len(set(kept)) == len(kept)
+    soup_accuracy = results["greedy soup"]["digit"]["accuracy"]
+    assert soup_accuracy == pytest.approx(kept[-1]) and soup_accuracy >= max(alone.values())
+    # The saved soup is a model folder: eval reads it and finds the same metrics.
+    from transferkit.rundir import RunDir
+    from transferkit.runs import evaluate_run
+
+    assert RunDir(saved).info().soup == {"kind": "greedy", "ingredients": path["ingredients"]}
+    again = evaluate_run(saved, device="cpu")
+    assert again["validation/digit/accuracy"] == pytest.approx(soup_accuracy, abs=1e-6)
+    assert main(args) == 0  # the table, for reading
+    assert "greedy soup by digit/accuracy (higher is better)" in capsys.readouterr().out
+
+
+def test_a_run_souped_with_itself_is_not_added_twice(members, workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    results = evaluate_ensemble([members[0], members[0]], with_soup="greedy")
+    assert results["greedy path"]["ingredients"] == [members[0]]
+    assert results["greedy soup"] == results[members[0]]
+    with pytest.raises(UserError, match="--save-soup needs --soup"):
+        evaluate_ensemble(members[:2], save_soup=workdir / "x")
+    with pytest.raises(UserError, match="another folder than the members'"):
+        evaluate_ensemble(members[:2], with_soup="greedy", save_soup=members[1])

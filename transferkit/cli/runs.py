@@ -74,8 +74,14 @@ def register(sub) -> None:
     ens.add_argument("--split", default="validation")
     ens.add_argument("--data", help="other data with the same columns")
     ens.add_argument(
-        "--soup", action="store_true", help="also evaluate the average of the members' weights"
-    )
+        "--soup", nargs="?", const="uniform", choices=["uniform", "greedy"],
+        help="also evaluate a weight soup: uniform (the default: every member's weights averaged) "
+        "or greedy (best first, each member added only if the soup's validation score improves)",
+    )  # fmt: skip
+    ens.add_argument(
+        "--save-soup", metavar="DIR",
+        help="write the soup as a model folder (eval, predict and export read it)",
+    )  # fmt: skip
     ens.add_argument("--output", help="folder for ensemble_report.md and .json")
     ens.add_argument("--json", action="store_true")
     ens.set_defaults(func=run_ensemble)
@@ -166,7 +172,12 @@ def run_ensemble(args: argparse.Namespace) -> int:
         results = [{"image": name, **p} for (name, _), p in zip(inputs, predictions)]
         _print_predictions(results, args.json)
         return 0
-    results = evaluate_ensemble(args.runs, args.split, args.data, args.soup)
+    results = evaluate_ensemble(
+        args.runs, args.split, args.data, with_soup=args.soup or False, save_soup=args.save_soup
+    )
+    if args.save_soup:  # beside the JSON on stdout, not in it
+        print(f"wrote the {args.soup} soup to {args.save_soup}",
+              file=sys.stderr if args.json else sys.stdout)  # fmt: skip
     if args.output:
         write_ensemble_report(results, Path(args.output))
     print(json.dumps(results, indent=2) if args.json else ensemble_report(results))

@@ -1,7 +1,8 @@
 """`model.json` as a type: what rebuilds a run's model and its preprocessing, which epoch the
 weights are from, and how eval and predict adjust it (test-time views, temperatures).
 
-Written by the trainer, updated by `calibrate`, read by inference, the model card, ensembles,
+Written by the trainer, updated by `calibrate`, written for mixes and soups by `interpolate
+--save` and `ensemble --save-soup`, read by inference, the model card, ensembles,
 WiSE-FT and export. Torch-free. Files written before a key existed read with its old meaning
 (no adapter, no EMA, no test-time views, flips allowed, no temperatures).
 """
@@ -14,7 +15,7 @@ from typing import Any
 from transferkit.core import AuxHeadSpec, DataConfig, TaskSpec
 from transferkit.errors import UserError
 
-_ONLY_WHEN_SET = ("temperatures", "calibration", "wise_ft")
+_ONLY_WHEN_SET = ("temperatures", "calibration", "wise_ft", "soup")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,7 @@ class ModelInfo:
     temperatures: dict[str, float] = field(default_factory=dict)  # `transferkit calibrate`
     calibration: dict[str, Any] | None = None  # what calibrate measured, before and after
     wise_ft: dict[str, Any] | None = None  # a WiSE-FT mix (`interpolate --save`): alpha, start, run
+    soup: dict[str, Any] | None = None  # a weight soup (`ensemble --save-soup`): kind, ingredients
 
     @property
     def task_specs(self) -> dict[str, TaskSpec]:

@@ -3,7 +3,8 @@
 - `evaluate`: a run's saved model on a split of its data, or on other data (`transferkit eval`);
 - `calibration`: per-task temperatures and reliability diagrams (`transferkit calibrate`);
 - `wise_ft`: WiSE-FT, the weights between the start and the fine-tuned model (`interpolate`);
-- `ensemble`: averaged predictions of runs with the same tasks, and weight soups;
+- `ensemble`: averaged predictions of runs with the same tasks, and weight soups (`soups`: the
+  greedy soup's path);
 - `export`: ONNX, TorchScript or a torch.export program, checked against PyTorch;
 - `publish`: a finished run to the Hugging Face Hub (`transferkit push`);
 - `compare`: Δm% against single-task runs and seconds per step, for benchmarks and notebooks.
@@ -28,6 +29,9 @@ _WHERE = {
     "evaluate_ensemble": "transferkit.runs.ensemble",
     "predict_ensemble": "transferkit.runs.ensemble",
     "soup": "transferkit.runs.ensemble",
+    "SoupStep": "transferkit.runs.soups",
+    "greedy_path": "transferkit.runs.soups",
+    "greedy_path_table": "transferkit.runs.soups",
     "write_ensemble_report": "transferkit.runs.ensemble",
     "ExportResult": "transferkit.runs.export",
     "export_run": "transferkit.runs.export",
