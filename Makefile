@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -57,3 +57,6 @@ bench-transfer: setup
 # A regression target in its own units, learned raw or standardized (docs/training_features.md).
 bench-standardize: setup
 	$(BIN)/python -m bench.standardize
+# Greedy and uniform soups against the best run and the ensemble, on held-out digits (docs/ensembles.md).
+bench-soups: setup
+	$(BIN)/python -m bench.soups

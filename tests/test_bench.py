@@ -188,3 +188,17 @@ def test_standardize_bench_quick_compares_raw_and_standardized(tmp_path):
     table = (tmp_path / "standardize.md").read_text()
     assert "| 10 | val/ink/r2 |" in table and (tmp_path / "standardize.json").is_file()
     assert not list(tmp_path.glob("*_work"))  # the runs were left in a temporary folder
+
+
+@pytest.mark.slow  # two short LP-FT runs of EfficientNet-Lite0 and their soups: about a minute
+def test_soups_bench_quick_scores_every_model_on_held_out_digits(tmp_path):
+    from bench import soups
+
+    report = soups.main(["--quick", "--out", str(tmp_path)])
+    (row,) = report["seeds"]
+    assert set(soups.MODELS) <= set(row) and 1 <= row["kept"] <= 2
+    assert row["test images"] > 500  # the transfer digits no run saw
+    for who in soups.MODELS:
+        assert 0.0 <= row[who]["digit/accuracy"] <= 1.0
+    table = (tmp_path / "soups.md").read_text()
+    assert "| greedy soup |" in table and (tmp_path / "soups.json").is_file()

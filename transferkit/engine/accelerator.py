@@ -32,6 +32,7 @@ from accelerate.utils import (
 )
 
 from transferkit.balancing import Balancer
+from transferkit.engine.tracking import check_trackers
 from transferkit.errors import UserError
 from transferkit.recipes import Recipe
 from transferkit.rundir import RunDir
@@ -40,7 +41,8 @@ from transferkit.rundir import RunDir
 def make_accelerator(
     recipe: Recipe, run_dir: RunDir | None = None, device: str | None = None
 ) -> Accelerator:
-    """The Accelerator of a run; it logs to TensorBoard in the run folder, when there is one.
+    """The Accelerator of a run; it logs to `train.trackers` (TensorBoard in the run folder by
+    default), when there is a run folder.
     `device`: auto (a GPU when there is one; None too), cpu, cuda or cuda:N."""
     cfg = recipe.train
     cpu = _on_cpu(device)
@@ -61,7 +63,7 @@ def make_accelerator(
         cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard" if project is not None else None,
+        log_with=_trackers(recipe, run_dir) if run_dir is not None else None,
         project_config=project,
         # The shuffling seed is the recipe's, not whatever the global RNG was when a loader was
         # prepared: loaders prepared later (over cached features) then shuffle exactly like the
@@ -69,6 +71,19 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def _trackers(recipe: Recipe, run_dir: RunDir) -> list | None:
+    """`train.trackers` for Accelerate; TensorBoard as a tracker object, so that its events stay
+    in tensorboard/tensorboard/ whatever the project is named (a resumed run's too)."""
+    from accelerate.tracking import TensorBoardTracker
+
+    names = list(recipe.train.trackers)
+    check_trackers(names)
+    return [
+        TensorBoardTracker("tensorboard", str(run_dir.tensorboard_dir)) if n == "tensorboard" else n
+        for n in names
+    ] or None
 
 
 def _on_cpu(device: str | None) -> bool:

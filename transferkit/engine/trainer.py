@@ -47,6 +47,7 @@ from transferkit.engine.saving import (
 )
 from transferkit.engine.state import TrainerState
 from transferkit.engine.stopping import StopRequest
+from transferkit.engine.tracking import start_trackers
 from transferkit.errors import Interrupted, UserError
 from transferkit.recipes import Recipe, ResolvedRecipe, save_recipe
 from transferkit.rundir import RunDir, checkpoint_name, render_curves
@@ -82,7 +83,7 @@ def train(
         main = acc.is_main_process
         if main:
             _record_start(run, run_dir, written, resumed=bool(resume))
-        acc.init_trackers("tensorboard")
+        start_trackers(acc, recipe, run_dir, resumed=bool(resume))
         state = TrainerState()
         if resume:
             path, state = load_checkpoint(acc, run_dir)

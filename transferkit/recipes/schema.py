@@ -164,6 +164,12 @@ class MixupSection:
     regression: Literal["mix", "exclude"] = "mix"  # mixed rows: mixed values, or masked
 
 
+# Accelerate's names for the experiment trackers it speaks to (accelerate.utils.LoggerType).
+Tracker = Literal[
+    "tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+]
+
+
 @dataclass(kw_only=True)
 class TrainSection:
     epochs: int = bounded(10, ge=1)
@@ -202,6 +208,9 @@ class TrainSection:
     compile_backend: str = "inductor"
     auto_batch_size: bool = False
     log_every: int = bounded(10, ge=1)
+    # Where the per-step and per-epoch values go, through Accelerate's trackers. TensorBoard
+    # writes into the run folder; mlflow and wandb need an extra: pip install transferkit[mlflow].
+    trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
     ema: EmaSection | None = None
     mixup: MixupSection | None = None
 

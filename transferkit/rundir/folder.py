@@ -11,6 +11,7 @@ A run folder holds:
     adapter/               with a peft adapter: its weights and config in peft's format
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
     skipped_images.txt, tensorboard/, feature_cache/
+    trackers.json, mlruns/, wandb/   other experiment trackers (train.trackers): ids, local files
     model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
     wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
     reliability.png        written by `transferkit calibrate` (temperatures go into model.json)
@@ -50,6 +51,9 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint: marks it complete
 SKIPPED_IMAGES = "skipped_images.txt"
 TENSORBOARD = "tensorboard"
+TRACKERS = "trackers.json"  # the run's id in each experiment tracker, so a resume continues it
+MLRUNS = "mlruns"  # MLflow's file store, when MLFLOW_TRACKING_URI names none
+WANDB = "wandb"  # W&B's local files (all of them, offline)
 FEATURE_CACHE = "feature_cache"
 MODEL_CARD = "README.md"
 # `transferkit export`'s default files, by format; the torch formats get a JSON beside them.
@@ -60,7 +64,7 @@ EXPORTED = {
 }
 # Folders only training uses (resume state, cached features): left out when a run is published.
 LOCK = ".lock"  # held (flock) by the process training into the folder
-TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE)
+TRAINING_ONLY = (CHECKPOINTS, FEATURE_CACHE, MLRUNS, WANDB)
 LOCAL_ONLY = (ORIGIN, LOCK)  # this machine's: left out when a run is published too
 ADAPTER = "adapter"  # peft's file names inside it: adapter_model.safetensors, adapter_config.json
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,6 +121,22 @@ class RunDir:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.path / MLRUNS
+
+    @property
+    def wandb_dir(self) -> Path:  # wandb.init(dir=...) puts its own "wandb/" inside
+        return self.path
+
+    def tracker_ids(self) -> dict[str, str]:
+        """The run's id in each experiment tracker that gave one ({} before the first)."""
+        path = self.path / TRACKERS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def save_tracker_ids(self, ids: dict[str, str]) -> None:
+        _write_atomic(self.path / TRACKERS, json.dumps(ids, indent=2))
 
     @property
     def feature_cache_dir(self) -> Path:

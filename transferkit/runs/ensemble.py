@@ -42,7 +42,7 @@ def _load_members(run_dirs: list[str | Path]) -> list[Run]:
     return runs
 
 
-def check_soupable(run_dirs: list[str | Path], runs: list[Run]) -> None:
+def _check_soupable(run_dirs: list[str | Path], runs: list[Run]) -> None:
     """A clear error unless the runs share the architecture and the starting point."""
     first = runs[0].info
     starts = []
@@ -64,7 +64,7 @@ def check_soupable(run_dirs: list[str | Path], runs: list[Run]) -> None:
             )
 
 
-def average_into(target: Run, runs: list[Run]) -> Run:
+def _average_into(target: Run, runs: list[Run]) -> Run:
     """`target` (a loaded copy of a member) with the average of the runs' weights."""
     states = [run.model.state_dict() for run in runs]
     averaged = {
@@ -79,8 +79,8 @@ def average_into(target: Run, runs: list[Run]) -> Run:
 
 def soup(run_dirs: list[str | Path], runs: list[Run]) -> Run:
     """Average the members' weights: the runs must share the architecture and starting point."""
-    check_soupable(run_dirs, runs)
-    return average_into(load_run(run_dirs[0]), runs)
+    _check_soupable(run_dirs, runs)
+    return _average_into(load_run(run_dirs[0]), runs)
 
 
 @torch.no_grad()
@@ -115,10 +115,10 @@ def evaluate_ensemble(
                         "replace a member's model")  # fmt: skip
     runs = _load_members(run_dirs)
     if kind:
-        check_soupable(run_dirs, runs)
+        _check_soupable(run_dirs, runs)
     members = {str(d): r for d, r in zip(run_dirs, runs)}
     if kind == "uniform":
-        members["soup"] = average_into(load_run(run_dirs[0]), runs)
+        members["soup"] = _average_into(load_run(run_dirs[0]), runs)
     recipe, rows, specs = eval_split(RunDir(run_dirs[0]), split, data)
     if data is None:
         _warn_if_splits_differ(run_dirs)
@@ -194,7 +194,7 @@ def _greedy(run_dirs, runs: list[Run], results: dict, evaluate: _Evaluator):
     tried: dict[tuple[int, ...], dict] = {}
 
     def score_of(indices: list[int]) -> float:
-        average_into(scratch, [runs[i] for i in indices])
+        _average_into(scratch, [runs[i] for i in indices])
         tried[tuple(indices)] = evaluate({"candidate": scratch})["candidate"]
         return tried[tuple(indices)][task][metric]
 
@@ -202,7 +202,7 @@ def _greedy(run_dirs, runs: list[Run], results: dict, evaluate: _Evaluator):
     alone = [results[name][task][metric] for name in names]
     chosen, path = greedy_path(names, alone, score_of, lower_is_better=lower)
     metrics = tried.get(tuple(chosen), results[names[chosen[0]]])
-    average_into(scratch, [runs[i] for i in chosen])
+    _average_into(scratch, [runs[i] for i in chosen])
     report = {"by": f"{task}/{metric}", "lower_is_better": lower,
               "ingredients": [names[i] for i in chosen], "steps": [asdict(s) for s in path]}  # fmt: skip
     return scratch, report["ingredients"], metrics, report
