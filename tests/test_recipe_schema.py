@@ -193,7 +193,8 @@ def test_wrong_types_name_the_key(override, expected):
     [
         (
             "data.augment=heavy",
-            "recipe key data.augment: must be one of none, light, strong, got 'heavy'",
+            "recipe key data.augment: 'heavy' is neither a preset (none, light, strong) nor a "
+            "timm policy",
         ),
         (
             "train.optimizer=adam",

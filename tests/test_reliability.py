@@ -275,14 +275,23 @@ class _AskedAfter:
         return self.wanted if self.asked > self.checks else 0
 
 
-def test_a_stop_request_saves_at_the_step_and_resumes_exactly(workdir, monkeypatch, tmp_path):
+# timm's policies draw from Python's and NumPy's RNGs as well as torch's: each is seeded from
+# the sample's position, so a resume (and any worker) draws what the uninterrupted run drew.
+AUGMENTED = ["data.augment=rand-m9-mstd0.5-inc1", "data.random_erasing=0.5",
+             "data.scale=[0.3, 1.0]", "data.num_workers=1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("augment", [[], AUGMENTED], ids=["no augmentation", "timm policy"])
+def test_a_stop_request_saves_at_the_step_and_resumes_exactly(
+    workdir, monkeypatch, tmp_path, augment
+):
     """In-process: asked to stop during the second epoch, the run saves a mid-epoch checkpoint
     at that step and raises `Interrupted`; resumed, it ends as the run that was never stopped."""
     from transferkit.engine import trainer as trainer_module
     from transferkit.errors import Interrupted
 
     monkeypatch.chdir(workdir)
-    recipe = load_recipe(ROOT / "recipes/digits_source.yaml", [*QUICK, "train.epochs=3"])
+    recipe = load_recipe(ROOT / "recipes/digits_source.yaml", [*QUICK, "train.epochs=3", *augment])
     whole = RunDir(train(recipe, output=str(tmp_path / "whole")))
     monkeypatch.setattr(trainer_module, "StopRequest", lambda: _AskedAfter(checks=5))
     with pytest.raises(Interrupted) as stopped:

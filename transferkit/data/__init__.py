@@ -16,7 +16,7 @@ from transferkit.data.config import (
 from transferkit.data.dataset import TaskImageDataset, collate, num_workers
 from transferkit.data.images import decode_prediction_inputs
 from transferkit.data.loading import LoadedData, load_data
-from transferkit.data.transforms import build_transforms, tta_views
+from transferkit.data.transforms import build_transforms, check_augment, tta_views
 
 __all__ = [
     "AUGMENTS",
@@ -28,6 +28,7 @@ __all__ = [
     "LoadedData",
     "TaskImageDataset",
     "build_transforms",
+    "check_augment",
     "collate",
     "decode_prediction_inputs",
     "load_data",

@@ -10,12 +10,13 @@ from typing import Literal
 from transferkit.core import TASK_KINDS, bounded
 
 SOURCES = ("imagefolder", "manifest", "disk", "hub")
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = ("none", "light", "strong")  # presets; data.augment also takes timm's policy strings
+AUGMENT_LIBRARIES = ("timm", "torchvision")  # torchvision: the presets of runs made before timm's
 BAD_IMAGE_POLICIES = ("skip", "error")
 TTA_VIEWS = ("hflip", "crops")  # test-time views: the mirror image; four corner crops + center
 
 Source = Literal[SOURCES]  # type: ignore[valid-type]
-Augment = Literal[AUGMENTS]  # type: ignore[valid-type]
+AugmentLibrary = Literal[AUGMENT_LIBRARIES]  # type: ignore[valid-type]
 BadImages = Literal[BAD_IMAGE_POLICIES]  # type: ignore[valid-type]
 TaskKind = Literal[TASK_KINDS]  # type: ignore[valid-type]
 TtaView = Literal[TTA_VIEWS]  # type: ignore[valid-type]
@@ -60,7 +61,17 @@ class DataSection:
     test_split: str | None = None
     val_fraction: float = bounded(0.2, gt=0, lt=1)
     image_size: int | None = bounded(None, ge=8)
-    augment: Augment = "light"
+    # A preset (none, light, strong: names for timm settings, docs/training_features.md) or a
+    # timm policy string: rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0,
+    # 3a, or trivialaugment. Built by timm's create_transform.
+    augment: str = "light"
+    # Random erasing's probability (null: the preset's, 0.25 for strong, else 0) and the
+    # random-resized-crop area range (null: [0.6, 1.0]).
+    random_erasing: float | None = bounded(None, ge=0, le=1)
+    scale: list[float] | None = None
+    # Runs made before timm built the presets used hand-built torchvision ones; they keep them,
+    # so that they resume exactly.
+    augment_library: AugmentLibrary = "timm"
     bad_images: BadImages = "skip"
     num_workers: int | None = bounded(None, ge=0)
     trust_remote_code: bool = False

@@ -8,11 +8,14 @@ stays finite (no NaN, no -1 class index). Always apply the mask.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 from collections.abc import Callable, Sequence
 
 import datasets
+import numpy as np
 import torch
 
 from transferkit.core import TaskSpec, derive_seed
@@ -114,15 +117,35 @@ class TaskImageDataset(torch.utils.data.Dataset):
                         "skipping unreadable image %s (%s: %s)", name, type(err).__name__, err
                     )
                 continue
-            if self.seed is not None:
-                torch.manual_seed(derive_seed(self.seed, self.epoch, row))
+            if self.seed is None:
+                pixels = self.transform(image)
+            else:
+                seed = derive_seed(self.seed, self.epoch, row)
+                torch.manual_seed(seed)
+                with _python_and_numpy_seeded(seed):  # timm's policies draw from both
+                    pixels = self.transform(image)
             return {
-                "image": self.transform(image),
+                "image": pixels,
                 "targets": {t: self.targets[t][row] for t in self.targets},
                 "mask": {t: self.masks[t][row] for t in self.masks},
                 "index": row,
             }
         raise UserError("no readable image in this split (every image failed to decode)")
+
+
+@contextlib.contextmanager
+def _python_and_numpy_seeded(seed: int):
+    """Python's and NumPy's global RNGs seeded for one sample, then put back as they were: the
+    augmentation depends on the sample's position only, and whatever else draws from them in
+    this process (mixup's NumPy draws, with workers off) sees the sequence it saw before."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
 
 
 def collate(batch: list[dict]) -> dict:

@@ -1,4 +1,5 @@
-"""Image transforms built from the backbone's `DataConfig` (torchvision.transforms.v2).
+"""Image transforms built from the backbone's `DataConfig`: eval preprocessing with
+torchvision.transforms.v2, training augmentation with timm's `create_transform`.
 
 Geometric and colour steps run on the PIL image (PIL supports every interpolation timm may name,
 tensors do not), then the image becomes a normalized float tensor `[3, H, W]`.
@@ -13,7 +14,8 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from transferkit.core import DataConfig, Preprocessing
-from transferkit.data.config import Augment
+from transferkit.data.config import AUGMENTS, AugmentLibrary, DataSection
+from transferkit.errors import UserError, did_you_mean
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -25,19 +27,38 @@ _INTERPOLATIONS = {
 }
 
 
+# The presets as timm settings (create_transform's arguments beyond size and flip).
+_PRESETS = {
+    "light": {"auto_augment": None, "re_prob": 0.0},
+    "strong": {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25},
+}
+# TrivialAugment (Müller & Hutter, 2021): one op per image at a magnitude drawn uniformly up to
+# the maximum, always applied; timm has no name for it, so it is RandAugment configured so, on
+# RandAugment's ops and ranges (not TrivialAugment's "wide" ones).
+_ALIASES = {"trivialaugment": "rand-n1-m10-mstd101-p1.0"}
+_SCALE = (0.6, 1.0)  # random-resized-crop area range: mild, for small fine-tuning sets
+
+
 def build_transforms(
     data_config: DataConfig,
     train: bool,
-    augment: Augment = "light",
+    augment: str = "light",
     image_size: int | None = None,
     hflip: bool = True,
+    *,
+    random_erasing: float | None = None,
+    scale: tuple[float, float] | list[float] | None = None,
+    library: AugmentLibrary = "timm",
 ) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """PIL image -> normalized float tensor `[3, size, size]`, size = image_size or the config's.
 
     Eval (and train with augment "none"): resize the short side to size / crop_pct, center crop.
-    "light": RandomResizedCrop(scale 0.6-1) + horizontal flip; "strong": light + RandAugment +
-    RandomErasing(p=0.25). Randomness comes from torch's global RNG. `hflip` False (digits,
-    text: `data.horizontal_flip`) leaves the flip out.
+    Train: timm's `create_transform`: a random resized crop (area `scale`, default 0.6-1), a
+    horizontal flip unless `hflip` is False (digits, text: `data.horizontal_flip`), then the
+    policy: "light" none, "strong" RandAugment rand-m9-mstd0.5-inc1 with random erasing 0.25,
+    or a timm policy string (`augment_policy`). `random_erasing` overrides the erasing
+    probability. Randomness comes from torch's, Python's and NumPy's global RNGs (the dataset
+    seeds all three per sample). `library` "torchvision": the hand-built presets of older runs.
     """
     # Sizes and interpolation as exported models record them (`Preprocessing`), defined once.
     spec = Preprocessing.from_config(data_config, image_size)
@@ -54,8 +75,62 @@ def build_transforms(
             v2.CenterCrop(size),
         ]
         return v2.Compose(steps + to_tensor)
+    if library == "torchvision":
+        return _torchvision_preset(augment, size, interpolation, hflip, to_tensor)
+    from timm.data import create_transform
+
+    preset = _PRESETS.get(augment) or {"auto_augment": augment_policy(augment), "re_prob": 0.0}
+    re_prob = preset["re_prob"] if random_erasing is None else random_erasing
+    return create_transform(
+        size, is_training=True, scale=tuple(scale or _SCALE), hflip=0.5 if hflip else 0.0,
+        color_jitter=None, auto_augment=preset["auto_augment"],
+        interpolation=spec.interpolation, mean=tuple(data_config.mean),
+        std=tuple(data_config.std), re_prob=re_prob, re_mode="pixel",
+    )  # fmt: skip
+
+
+def augment_policy(augment: str) -> str:
+    """timm's policy string for `data.augment` (an alias resolved), or one clear error."""
+    from timm.data import create_transform
+
+    policy = _ALIASES.get(augment, augment)
+    try:  # timm's parser is the judge of its own strings
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise UserError(
+            f"recipe key data.augment: {augment!r} is neither a preset ({', '.join(AUGMENTS)}) "
+            "nor a timm policy (e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a, "
+            f"trivialaugment): {err or type(err).__name__}.{did_you_mean(augment, AUGMENTS)}"
+        ) from None
+    return policy
+
+
+def check_augment(data: DataSection) -> list[str]:
+    """The recipe errors of `data.augment`, `random_erasing`, `scale` and `augment_library`."""
+    errors = []
+    if data.augment not in AUGMENTS:
+        try:
+            augment_policy(data.augment)
+        except UserError as err:
+            errors.append(str(err))
+    scale = data.scale
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        errors.append(f"recipe key data.scale: two areas 0 < min <= max <= 1, got {scale}")
+    if data.augment_library == "torchvision":
+        if data.augment not in AUGMENTS:
+            errors.append("recipe key data.augment: timm policies need data.augment_library: timm")
+        if data.random_erasing is not None or scale is not None:
+            errors.append("recipe keys data.random_erasing and data.scale need "
+                          "data.augment_library: timm")  # fmt: skip
+    return errors
+
+
+def _torchvision_preset(augment: str, size: int, interpolation, hflip: bool, to_tensor: list):
+    """The presets as runs made before timm built them trained with (kept so they resume
+    exactly): "light": RandomResizedCrop(scale 0.6-1) + horizontal flip; "strong": light +
+    RandAugment + RandomErasing(p=0.25)."""
     steps = [
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation, antialias=True),
+        v2.RandomResizedCrop(size, scale=_SCALE, interpolation=interpolation, antialias=True),
         *([v2.RandomHorizontalFlip()] if hflip else []),
     ]
     if augment == "light":

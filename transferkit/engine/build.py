@@ -138,7 +138,10 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
                               from_weights=bool(recipe.model.weights),
                               lr_cycle=recipe.schedule.lr_cycle)  # fmt: skip
     train_transform = build_transforms(backbone.data_config, True, recipe.data.augment, size,
-                                       hflip=recipe.data.horizontal_flip)  # fmt: skip
+                                       hflip=recipe.data.horizontal_flip,
+                                       random_erasing=recipe.data.random_erasing,
+                                       scale=recipe.data.scale,
+                                       library=recipe.data.augment_library)  # fmt: skip
     train_set = TaskImageDataset(data.splits["train"], data.tasks, train_transform,
                                  bad_images=recipe.data.bad_images, seed=recipe.seed)  # fmt: skip
     eval_transform = build_transforms(backbone.data_config, False, "none", size)

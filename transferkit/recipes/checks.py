@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from transferkit.data import check_augment
 from transferkit.errors import UserError, did_you_mean
 from transferkit.models import BACKBONE_SOURCES, FreezeSpec, normalize_weights
 from transferkit.recipes.schema import Recipe, TaskSection
@@ -113,6 +114,7 @@ def cross_checks(recipe: Recipe) -> list[str]:
         errors.append("recipe key tasks: at least one task is required")
     for task_name, task in recipe.tasks.items():
         errors += _check_task(task_name, task)
+    errors += check_augment(recipe.data)
     for i, head in enumerate(recipe.model.aux_heads):
         if head.task not in recipe.tasks:
             errors.append(

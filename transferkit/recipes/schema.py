@@ -131,6 +131,7 @@ BEFORE_KEY_EXISTED = {
     ("schedule", "phase_warmup_epochs"): 0.0,
     ("schedule", "lr_cycle"): "run",
     ("tasks.*", "standardize"): False,  # every task's
+    ("data", "augment_library"): "torchvision",
 }
 
 

@@ -1,0 +1,127 @@
+"""`data.augment`: the presets as timm settings, timm's policy strings, random erasing and the
+crop's area range, built by timm's create_transform; each sample's augmentation depends on its
+position only; `horizontal_flip: false` holds for every policy; runs made before keep theirs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUICK, ROOT
+from PIL import Image
+from torchvision import transforms as v1
+
+from transferkit.core import DataConfig
+from transferkit.data import build_transforms
+from transferkit.errors import UserError
+from transferkit.recipes import load_recipe
+
+CONFIG = DataConfig(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                    interpolation="bilinear", crop_pct=1.0)  # fmt: skip
+POLICIES = ["light", "strong", "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0", "3a",
+            "trivialaugment"]  # fmt: skip
+
+
+def _image(seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _steps(transform) -> list:
+    return list(getattr(transform, "transforms", [transform]))
+
+
+def _op_names(transform) -> list[str]:
+    """The names of the ops timm's policies choose from (RandAugment, AugMix, AutoAugment)."""
+    names = []
+    for step in _steps(transform):
+        ops = list(getattr(step, "ops", []))
+        ops += [op for sub_policy in getattr(step, "policy", []) for op in sub_policy]
+        names += [op.name for op in ops]
+    return names
+
+
+@pytest.mark.parametrize("augment", POLICIES)
+def test_every_policy_builds_with_timm_and_keeps_the_flip_off_when_asked(augment):
+    image = _image()
+    for hflip in (True, False):
+        transform = build_transforms(CONFIG, True, augment, 32, hflip=hflip)
+        assert type(transform).__module__.startswith("torchvision")  # timm composes v1 steps
+        flips = [s for s in _steps(transform) if isinstance(s, v1.RandomHorizontalFlip)]
+        assert bool(flips) == hflip
+        assert not [n for n in _op_names(transform) if "flip" in n.lower()]  # no policy mirrors
+        assert augment in ("light",) or _op_names(transform)  # the policy is really there
+        out = transform(image)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_the_presets_are_names_for_timm_settings():
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    light = _steps(build_transforms(CONFIG, True, "light", 32))
+    strong = _steps(build_transforms(CONFIG, True, "strong", 32))
+    crop = next(s for s in light if isinstance(s, RandomResizedCropAndInterpolation))
+    assert crop.scale == (0.6, 1.0)
+    assert not any(isinstance(s, (RandAugment, RandomErasing)) for s in light)
+    assert not any(isinstance(s, v1.ColorJitter) for s in light)
+    (erasing,) = [s for s in strong if isinstance(s, RandomErasing)]
+    assert erasing.probability == 0.25 and any(isinstance(s, RandAugment) for s in strong)
+    custom = _steps(build_transforms(CONFIG, True, "light", 32, random_erasing=0.5,
+                                     scale=[0.3, 0.9]))  # fmt: skip
+    assert next(s for s in custom if isinstance(s, RandomErasing)).probability == 0.5
+    assert next(s for s in custom if isinstance(s, RandomResizedCropAndInterpolation)).scale == (
+        0.3, 0.9,
+    )  # fmt: skip
+
+
+def test_a_sample_is_augmented_by_its_position_only_and_the_global_rngs_are_kept(workdir):
+    """The same (epoch, row) gives the same tensor whatever was drawn before; another epoch
+    gives another; Python's and NumPy's RNGs are as they were after each sample."""
+    import datasets
+
+    from transferkit.data import TaskImageDataset
+
+    images = [str(p) for p in sorted((workdir / "data/digits/source/images").iterdir())[:4]]
+    rows = datasets.Dataset.from_dict({"image": images})
+    transform = build_transforms(CONFIG, True, "rand-m9-mstd0.5-inc1", 32, random_erasing=0.5)
+    dataset = TaskImageDataset(rows, [], transform, seed=7)
+    random.seed(1)
+    np.random.seed(1)
+    python, numpy_state = random.getstate(), np.random.get_state()
+    first = dataset[2]["image"]
+    assert random.getstate() == python
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+    _ = [dataset[i]["image"] for i in (0, 1, 3)]
+    assert torch.equal(dataset[2]["image"], first)
+    dataset.epoch = 1
+    assert not torch.equal(dataset[2]["image"], first)
+
+
+def test_bad_policies_are_one_recipe_error(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    recipe = ROOT / "recipes/digits_source.yaml"
+    with pytest.raises(UserError, match="data.augment: 'rand-x9' is neither a preset"):
+        load_recipe(recipe, ["data.augment=rand-x9"])
+    with pytest.raises(UserError, match="data.scale: two areas"):
+        load_recipe(recipe, ["data.scale=[0.9, 0.2]"])
+    with pytest.raises(UserError, match="timm policies need data.augment_library: timm"):
+        load_recipe(recipe, ["data.augment=augmix-m5", "data.augment_library=torchvision"])
+    assert load_recipe(recipe, [*QUICK, "data.augment=trivialaugment"]).data.augment_library == (
+        "timm"
+    )
+
+
+def test_a_run_made_before_timm_built_the_presets_keeps_the_torchvision_ones():
+    """The legacy fixture (augment: light, no augment_library) reads as torchvision: its
+    resume stays bit-identical (tests/test_legacy_run.py), and its presets are these."""
+    from transferkit.rundir import RunDir
+
+    legacy = RunDir(ROOT / "tests/fixtures/legacy_run/run")
+    data = legacy.resolved_recipe().recipe.data
+    assert data.augment == "light" and data.augment_library == "torchvision"
+    transform = build_transforms(CONFIG, True, "light", 32, library="torchvision")
+    assert type(transform).__module__ == "torchvision.transforms.v2._container"
