@@ -56,7 +56,7 @@ def build_transforms(
     Train: timm's `create_transform`: a random resized crop (area `scale`, default 0.6-1), a
     horizontal flip unless `hflip` is False (digits, text: `data.horizontal_flip`), then the
     policy: "light" none, "strong" RandAugment rand-m9-mstd0.5-inc1 with random erasing 0.25,
-    or a timm policy string (`augment_policy`). `random_erasing` overrides the erasing
+    or a timm policy string (`_augment_policy`). `random_erasing` overrides the erasing
     probability. Randomness comes from torch's, Python's and NumPy's global RNGs (the dataset
     seeds all three per sample). `library` "torchvision": the hand-built presets of older runs.
     """
@@ -79,7 +79,7 @@ def build_transforms(
         return _torchvision_preset(augment, size, interpolation, hflip, to_tensor)
     from timm.data import create_transform
 
-    preset = _PRESETS.get(augment) or {"auto_augment": augment_policy(augment), "re_prob": 0.0}
+    preset = _PRESETS.get(augment) or {"auto_augment": _augment_policy(augment), "re_prob": 0.0}
     re_prob = preset["re_prob"] if random_erasing is None else random_erasing
     return create_transform(
         size, is_training=True, scale=tuple(scale or _SCALE), hflip=0.5 if hflip else 0.0,
@@ -89,7 +89,7 @@ def build_transforms(
     )  # fmt: skip
 
 
-def augment_policy(augment: str) -> str:
+def _augment_policy(augment: str) -> str:
     """timm's policy string for `data.augment` (an alias resolved), or one clear error."""
     from timm.data import create_transform
 
@@ -110,7 +110,7 @@ def check_augment(data: DataSection) -> list[str]:
     errors = []
     if data.augment not in AUGMENTS:
         try:
-            augment_policy(data.augment)
+            _augment_policy(data.augment)
         except UserError as err:
             errors.append(str(err))
     scale = data.scale

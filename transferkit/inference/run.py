@@ -18,14 +18,11 @@ from transferkit.data import TTA_VIEWS, build_transforms, tta_views
 from transferkit.errors import UserError
 from transferkit.inference.predictions import Predictor, batched, describe_prediction, preprocessed
 from transferkit.models import (
-    AdapterSpec,
     MultiTaskModel,
     TaskSpec,
-    attach_adapter,
-    create_backbone,
 )
 from transferkit.models import probabilities as prediction
-from transferkit.rundir import ModelInfo, RunDir
+from transferkit.rundir import ModelInfo, RunDir, load_saved_model
 
 # describe_prediction is imported from here by callers written before it moved.
 __all__ = ["Run", "describe_prediction", "load", "load_run", "resolve_device"]
@@ -137,33 +134,14 @@ def load(run_dir: str | os.PathLike | RunDir) -> Run:
 
     An exported `.onnx` file gives an `OnnxRun` instead (onnxruntime, no torch needed).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     from transferkit.inference.onnx_run import is_onnx_file, load_onnx
 
     if not isinstance(run_dir, RunDir) and is_onnx_file(run_dir):
         return load_onnx(run_dir)
     folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    info = folder.info()
-    backbone = create_backbone(info.backbone, None, **info.model_kwargs)
-    backbone.data_config = info.data_config
-    if info.adapter:  # the saved weights include the adapter's: inject it first
-        attach_adapter(backbone, AdapterSpec.from_dict(info.adapter))
-    model = MultiTaskModel(backbone, info.tasks, info.aux_heads)
-    try:
-        load_model(model, str(folder.weights_path), strict=True)
-    except SafetensorError as err:  # a truncated or corrupt file
-        raise UserError(
-            f"{folder.weights_path} cannot be read ({err}); train the run again"
-        ) from None
-    except RuntimeError as err:
-        raise UserError(
-            f"{folder.weights_path} does not match {folder.info_path}: "
-            f"{str(err).splitlines()[0][:200]}"
-        ) from None
+    model, info = load_saved_model(folder)
     transform = build_transforms(
-        backbone.data_config, train=False, augment="none", image_size=info.image_size
+        model.backbone.data_config, train=False, augment="none", image_size=info.image_size
     )
     return Run(model.eval(), transform, info.task_specs, info, folder)
 

@@ -12,6 +12,7 @@ from transferkit.rundir.folder import (
     checkpoint_name,
 )
 from transferkit.rundir.info import ModelInfo
+from transferkit.rundir.saved_model import load_saved_model
 
 __all__ = [
     "CHECKPOINT_STATE",
@@ -21,6 +22,7 @@ __all__ = [
     "ModelInfo",
     "RunDir",
     "checkpoint_name",
+    "load_saved_model",
     "render_card",
     "render_curves",
 ]
