@@ -79,6 +79,7 @@ def build_transforms(
         return _torchvision_preset(augment, size, interpolation, hflip, to_tensor)
     from timm.data import create_transform
 
+    _use_safe_posterize()  # before the policy's ops look their functions up
     preset = _PRESETS.get(augment) or {"auto_augment": _augment_policy(augment), "re_prob": 0.0}
     re_prob = preset["re_prob"] if random_erasing is None else random_erasing
     return create_transform(
@@ -87,6 +88,24 @@ def build_transforms(
         interpolation=spec.interpolation, mean=tuple(data_config.mean),
         std=tuple(data_config.std), re_prob=re_prob, re_mode="pixel",
     )  # fmt: skip
+
+
+def _posterize_at_least_one_bit(img, bits_to_keep, **_):
+    """timm's posterize, with at least one bit kept: timm maps RandAugment's top magnitude
+    (reached through `mstd` noise, e.g. in rand-m9-mstd0.5-inc1) to 0 bits, which Pillow 11+
+    refuses with a ValueError, about once in 500 images, ending the epoch. 0 bits was a black
+    image; 1 bit is as near as Pillow allows."""
+    from PIL import ImageOps
+
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, int(bits_to_keep)))
+
+
+def _use_safe_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize_at_least_one_bit
 
 
 def _augment_policy(augment: str) -> str:
