@@ -281,9 +281,12 @@ AUGMENTED = ["data.augment=rand-m9-mstd0.5-inc1", "data.random_erasing=0.5",
              "data.scale=[0.3, 1.0]", "data.num_workers=1"]  # fmt: skip
 
 
-@pytest.mark.parametrize("augment", [[], AUGMENTED], ids=["no augmentation", "timm policy"])
+@pytest.mark.parametrize(
+    "augment", [[], AUGMENTED, ["data.augment=light", "distill.alpha=0.7"]],
+    ids=["no augmentation", "timm policy", "distilled from a teacher"],
+)  # fmt: skip
 def test_a_stop_request_saves_at_the_step_and_resumes_exactly(
-    workdir, monkeypatch, tmp_path, augment
+    workdir, monkeypatch, tmp_path, augment, source_run
 ):
     """In-process: asked to stop during the second epoch, the run saves a mid-epoch checkpoint
     at that step and raises `Interrupted`; resumed, it ends as the run that was never stopped."""
@@ -291,6 +294,8 @@ def test_a_stop_request_saves_at_the_step_and_resumes_exactly(
     from transferkit.errors import Interrupted
 
     monkeypatch.chdir(workdir)
+    if any(o.startswith("distill.") for o in augment):  # the teacher sees each augmented batch
+        augment = [*augment, f"distill.teacher={source_run}", "model.backbone=timm:test_vit"]
     recipe = load_recipe(ROOT / "recipes/digits_source.yaml", [*QUICK, "train.epochs=3", *augment])
     whole = RunDir(train(recipe, output=str(tmp_path / "whole")))
     monkeypatch.setattr(trainer_module, "StopRequest", lambda: _AskedAfter(checks=5))

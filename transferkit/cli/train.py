@@ -29,6 +29,10 @@ def register(sub) -> None:
         action="store_true",
         help="train afresh into a folder that holds a run, clearing it first",
     )
+    train.add_argument(
+        "--teacher", metavar="RUN_DIR",
+        help="distil from this finished run (the recipe's distill.teacher; alpha 0.5, T 2)",
+    )  # fmt: skip
     train.set_defaults(func=run_train)
 
     finder = sub.add_parser(
@@ -64,6 +68,8 @@ def run_train(args: argparse.Namespace) -> int:
     from transferkit.recipes import resolve_recipe
     from transferkit.rundir import RunDir
 
+    if args.teacher:  # a shortcut for the recipe key, applied before the other overrides
+        args.set = [f"distill.teacher={args.teacher}", *(args.set or [])]
     # --resume alone continues with the run's own recipe.
     if args.resume and not args.recipe:
         folder = RunDir(args.resume)

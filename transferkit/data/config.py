@@ -83,3 +83,6 @@ class DataSection:
     tta: list[TtaView] = field(default_factory=list)
     # Draw training rows with equal total weight per class of this task (multiclass or binary).
     balanced_sampler: str | None = None
+    # Images without labels (a folder, or a manifest with data.image_column), added to the
+    # training rows with every label missing: a distilled student learns them from its teacher.
+    unlabeled: str | None = None

@@ -20,7 +20,7 @@ from transferkit.core import TaskSpec
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.data.images import find_bad_images
 from transferkit.data.labels import column_values, encode_task, infer_task, known_classes
-from transferkit.data.sources import find_split, read_source
+from transferkit.data.sources import find_split, read_source, read_unlabeled
 from transferkit.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def load_data(
         splits["train"], splits["validation"] = _carve(splits["train"], data.val_fraction, seed)
     if data.max_samples is not None:
         splits = {k: _cap(s, data.max_samples, seed) for k, s in splits.items()}
+    if data.unlabeled:  # after carving: unlabelled images train only, never validate
+        splits["train"] = _with_unlabeled(splits["train"], data)
 
     skipped: list[str] = []
     dropped: dict[str, list[int]] = {}
@@ -238,6 +240,20 @@ def _encode(
     labels = datasets.Dataset.from_dict(encoded, features=datasets.Features(features))
     # Side by side, not a copy: neither table has an index mapping at this point.
     return datasets.concatenate_datasets([out, labels], axis=1)
+
+
+def _with_unlabeled(train: datasets.Dataset, data: DataSection) -> datasets.Dataset:
+    """The training rows followed by `data.unlabeled`'s images, with every label missing."""
+    images = read_unlabeled(data)
+    if data.image_column != IMAGE:
+        images = images.rename_column(data.image_column, IMAGE)
+    images = images.cast_column(IMAGE, train.features[IMAGE])
+    missing = {name: [None] * len(images) for name in train.column_names if name != IMAGE}
+    labels = datasets.Dataset.from_dict(
+        missing, features=datasets.Features({k: train.features[k] for k in missing})
+    )
+    rows = datasets.concatenate_datasets([images, labels], axis=1)
+    return datasets.concatenate_datasets([train, rows.select_columns(train.column_names)])
 
 
 def _carve(

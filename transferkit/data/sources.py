@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -236,3 +237,25 @@ def _resolve(path: str | None, bases: list[Path]) -> str | None:
         if (base / candidate).exists():
             return str((base / candidate).resolve())
     return str(bases[0] / candidate)
+
+
+def read_unlabeled(data: DataSection) -> datasets.Dataset:
+    """`data.unlabeled`: every image of a folder, or of a manifest's `data.image_column`, as a
+    one-column ("image") dataset of decodable images."""
+    path = Path(data.unlabeled).expanduser()
+    if path.is_dir():
+        files = [str(p.resolve()) for p in list_image_files(path)]
+        if not files:
+            raise UserError(f"data.unlabeled: no image files under {path}")
+        tables = {"unlabeled": datasets.Dataset.from_dict({data.image_column: files})}
+    elif path.is_file():
+        tables = _read_manifest(path)
+    else:
+        raise UserError(f"data.unlabeled: {path} is neither a folder of images nor a manifest")
+    # A row number beside the images: `_prepare_images` replaces the image column, which a
+    # one-column table would lose its rows with.
+    tables = {k: t.add_column("_row", list(range(len(t)))) for k, t in tables.items()}
+    prepared = _prepare_images(tables, replace(data, path=str(path)), bases=[path.parent])
+    return datasets.concatenate_datasets(
+        [t.select_columns([data.image_column]) for t in prepared.values()]
+    )

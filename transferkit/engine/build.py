@@ -32,6 +32,7 @@ from transferkit.engine.batches import (
     load_shared_data,
     make_loaders,
 )
+from transferkit.engine.distill import Distiller, build_distiller
 from transferkit.engine.ema import build_ema
 from transferkit.engine.imbalance import balanced_sampler, loss_options
 from transferkit.engine.metrics import metric_names
@@ -79,6 +80,7 @@ class RunSetup:
     sampler: Sampler | None  # data.balanced_sampler's; None: shuffled
     ema: ModelEmaV3 | None  # train.ema's average of the weights
     mixer: TaskMixer | None  # train.mixup's
+    distiller: Distiller | None  # distill's teacher
     steps_per_epoch: int  # optimizer steps per epoch on each process
     skipped_images: list[str]  # unreadable images left out (data.bad_images: skip)
 
@@ -202,13 +204,16 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
     strategy = build_strategy(accelerator, model, weights, balancer, tasks=tasks,
                               loss_options=options, channels_last=cfg.channels_last)  # fmt: skip
     mixer = build_mixer(cfg.mixup, tasks, recipe.seed, accelerator)
+    distiller = build_distiller(recipe.distill, tasks, backbone.data_config, accelerator.device)
+    if distiller is not None and recipe.data.augment == "none" and cfg.mixup is None:
+        distiller.precompute(data.splits["train"], cfg.eval_batch_size or cfg.batch_size or 64)
     return RunSetup(recipe=recipe, cfg=cfg, accelerator=accelerator, backbone=backbone,
                     model=model, tasks=tasks, metric_names=chosen_metrics, monitor=monitor,
                     schedule=schedule, train_set=train_set, val_set=val_set,
                     train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
                     lr_scheduler=lr_scheduler, strategy=strategy, balancer=balancer,
                     workers=workers, regularizers=regularizers, sampler=sampler, ema=ema,
-                    mixer=mixer, steps_per_epoch=steps_per_epoch,
+                    mixer=mixer, distiller=distiller, steps_per_epoch=steps_per_epoch,
                     skipped_images=data.skipped_images)  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from transferkit.core import Progress, TaskSpec, derive_seed
+from transferkit.engine.distill import Distiller
 from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.mixing import TaskMixer
@@ -46,6 +47,7 @@ class TrainLoop:
         regularizers: Regularizers | None = None,
         ema: ModelEmaV3 | None = None,
         mixer: TaskMixer | None = None,
+        distiller: Distiller | None = None,
         stop: StopRequest | None = None,
     ) -> None:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
@@ -55,6 +57,7 @@ class TrainLoop:
         self.regularizers = regularizers
         self.forward_module = model  # the compiled model when train.compile is on
         self.ema, self.mixer = ema, mixer  # train.ema, train.mixup
+        self.distiller = distiller  # distill: the teacher's outputs as a second target
         self.stop = stop  # Ctrl-C or SIGTERM asked the run to stop at a step boundary
 
     def epoch(self, loader: DataLoader, state: TrainerState) -> dict[str, float | None]:
@@ -79,6 +82,8 @@ class TrainLoop:
                     outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
                 _, losses = multitask_loss(outputs, batch["targets"], batch["mask"], self.tasks,
                                            strategy.weights, strategy.loss_options)  # fmt: skip
+                if self.distiller is not None:
+                    losses = self.distiller.combine(outputs, batch, losses)
                 loss = strategy.loss(losses, batch, position)
                 penalty = self.regularizers.penalty(batch) if self.regularizers else None
                 if penalty is not None:

@@ -190,7 +190,7 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopReque
                      lr_scheduler=run.lr_scheduler, tasks=run.tasks, cfg=cfg,
                      seed=run.recipe.seed, strategy=run.strategy, checkpoint=checkpoint,
                      regularizers=run.regularizers, ema=run.ema, mixer=run.mixer,
-                     stop=stop)  # fmt: skip
+                     distiller=run.distiller, stop=stop)  # fmt: skip
     monitor = monitored(run.monitor, cfg.ema)  # the EMA's metric when it is the final model
     current_phase, loaders = None, (run.train_loader, run.val_loader)
     for epoch in range(first_epoch, cfg.epochs):

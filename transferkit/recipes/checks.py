@@ -115,6 +115,9 @@ def cross_checks(recipe: Recipe) -> list[str]:
     for task_name, task in recipe.tasks.items():
         errors += _check_task(task_name, task)
     errors += check_augment(recipe.data)
+    if recipe.data.unlabeled and recipe.distill is None:
+        errors.append("recipe key data.unlabeled: images without labels teach only through a "
+                      "teacher; set distill.teacher to a finished run, or remove it")  # fmt: skip
     for i, head in enumerate(recipe.model.aux_heads):
         if head.task not in recipe.tasks:
             errors.append(

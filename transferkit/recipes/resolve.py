@@ -111,7 +111,12 @@ def _with_origin(recipe: Recipe, origin: Path | None) -> Recipe:
         data = dataclasses.replace(data, path=from_origin(data.path, origin))
     if model.weights not in (None, "pretrained"):
         model = dataclasses.replace(model, weights=from_origin(model.weights, origin))
-    return dataclasses.replace(recipe, data=data, model=model)
+    if data.unlabeled:
+        data = dataclasses.replace(data, unlabeled=from_origin(data.unlabeled, origin))
+    distill = recipe.distill
+    if distill is not None:
+        distill = dataclasses.replace(distill, teacher=from_origin(distill.teacher, origin))
+    return dataclasses.replace(recipe, data=data, model=model, distill=distill)
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:

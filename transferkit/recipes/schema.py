@@ -224,6 +224,17 @@ class MultitaskSection:
 
 
 @dataclass(kw_only=True)
+class DistillSection:
+    """Knowledge distillation from a finished run (engine/distill.py): each task's loss is
+    (1 - alpha) x the loss on its labels + alpha x the loss on the teacher's outputs (soft
+    targets at `temperature` for classification, its value for regression)."""
+
+    teacher: str  # a finished run folder with the same tasks (its best model)
+    alpha: float = bounded(0.5, ge=0, le=1)
+    temperature: float = bounded(2.0, gt=0)
+
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str = ""
     output_dir: str = "runs"
@@ -235,3 +246,4 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     multitask: MultitaskSection = field(default_factory=MultitaskSection)
     regularizers: RegularizersSection = field(default_factory=RegularizersSection)
+    distill: DistillSection | None = None
