@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -60,3 +60,6 @@ bench-standardize: setup
 # Greedy and uniform soups against the best run and the ensemble, on held-out digits (docs/ensembles.md).
 bench-soups: setup
 	$(BIN)/python -m bench.soups
+# A small student distilled from an ImageNet teacher against the student alone (docs/distillation.md).
+bench-distill: setup
+	$(BIN)/python -m bench.distill

@@ -202,3 +202,16 @@ def test_soups_bench_quick_scores_every_model_on_held_out_digits(tmp_path):
         assert 0.0 <= row[who]["digit/accuracy"] <= 1.0
     table = (tmp_path / "soups.md").read_text()
     assert "| greedy soup |" in table and (tmp_path / "soups.json").is_file()
+
+
+@pytest.mark.slow  # a teacher and two students, two epochs at 32 px: about a minute
+def test_distill_bench_quick_scores_teacher_and_students_on_held_out_images(tmp_path):
+    from bench import distill
+
+    report = distill.main(["--quick", "--out", str(tmp_path)])
+    (row,) = report["results"]["digits"]
+    assert set(distill.MODELS) <= set(row) and row["test images"] > 300
+    for who in distill.MODELS:
+        assert 0.0 <= row[who]["digit/accuracy"] <= 1.0 and row[who]["images/s"] > 0
+    table = (tmp_path / "distill.md").read_text()
+    assert "| student distilled |" in table and (tmp_path / "distill.json").is_file()
