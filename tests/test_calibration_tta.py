@@ -60,11 +60,15 @@ def test_tta_views_and_their_average():
 
 
 def test_flips_follow_data_horizontal_flip():
+    from torchvision import transforms as v1
+
     config = DataConfig(input_size=(3, 32, 32))
-    steps = build_transforms(config, True, "light", 32, hflip=False).transforms
-    assert not any(isinstance(s, v2.RandomHorizontalFlip) for s in steps)
-    steps = build_transforms(config, True, "light", 32).transforms
-    assert any(isinstance(s, v2.RandomHorizontalFlip) for s in steps)
+    flips = (v1.RandomHorizontalFlip, v2.RandomHorizontalFlip)
+    for library in ("timm", "torchvision"):  # timm's (today's) and the older runs' presets
+        steps = build_transforms(config, True, "light", 32, hflip=False, library=library).transforms
+        assert not any(isinstance(s, flips) for s in steps)
+        steps = build_transforms(config, True, "light", 32, library=library).transforms
+        assert any(isinstance(s, flips) for s in steps)
     assert parse_tta("hflip, crops") == ["hflip", "crops"] and parse_tta("none") == []
     with pytest.raises(UserError, match="unknown view 'flip'"):
         parse_tta("flip")
