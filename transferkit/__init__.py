@@ -31,6 +31,7 @@ _WHERE = {
     "load_recipe": "transferkit.recipes",
     "interpolate": "transferkit.runs",
     "rank": "transferkit.select",
+    "fit": "transferkit.select",
 }
 __all__ = [  # noqa: F822 - the names in _WHERE are imported by __getattr__ below
     "AuxHeadSpec",
@@ -52,6 +53,7 @@ __all__ = [  # noqa: F822 - the names in _WHERE are imported by __getattr__ belo
     "load_recipe",
     "rank",
     "train",
+    "fit",
 ]
 __getattr__ = lazy_exports(__name__, _WHERE)
 

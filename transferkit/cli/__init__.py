@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transferkit.cli import cache, calibrate, export, inspect, interpolate, rank, runs, train
+from transferkit.cli import cache, calibrate, export, fit, inspect, interpolate, rank, runs, train
 from transferkit.errors import Interrupted, UserError
 
 # In the order `transferkit --help` lists them.
-COMMANDS = [inspect, train, runs, calibrate, export, interpolate, rank, cache]
+COMMANDS = [fit, inspect, train, runs, calibrate, export, interpolate, rank, cache]
 
 
 def _build_parser() -> argparse.ArgumentParser:

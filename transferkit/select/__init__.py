@@ -3,7 +3,8 @@
 - `transferability`: rank backbones (and their layers) from frozen features (`rank`);
 - `scores`: LogME and a leave-one-out kNN probe, the scores `rank` uses (NumPy);
 - `lr_find`: a learning-rate range test on one phase;
-- `sweep`: train every combination of a grid, resumable and shareable between processes.
+- `sweep`: train every combination of a grid, resumable and shareable between processes;
+- `fit`: from a folder or a table to a plan (`fit_plan`: tasks typed from the data) and its run.
 """
 
 from transferkit.core import lazy_exports
@@ -19,6 +20,10 @@ _WHERE = {
     "range_test": "transferkit.select.lr_range_test",
     "parse_grid": "transferkit.select.grid_sweep",
     "sweep": "transferkit.select.grid_sweep",
+    "fit": "transferkit.select.fit_run",
+    "FitResult": "transferkit.select.fit_run",
+    "Plan": "transferkit.select.fit_plan",
+    "make_plan": "transferkit.select.fit_plan",
 }
 __all__ = sorted(_WHERE)
 __getattr__ = lazy_exports(__name__, _WHERE)

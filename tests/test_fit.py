@@ -1,0 +1,113 @@
+"""`transferkit fit DATA`: tasks typed from a folder or a table, the plan printed and written
+as plan.yaml, the run it describes, and `train plan.yaml` training the same run again."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from conftest import records
+
+from transferkit.cli import main
+from transferkit.errors import UserError
+from transferkit.select import make_plan
+
+TINY = ["--set", "model.backbone=timm:test_efficientnet", "--set", "model.weights=none",
+        "--set", "train.epochs=2", "--set", "schedule.phases.1.from_epoch=1",
+        "--set", "data.num_workers=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def class_folders(workdir, tmp_path_factory):
+    """Three digit classes, 12 images each, one folder per class."""
+    root = tmp_path_factory.mktemp("fit") / "digits"
+    with (workdir / "data/digits/source/manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for digit in ("0", "1", "2"):
+        (root / f"class_{digit}").mkdir(parents=True)
+        for row in [r for r in rows if r["digit"] == digit][:12]:
+            source = workdir / "data/digits/source" / row["image"]
+            shutil.copy(source, root / f"class_{digit}" / source.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def table(workdir, tmp_path_factory):
+    """A table whose columns a user would have: a class, a yes/no, a quantity, tags, an id."""
+    path = tmp_path_factory.mktemp("fit_table") / "labels.csv"
+    with (workdir / "data/digits/source/manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[:40]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "digit", "even", "ink", "tags", "id"])
+        for i, row in enumerate(rows):
+            digit = int(row["digit"])
+            tags = ";".join(
+                t for t, on in (("round", digit in (0, 6, 8, 9)), ("small", digit < 3)) if on
+            )
+            writer.writerow([str(workdir / "data/digits/source" / row["image"]), digit,
+                             "yes" if digit % 2 == 0 else "no", f"{3.5 * digit + i / 100:.3f}",
+                             tags or "-", f"row{i}"])  # fmt: skip
+    return path
+
+
+def test_a_table_s_columns_are_typed_by_their_values(table):
+    with pytest.raises(UserError, match=r"column 'id' has 40 distinct texts .* --ignore id"):
+        make_plan(table)
+    plan = make_plan(table, ignore=("id",))
+    kinds = {name: task["kind"] for name, task in plan.recipe["tasks"].items()}
+    assert kinds == {"digit": "multiclass", "even": "binary", "ink": "regression",
+                     "tags": "multilabel"}  # fmt: skip
+    assert plan.recipe["data"]["image_column"] == "path"
+    assert plan.recipe["data"]["image_size"] == 32  # 8 px scans: the smallest size
+    assert any("task ink (regression): numbers from" in r for r in plan.reasons)
+    forced = make_plan(table, ignore=("id",), tasks={"digit": "regression"})
+    assert forced.recipe["tasks"]["digit"]["kind"] == "regression"
+
+
+def test_bad_data_is_one_error_naming_the_fix(class_folders, table, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images in class sub-folders"):
+        make_plan(tmp_path / "empty")
+    one = tmp_path / "one" / "only"
+    one.mkdir(parents=True)
+    shutil.copy(next((class_folders / "class_0").iterdir()), one / "a.png")
+    with pytest.raises(UserError, match="only one class"):
+        make_plan(tmp_path / "one")
+    with pytest.raises(UserError, match="give a folder of class folders"):
+        make_plan(tmp_path / "nothing.txt")
+    with pytest.raises(UserError, match="--task digit=number: the kind must be one of"):
+        make_plan(table, tasks={"digit": "number"})
+    with pytest.raises(UserError, match="no column 'colour'"):
+        make_plan(table, ignore=("colour",))
+    same = tmp_path / "same.csv"
+    same.write_text(
+        "image,kind\n" + "".join(f"{f},cat\n" for f in (class_folders / "class_0").iterdir())
+    )
+    with pytest.raises(UserError, match=r"column 'kind' has one value only .* --ignore kind"):
+        make_plan(same)
+
+
+def test_fit_plans_trains_and_the_plan_trains_the_same_run_again(
+    class_folders, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "fitted"
+    assert main(["fit", str(class_folders), "--output", str(out), "--dry-run", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "task label (multiclass): 3 class folders" in printed and "plan written to" in printed
+    assert (out / "plan.yaml").is_file() and not (out / "model.json").exists()
+
+    assert main(["fit", str(class_folders), "--output", str(out), *TINY]) == 0
+    assert (out / "complete.json").is_file()
+    image = next((class_folders / "class_1").iterdir())
+    capsys.readouterr()
+    assert main(["predict", str(out), str(image), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["label"]["label"] in {"class_0", "class_1", "class_2"}
+    assert main(["train", str(out / "plan.yaml"), "--output", str(tmp_path / "again")]) == 0
+    first, again = records(out), records(tmp_path / "again")
+    assert [r["val/label/accuracy"] for r in again] == [r["val/label/accuracy"] for r in first]
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]
