@@ -110,4 +110,4 @@ def test_fit_plans_trains_and_the_plan_trains_the_same_run_again(
     assert main(["train", str(out / "plan.yaml"), "--output", str(tmp_path / "again")]) == 0
     first, again = records(out), records(tmp_path / "again")
     assert [r["val/label/accuracy"] for r in again] == [r["val/label/accuracy"] for r in first]
-    assert [r["loss"] for r in again] == [r["loss"] for r in first]
+    assert [r["train/loss"] for r in again] == [r["train/loss"] for r in first]
