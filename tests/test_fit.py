@@ -12,6 +12,7 @@ from conftest import records
 
 from transferkit.cli import main
 from transferkit.errors import UserError
+from transferkit.recipes import load_recipe
 from transferkit.select import make_plan
 
 TINY = ["--set", "model.backbone=timm:test_efficientnet", "--set", "model.weights=none",
@@ -82,6 +83,9 @@ def test_bad_data_is_one_error_naming_the_fix(class_folders, table, tmp_path):
         make_plan(table, tasks={"digit": "number"})
     with pytest.raises(UserError, match="no column 'colour'"):
         make_plan(table, ignore=("colour",))
+    for data in (class_folders, table):  # `train DATA` by mistake: the command that takes it
+        with pytest.raises(UserError, match=rf"is data, not a recipe; `transferkit fit {data}`"):
+            load_recipe(data)
     same = tmp_path / "same.csv"
     same.write_text(
         "image,kind\n" + "".join(f"{f},cat\n" for f in (class_folders / "class_0").iterdir())

@@ -147,6 +147,14 @@ def shipped_recipes() -> list[str]:
 def find_recipe(name: str | Path) -> Path:
     """A recipe file: `name` itself when it exists, else the shipped recipe of that name."""
     path = Path(name)
+    shipped_name = (LIBRARY / f"{path.name}.yaml").is_file()
+    if (
+        path.is_file()
+        and path.suffix.lower() in _DATA_TABLES
+        or (path.is_dir() and not shipped_name)
+    ):
+        raise UserError(f"{name} is data, not a recipe; `transferkit fit {name}` plans a run "
+                        "for it (and writes the recipe, plan.yaml)")  # fmt: skip
     if path.is_file():
         return path
     shipped = LIBRARY / f"{path.stem}.yaml"
@@ -157,6 +165,9 @@ def find_recipe(name: str | Path) -> Path:
         f"recipe file not found: {name}; give a YAML file, or one of the shipped recipes: "
         f"{', '.join(names)}.{did_you_mean(path.stem, names)}"
     )
+
+
+_DATA_TABLES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson")
 
 
 def read_recipe_file(path: str | Path) -> dict:
