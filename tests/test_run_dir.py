@@ -212,6 +212,34 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_intact(
     assert run.recipe().train.lr == 0.01  # the recipe the run trained with, not the refused one's
 
 
+def test_a_killed_run_s_lock_is_free_though_a_forked_worker_lives_on(tmp_path):
+    """A run killed with SIGKILL while a forked child (a data-loader worker) still lives: the
+    child closed its copy of the lock as it started, so the folder can be claimed at once (a
+    resume was refused while workers took their seconds to notice)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, time\n"
+        "from transferkit.rundir import RunDir\n"
+        "with RunDir(sys.argv[1]).claimed():\n"
+        "    if os.fork() == 0:  # the worker: off the test's pipe, asleep past the claim\n"
+        "        null = os.open(os.devnull, os.O_WRONLY)\n"
+        "        os.dup2(null, 1)\n"
+        "        os.dup2(null, 2)\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    print('claimed', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    folder = tmp_path / "killed"
+    run = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert run.stdout.strip() == "claimed" and run.returncode == -signal.SIGKILL
+    with RunDir(folder).claimed():  # the child sleeps on, and the claim is free
+        pass
+
+
 def test_a_new_run_into_a_folder_holding_one_is_refused_with_the_ways_out(source_run, tmp_path,
                                                                          monkeypatch, capsys):  # fmt: skip
     import shutil

@@ -10,8 +10,7 @@ A run folder holds:
     README.md              the model card, written just before complete.json
     adapter/               with a peft adapter: its weights and config in peft's format
     complete.json          written last, once training has ended (`is_complete()`, `summary()`)
-    skipped_images.txt, tensorboard/, feature_cache/
-    trackers.json, mlruns/, wandb/   other experiment trackers (train.trackers): ids, local files
+    skipped_images.txt, tensorboard/, feature_cache/, trackers.json, mlruns/, wandb/ (trackers)
     model.onnx, model.torchscript.pt(.json), model.pt2(.json)   `transferkit export` (optional)
     wise_ft.json + wise_ft.png   the WiSE-FT curve, once `transferkit interpolate` ran
     reliability.png        written by `transferkit calibrate` (temperatures go into model.json)
@@ -83,6 +82,22 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# The locks this process holds. flock lets go only when every copy of the file is closed, and a
+# forked data-loader worker that outlives a killed run for a few seconds would hold one, so the
+# resume would be refused: each child closes its copies as it starts.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 class RunDir:
@@ -195,9 +210,11 @@ class RunDir:
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
+        _HELD_LOCKS.add(handle.fileno())
         try:
             yield self
         finally:
+            _HELD_LOCKS.discard(handle.fileno())
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
 
