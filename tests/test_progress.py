@@ -43,8 +43,11 @@ def test_a_run_in_a_log_shows_its_steps_and_feature_caching_then_sums_up(
 ):
     monkeypatch.setattr(progress_module, "EVERY_S", 0.0)  # every update, to see them here
     monkeypatch.chdir(workdir)
+    # A cache of its own: another test's run of the same recipe would leave the features
+    # stored in the session's shared cache, and this run would read them, not cache them.
     recipe = load_recipe(ROOT / "recipes/digits_transfer.yaml",
-                         [*QUICK, "model.weights=none", "schedule.phases.1.from_epoch=1"])  # fmt: skip
+                         [*QUICK, "model.weights=none", "schedule.phases.1.from_epoch=1",
+                          f"train.feature_cache_dir={tmp_path / 'cache'}"])  # fmt: skip
     run = RunDir(train(recipe, output=str(tmp_path / "run")))
     out, err = capsys.readouterr()
     assert "caching features: " in err and "img/s" in err  # phase 0 is a probe
