@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from bench.training import train_in_process
 
 HERE = Path(__file__).resolve().parent
 TEACHER = "timm:tf_efficientnet_lite0"
@@ -95,13 +95,9 @@ def _recipe(task_set: str, seed: int, mode: dict, data: Path, teacher: bool) -> 
 def _train(out: Path, recipe: dict, overrides: list[str] = ()) -> None:
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    args = [sys.executable, "-m", "transferkit.cli", "train", str(path), "--output", str(out),
-            "--overwrite"]  # fmt: skip
-    for override in overrides:
-        args += ["--set", override]
-    result = subprocess.run(args, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{out}: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
+    error = train_in_process(path, out, list(overrides))
+    if error:
+        raise SystemExit(f"{out}: {error}")
 
 
 def _images_per_second(run_dir: Path, size: int) -> float:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from bench.training import train_in_process
 
 HERE = Path(__file__).resolve().parent
 RECIPE = "digits_imagenet"
@@ -55,14 +54,9 @@ def _data(root: Path, seed: int) -> tuple[Path, Path]:
 
 
 def _train(out: Path, overrides: list[str]) -> None:
-    args = [sys.executable, "-m", "transferkit.cli", "train", RECIPE, "--output", str(out),
-            "--overwrite"]  # fmt: skip
-    for override in overrides:
-        args += ["--set", override]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{out}: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
+    error = train_in_process(RECIPE, out, overrides, threads="1")
+    if error:
+        raise SystemExit(f"{out}: {error}")
 
 
 def _one_seed(work: Path, seed: int, mode: dict) -> dict:

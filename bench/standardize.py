@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bench.training import train_in_process
 
 HERE = Path(__file__).resolve().parent
 RECIPE = "digits_imagenet"
@@ -62,14 +61,9 @@ def _data(root: Path, seed: int, per_class: int) -> Path:
 def _run(out: Path, overrides: list[str]) -> dict:
     from transferkit.rundir import RunDir
 
-    args = [sys.executable, "-m", "transferkit.cli", "train", RECIPE, "--output", str(out),
-            "--overwrite"]  # fmt: skip
-    for override in overrides:
-        args += ["--set", override]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        return {"error": (result.stderr or result.stdout).strip().splitlines()[-1][:300]}
+    error = train_in_process(RECIPE, out, overrides, threads="1")
+    if error:
+        return {"error": error}
     last = RunDir(out).records()[-1]
     return {**{m: last[m] for m in METRICS}, "error": None}
 

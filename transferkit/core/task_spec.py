@@ -43,6 +43,12 @@ class TaskSpec:
     target_mean: tuple[float, ...] | None = None
     target_std: tuple[float, ...] | None = None
 
+    def predicts_like(self, other: TaskSpec | None) -> bool:
+        """Whether `other` has this task's kind, outputs and classes: two runs whose outputs can
+        be compared, averaged or learned from one another."""
+        return other is not None and (other.kind, other.num_outputs, other.class_names) == (
+            self.kind, self.num_outputs, self.class_names)  # fmt: skip
+
     def __post_init__(self) -> None:
         if not self.name or "." in self.name or "@" in self.name:
             raise UserError(f"task name {self.name!r} must be non-empty and contain no '.' or '@'")

@@ -125,9 +125,7 @@ def build_distiller(section: DistillSection | None, tasks: dict[str, TaskSpec], 
     specs = info.task_specs
     for name, task in tasks.items():
         found = specs.get(name)
-        same = found is not None and (found.kind, found.num_outputs, found.class_names) == (
-            task.kind, task.num_outputs, task.class_names)  # fmt: skip
-        if not same:
+        if not task.predicts_like(found):
             seen = f"{found.kind}, classes {found.class_names}" if found else "no such task"
             raise UserError(
                 f"distill.teacher: task {name!r} ({task.kind}, classes {task.class_names}) is "

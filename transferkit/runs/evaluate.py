@@ -66,11 +66,7 @@ def check_tasks(
     """A clear error unless every task of a run has the same kind and classes in `specs`."""
     for name, task in tasks.items():
         found = specs.get(name)
-        if not found or (found.kind, found.num_outputs, found.class_names) != (
-            task.kind,
-            task.num_outputs,
-            task.class_names,
-        ):
+        if not task.predicts_like(found):
             seen = f"{found.kind}, classes {found.class_names}" if found else "absent"
             raise UserError(
                 f"task {name!r} of {run_dir} ({task.kind}, classes {task.class_names}) does not "
