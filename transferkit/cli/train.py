@@ -60,6 +60,14 @@ def register(sub) -> None:
     )
     recipe_overrides(sweep, help="a fixed override for every run")
     sweep.add_argument("--output", help="the sweep folder (default: OUTPUT_DIR/NAME_sweep)")
+    sweep.add_argument(
+        "--search",
+        choices=("grid", "tpe", "random"),
+        default="grid",
+        help="grid: every combination, each in its own process (default); tpe or "
+        "random: --trials combinations drawn by optuna, pruned on their curves",
+    )
+    sweep.add_argument("--trials", type=int, default=10, help="trials of --search tpe|random")
     sweep.set_defaults(func=run_sweep)
 
 
@@ -103,6 +111,15 @@ def run_lr_find(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     from transferkit.select import parse_grid, sweep
 
+    if args.search != "grid":
+        from transferkit.select import search_sweep
+
+        if args.trials < 1:
+            raise UserError(f"--trials {args.trials}: give at least 1")
+        root = search_sweep(args.recipe, parse_grid(args.grid), args.search, args.trials,
+                            args.output, args.set or [])  # fmt: skip
+        print(f"sweep folder: {root} (report.md, report.csv)")
+        return 0
     root = sweep(args.recipe, parse_grid(args.grid), args.output, args.set or [])
     print(f"sweep folder: {root} (report.md, report.csv, report_*.png)")
     return 0

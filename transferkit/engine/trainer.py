@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -60,6 +60,7 @@ def train(
     *,
     overwrite: bool = False,
     device: str | None = None,
+    epoch_end: Callable[[dict], bool] | None = None,
 ) -> Path:
     """Fine-tune as the recipe says; returns the run folder's path (see `RunDir`).
 
@@ -68,7 +69,9 @@ def train(
     the run's recipe.yaml already had where they resolve to the same files). The folder is
     claimed for the run's life: a second run into it is refused, and so is a new run into a
     folder that holds one, unless `overwrite` (which clears it first). `device`: auto (a GPU
-    when there is one), cpu, cuda or cuda:N.
+    when there is one), cpu, cuda or cuda:N. `epoch_end(record)`, called with each epoch's
+    record once its checkpoint is saved, ends the run there when it returns True (a search
+    pruning a trial: the run finishes as "stopped": "pruned").
     """
     if isinstance(recipe, ResolvedRecipe):
         recipe.check_data()
@@ -91,7 +94,7 @@ def train(
                 run_dir.truncate_records(state.epoch if state.epoch_done else state.epoch - 1)
                 print(f"resumed from {path} (epoch {state.epoch}, step {state.step})")
         try:
-            _train_and_finish(run, run_dir, state, stop, started)
+            _train_and_finish(run, run_dir, state, stop, started, epoch_end)
         except Interrupted as interrupted:  # a checkpoint was saved: say how to continue
             interrupted.run_dir = str(run_dir.path)
             acc.end_training()
@@ -105,12 +108,13 @@ def train(
 
 
 def _train_and_finish(
-    run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopRequest, started: float
-) -> None:
+    run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopRequest, started: float,
+    epoch_end: Callable[[dict], bool] | None = None,
+) -> None:  # fmt: skip
     """The epochs, then what a finished run writes: its model (if no epoch saved one), the
     model card, curves.png and, last, complete.json; and a summary on the console."""
     acc, main = run.accelerator, run.accelerator.is_main_process
-    stopped = _epochs(run, run_dir, state, stop)
+    stopped = _epochs(run, run_dir, state, stop, epoch_end)
     # The main process decides (other machines may not see its folder), and all take part:
     # under FSDP every process joins in gathering the weights.
     if broadcast_object_list([main and not run_dir.has_model()])[0]:
@@ -179,7 +183,8 @@ def _check_folder(run_dir: RunDir, resume: bool, overwrite: bool) -> None:
     run_dir.clear()
 
 
-def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopRequest) -> str:
+def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopRequest,
+            epoch_end: Callable[[dict], bool] | None = None) -> str:  # fmt: skip
     """Train from `state` to the last epoch (or an earlier stop); returns why it stopped, or
     raises `Interrupted` when a signal asked the run to stop (`stop`)."""
     acc, cfg, schedule = run.accelerator, run.cfg, run.schedule
@@ -237,6 +242,10 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopReque
             save_model(run, run_dir, epoch)
         if cfg.max_steps and state.step >= cfg.max_steps:
             return "max_steps"
+        if epoch_end is not None:  # every process takes the main one's answer
+            asked = broadcast_object_list([main and bool(epoch_end(record))])[0]
+            if asked and epoch + 1 < cfg.epochs:
+                return "pruned"
         if epoch + 1 < cfg.epochs and _agreed(acc, stop):  # asked between two epochs' steps
             raise Interrupted(stop.signum or signal.SIGINT, state.step, epoch)
         if early and state.bad_epochs >= early.patience:
