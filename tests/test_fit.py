@@ -16,8 +16,7 @@ from transferkit.recipes import load_recipe
 from transferkit.select import make_plan
 
 TINY = ["--set", "model.backbone=timm:test_efficientnet", "--set", "model.weights=none",
-        "--set", "train.epochs=2", "--set", "schedule.phases.1.from_epoch=1",
-        "--set", "data.num_workers=0"]  # fmt: skip
+        "--set", "train.epochs=2", "--set", "data.num_workers=0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -94,24 +93,92 @@ def test_bad_data_is_one_error_naming_the_fix(class_folders, table, tmp_path):
         make_plan(same)
 
 
-def test_fit_plans_trains_and_the_plan_trains_the_same_run_again(
+def test_fit_plans_searches_trains_and_the_plan_trains_the_same_run_again(
     class_folders, tmp_path, monkeypatch, capsys
 ):
+    """The issue's "done when": a class-folder dataset, a time budget, plan.yaml,
+    fit_report.md, a model that predict and export use, and plan.yaml training the chosen run
+    again with the same metrics."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "fitted"
+    search = ["--time-budget", "5", "--max-trials", "4"]
     assert main(["fit", str(class_folders), "--output", str(out), "--dry-run", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "task label (multiclass): 3 class folders" in printed and "plan written to" in printed
+    assert "search: probe, lp-ft, full and the learning rate, within 10 min" in printed
     assert (out / "plan.yaml").is_file() and not (out / "model.json").exists()
 
-    assert main(["fit", str(class_folders), "--output", str(out), *TINY]) == 0
+    assert main(["fit", str(class_folders), "--output", str(out), *TINY, *search]) == 0
+    printed = capsys.readouterr().out
     assert (out / "complete.json").is_file()
+    trials = list(csv.DictReader((out / "fit_trials.csv").open()))
+    assert [t["method"] for t in trials[:3]] == ["lp-ft", "probe", "full"]  # defaults first
+    assert len(trials) == 4 and (out / "fit_report.png").is_file()
+    report = (out / "fit_report.md").read_text()
+    chosen = next(t for t in trials if f"| {t['trial']} **(chosen)**" in report)
+    assert f"fit: chose trial {chosen['trial']} ({chosen['method']}" in printed
+    winner = next((out / "trials").glob(f"{int(chosen['trial']):02d}_*/"))
+    assert records(out) == records(winner)  # the run folder is the chosen trial's run
+    assert float(chosen["score"]) == max(r["val/label/accuracy"] for r in records(out)
+                                         if r["epoch"] == int(chosen["best_epoch"]))  # fmt: skip
     image = next((class_folders / "class_1").iterdir())
-    capsys.readouterr()
     assert main(["predict", str(out), str(image), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["label"]["label"] in {"class_0", "class_1", "class_2"}
+    assert main(["export", str(out), "--format", "torchscript"]) == 0
     assert main(["train", str(out / "plan.yaml"), "--output", str(tmp_path / "again")]) == 0
     first, again = records(out), records(tmp_path / "again")
     assert [r["val/label/accuracy"] for r in again] == [r["val/label/accuracy"] for r in first]
     assert [r["train/loss"] for r in again] == [r["train/loss"] for r in first]
+    capsys.readouterr()
+    assert main(["fit", str(class_folders), "--output", str(out), *TINY, *search]) != 0
+    assert "already holds a fit; choose another --output, or start afresh with --overwrite" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_saved_dataset_s_features_are_taken_as_they_are(class_folders, tmp_path):
+    import datasets
+
+    files = sorted((class_folders / "class_0").iterdir())[:6]
+    rows = {"img": [str(f) for f in files], "kind": [0, 1, 2, 0, 1, 2],
+            "tags": [[0], [1], [0, 1], [], [1], [0]], "size": [0.5, 1.5, 2.0, 1.0, 0.2, 3.0],
+            "yes": [0, 1, 0, 1, 0, 1], "note": [f"n{i}" for i in range(6)]}  # fmt: skip
+    features = datasets.Features({
+        "img": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b", "c"]),
+        "tags": datasets.Sequence(datasets.ClassLabel(names=["x", "y"])),
+        "size": datasets.Value("float32"), "yes": datasets.ClassLabel(names=["no", "yes"]),
+        "note": datasets.Value("string")})  # fmt: skip
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": dataset, "validation": dataset}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(UserError, match="column 'note' has 6 distinct texts .* --ignore note"):
+        make_plan(tmp_path / "ds")
+    plan = make_plan(tmp_path / "ds", ignore=("note",))
+    kinds = {name: task["kind"] for name, task in plan.recipe["tasks"].items()}
+    assert kinds == {"kind": "multiclass", "tags": "multilabel", "size": "regression",
+                     "yes": "binary"}  # fmt: skip
+    assert plan.recipe["data"] == {"source": "disk", "path": str(tmp_path / "ds"),
+                                   "image_column": "img", "val_split": "validation",
+                                   "image_size": 32}  # fmt: skip
+    assert any("a ClassLabel feature with 3 names" in r for r in plan.reasons)
+
+
+def test_fit_takes_python_objects(class_folders, tmp_path, monkeypatch):
+    """A list of (image, labels) pairs trains like a folder; a wrong item is one error."""
+    from PIL import Image
+
+    from transferkit.select import fit
+
+    monkeypatch.chdir(tmp_path)
+    pairs = [(Image.open(f).convert("RGB"), {"digit": c[-1], "odd": int(c[-1]) % 2})
+             for c in ("class_0", "class_1", "class_2")
+             for f in sorted((class_folders / c).iterdir())]  # fmt: skip
+    result = fit(pairs, tmp_path / "objects", overrides=TINY[1::2], search_choices=False)
+    kinds = {n: t["kind"] for n, t in result.plan.recipe["tasks"].items()}
+    assert kinds == {"digit": "multiclass", "odd": "binary"}
+    assert (tmp_path / "objects" / "complete.json").is_file()
+    assert len(records(tmp_path / "objects")) == 2
+    with pytest.raises(UserError, match="item 1 of the list is not an .image, labels. pair"):
+        fit([pairs[0], pairs[1][0]], tmp_path / "bad", dry_run=True)
+    with pytest.raises(UserError, match="DATA must be a path, a datasets.Dataset"):
+        fit(42, tmp_path / "bad", dry_run=True)

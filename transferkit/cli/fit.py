@@ -7,6 +7,8 @@ import argparse
 
 from transferkit.cli.common import recipe_overrides
 from transferkit.errors import UserError
+from transferkit.select import DEFAULT_BUDGET_MINUTES
+from transferkit.select import FIT_METHODS as METHODS
 
 
 def register(sub) -> None:
@@ -23,6 +25,26 @@ def register(sub) -> None:
     recipe_overrides(fit, help="change a value of the planned recipe (repeatable)")
     fit.add_argument("--overwrite", action="store_true", help="clear a run already in --output")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    fit.add_argument(
+        "--time-budget",
+        type=float,
+        default=DEFAULT_BUDGET_MINUTES,
+        metavar="MIN",
+        help=f"minutes for the search and its runs (default {DEFAULT_BUDGET_MINUTES:g})",
+    )
+    fit.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="the methods the search may choose (default: all of them)",
+    )
+    fit.add_argument(
+        "--backbones",
+        help="candidate backbones, comma-separated (default: the "
+        "ImageNet EfficientNet-Lites whose weights load offline)",
+    )
+    fit.add_argument("--max-trials", type=int, help="stop the search after this many trials")
+    fit.add_argument("--no-search", action="store_true",
+                     help="train the plan's plain defaults (LP-FT at lr 1e-3), no trials")  # fmt: skip
     fit.set_defaults(func=run_fit)
 
 
@@ -37,5 +59,8 @@ def run_fit(args: argparse.Namespace) -> int:
         tasks[column] = kind
     fit(args.data, args.output, dry_run=args.dry_run, tasks=tasks, ignore=tuple(args.ignore or ()),
         image_column=args.image_column, overrides=args.set or [], overwrite=args.overwrite,
-        device=args.device)  # fmt: skip
+        device=args.device, time_budget=args.time_budget,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        backbones=[b.strip() for b in args.backbones.split(",")] if args.backbones else None,
+        max_trials=args.max_trials, search_choices=not args.no_search)  # fmt: skip
     return 0

@@ -4,7 +4,9 @@
 - `scores`: LogME and a leave-one-out kNN probe, the scores `rank` uses (NumPy);
 - `lr_find`: a learning-rate range test on one phase;
 - `sweep`: train every combination of a grid, resumable and shareable between processes;
-- `fit`: from a folder or a table to a plan (`fit_plan`: tasks typed from the data) and its run.
+- `sweep --search`: trials drawn by optuna's samplers and pruned (`sampled_sweep`, `trials`);
+- `fit`: from a folder or a table to a plan (`fit_plan`: tasks typed from the data), the method
+  and rate chosen by trials within a time budget (`fit_search`), the run and its report.
 """
 
 from transferkit.core import lazy_exports
@@ -20,6 +22,11 @@ _WHERE = {
     "range_test": "transferkit.select.lr_range_test",
     "parse_grid": "transferkit.select.grid_sweep",
     "sweep": "transferkit.select.grid_sweep",
+    "search_sweep": "transferkit.select.sampled_sweep",
+    "fit_score": "transferkit.select.trials",
+    "noise_margin": "transferkit.select.fit_search",
+    "FIT_METHODS": "transferkit.select.fit_defaults",
+    "DEFAULT_BUDGET_MINUTES": "transferkit.select.fit_defaults",
     "fit": "transferkit.select.fit_run",
     "FitResult": "transferkit.select.fit_run",
     "Plan": "transferkit.select.fit_plan",

@@ -61,14 +61,16 @@ def make_plan(data: str | Path, *, tasks: dict[str, str] | None = None, ignore: 
                 f"--task {column}={kind}: the kind must be one of {', '.join(TASK_KINDS)}"
             )
     path = path.resolve()  # plan.yaml then trains from any folder
-    if path.is_dir():
+    if path.is_dir() and _is_saved_dataset(path):
+        recipe, reasons, images = _saved(path, forced, set(ignore), image_column)
+    elif path.is_dir():
         recipe, reasons, images = _folder(path)
     elif path.is_file() and path.suffix.lower() in _TABLES:
         recipe, reasons, images = _table(path, forced, set(ignore), image_column)
     else:
         raise UserError(
-            f"fit {data}: give a folder of class folders (FOLDER/CLASS/IMAGE.jpg) or a table "
-            f"({', '.join(_TABLES)}) with an image column"
+            f"fit {data}: give a folder of class folders (FOLDER/CLASS/IMAGE.jpg), a table "
+            f"({', '.join(_TABLES)}) with an image column, or a dataset saved with save_to_disk"
         )
     recipe["name"] = name or path.stem
     size, why = _image_size(images)
@@ -109,8 +111,10 @@ def _folder(root: Path) -> tuple[dict, list[str], list[Path]]:
         "validation: the split folder" if {"validation", "val"} & set(split_names)
         else "validation: 20% of the images, carved with the recipe's seed",
     ]  # fmt: skip
-    recipe = {"tasks": {"label": {"kind": "multiclass"}},
-              "data": {"source": "imagefolder", "path": str(root)},
+    data = {"source": "imagefolder", "path": str(root)}
+    if "test" in split_names:  # kept for `eval --split test`; no run trains on it
+        data["test_split"] = "test"
+    recipe = {"tasks": {"label": {"kind": "multiclass"}}, "data": data,
               "_train_rows": sum(counts.values())}  # fmt: skip
     return recipe, reasons, images
 
@@ -155,15 +159,99 @@ def _table(path: Path, forced: dict, ignore: set, image_column: str | None):
                        + (f"; {missing} rows without a label" if missing else ""))  # fmt: skip
     if not tasks:
         raise UserError(f"fit {path}: no column besides the images holds labels")
-    train_rows = len(frame)
+    train_rows, data_extra = len(frame), {}
     if "split" in columns:
         split = frame["split"].astype(str).str.lower()
         train_rows = int((split == "train").sum())
         reasons.append(f"splits: the split column ({dict(Counter(split))})")
+        if (split == "test").any():  # kept for `eval --split test`; no run trains on it
+            data_extra["test_split"] = "test"
     else:
         reasons.append("validation: 20% of the rows, carved with the recipe's seed")
-    data = {"source": "manifest", "path": str(path), "image_column": image}
+    data = {"source": "manifest", "path": str(path), "image_column": image, **data_extra}
     return {"tasks": tasks, "data": data, "_train_rows": train_rows}, reasons, files
+
+
+def save_data_objects(data, where: Path) -> Path:
+    """A `datasets.Dataset` or `DatasetDict`, or a list of (image, labels) pairs (an image: a
+    PIL image or a path; labels: one value, for a task `label`, or a dict of task -> value),
+    saved with `save_to_disk` at `where`, for `fit` to read like any saved dataset."""
+    import datasets
+
+    if not isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+        if not isinstance(data, (list, tuple)) or not data:
+            raise UserError(f"fit: DATA must be a path, a datasets.Dataset or DatasetDict, or a "
+                            f"non-empty list of (image, labels) pairs, not {type(data).__name__}")  # fmt: skip
+        rows = []
+        for index, item in enumerate(data):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise UserError(f"fit: item {index} of the list is not an (image, labels) pair")
+            image, labels = item
+            image = str(image) if isinstance(image, Path) else image
+            rows.append(
+                {"image": image, **(labels if isinstance(labels, dict) else {"label": labels})}
+            )
+        data = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    where.parent.mkdir(parents=True, exist_ok=True)
+    data.save_to_disk(str(where))
+    return where
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
+
+
+def _saved(path: Path, forced: dict, ignore: set, image_column: str | None):
+    """A `datasets` dataset saved with `save_to_disk`: its features are taken as they are
+    (ClassLabel: multiclass, or binary with two names; a sequence of ClassLabel: multilabel;
+    a float Value: regression); other columns are typed by their values, as a table's."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    train = splits.get("train") or next(iter(splits.values()))
+    features = train.features
+    images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+    image = image_column or (images[0] if images else None)
+    if image is None or image not in features:
+        raise UserError(f"fit {path}: no Image column in the dataset's features "
+                        f"({', '.join(features)}); name it with --image-column")  # fmt: skip
+    tasks, reasons = {}, [f"images: feature {image!r}; splits: {', '.join(splits)} "
+                          f"({', '.join(str(len(d)) for d in splits.values())} rows)"]  # fmt: skip
+    for column, feature in features.items():
+        if column == image or column in ignore or isinstance(feature, datasets.Image):
+            continue
+        kind, why = (forced[column], "as --task says") if column in forced else _feature_kind(
+            feature, [v for v in train[column] if _present(v)])  # fmt: skip
+        if kind is None:
+            raise UserError(f"fit {path}: column {column!r} {why}; say what it is with --task "
+                            f"{column}=KIND or leave it out with --ignore {column}")  # fmt: skip
+        tasks[column] = {"kind": kind}
+        reasons.append(f"task {column} ({kind}): {why}")
+    if not tasks:
+        raise UserError(f"fit {path}: no column besides the images holds labels")
+    val = [s for s in splits if s in ("validation", "val", "valid")]
+    reasons.append(f"validation: the {val[0]} split" if val
+                   else "validation: 20% of the train split, carved with the recipe's seed")  # fmt: skip
+    data = {"source": "disk", "path": str(path), "image_column": image}
+    if val:
+        data["val_split"] = val[0]
+    sample = [train[i][image] for i in range(0, len(train), max(1, len(train) // 24))][:24]
+    return {"tasks": tasks, "data": data, "_train_rows": len(train)}, reasons, sample
+
+
+def _feature_kind(feature, values: list) -> tuple[str | None, str]:
+    import datasets
+
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, datasets.ClassLabel):
+        n = feature.num_classes
+        return ("binary" if n == 2 else "multiclass"), f"a ClassLabel feature with {n} names"
+    if isinstance(inner, datasets.ClassLabel):
+        return "multilabel", f"a sequence of ClassLabel ({inner.num_classes} names)"
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
+        return "regression", f"a {feature.dtype} Value"
+    return _kind(values)
 
 
 def _present(value) -> bool:
@@ -220,12 +308,13 @@ def _number(value) -> float | None:
         return None
 
 
-def _image_size(files: list[Path]) -> tuple[int, str]:
+def _image_size(files: list) -> tuple[int, str]:
     """A multiple of 32 near the images' median short side, from 32 to 224."""
     sides = []
     for file in files[:: max(1, len(files) // 24)][:24]:
         try:
-            sides.append(min(open_image(str(file)).size))
+            image = file if hasattr(file, "size") else open_image(str(file))  # PIL, or a path
+            sides.append(min(image.size))
         except Exception:  # an unreadable file is the data loader's to report
             continue
     if not sides:
