@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill bench-fit lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -63,3 +63,8 @@ bench-soups: setup
 # A small student distilled from an ImageNet teacher against the student alone (docs/distillation.md).
 bench-distill: setup
 	$(BIN)/python -m bench.distill
+
+# fit against the plain defaults and full fine-tuning on four task sets (one held out), with
+# its --time-budget at 2 min; results in bench/results/fit.md, summarized in docs/fit.md.
+bench-fit: setup
+	$(BIN)/python -m bench.fit

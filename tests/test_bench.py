@@ -215,3 +215,24 @@ def test_distill_bench_quick_scores_teacher_and_students_on_held_out_images(tmp_
         assert 0.0 <= row[who]["digit/accuracy"] <= 1.0 and row[who]["images/s"] > 0
     table = (tmp_path / "distill.md").read_text()
     assert "| student distilled |" in table and (tmp_path / "distill.json").is_file()
+
+
+def test_fit_bench_quick_scores_every_method_on_unseen_test_images(tmp_path):
+    from bench import fit as bench_fit
+
+    report = bench_fit.main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w")])
+    rows = report["rows"]
+    assert [r["method"] for r in rows] == ["fit", "defaults", "full FT"]
+    assert all("error" not in r and 0 <= r["first"] <= 1 for r in rows), rows
+    assert rows[0]["trials"] >= 1 and rows[0]["chose"] in ("probe", "lp-ft", "full")
+    (entry,) = report["summary"]
+    assert entry["set"] == "shapes" and entry["fit - defaults"].startswith(("+", "-"))
+    assert "| shapes | 5 |" in (tmp_path / "fit.md").read_text()
+    # the test images are no run's: fit trained on the 25 labelled rows (carving validation
+    # from them), never on the set's 150 test images
+    from transferkit.data import load_data
+    from transferkit.recipes import load_recipe
+
+    recipe = load_recipe(tmp_path / "w/runs/shapes_k5_s0_fit/recipe.yaml")
+    splits = load_data(recipe.data, recipe.tasks, recipe.seed).splits
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (20, 5, 150)
