@@ -5,6 +5,9 @@ labelled images per class and each seed, three commands a user could run on the 
 one after another, each in its own process:
   - `fit` with `--time-budget` (the bench's budget; the search, its trials and the final run);
   - `defaults`: `fit --no-search`, the plan's plain defaults (ImageNet Lite0, LP-FT, lr 1e-3);
+    fit's own first trial is exactly this run (the same recipe and seed; tests/test_fit.py
+    checks that a plan trains the same run again), so when it finished, its model and time
+    are used rather than training it a second time;
   - `full FT`: `fit --no-search` with one phase that trains everything, the best fixed recipe
     of docs/quality.md (it led LP-FT at every label budget there).
 All three use the plan fit makes (tasks typed from the table, 20% of the labelled rows carved
@@ -19,6 +22,7 @@ test model from random weights, one set, one seed, 2 epochs (tests/test_bench.py
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -68,13 +72,22 @@ def _score(run_dir: Path) -> dict:
 def _one(work: Path, task_set: str, per_class: int, seed: int, method: str, cfg: dict) -> dict:
     data = labelled(work / "sets", task_set, per_class, seed)
     out = work / "runs" / f"{task_set}_k{per_class}_s{seed}_{method.replace(' ', '_')}"
+    row = {"set": task_set, "per_class": per_class, "seed": seed, "method": method}
+    first = work / "runs" / f"{task_set}_k{per_class}_s{seed}_fit" / "trials"
+    done = sorted(first.glob("00_lp-ft_lr0.001/complete.json"))
+    if method == "defaults" and done and "pruned" not in done[0].read_text():
+        trial = next(csv.DictReader((first.parent / "fit_trials.csv").open()))
+        return (
+            row
+            | {"seconds": float(trial["seconds"]), "from": "fit's trial 0"}
+            | _score(done[0].parent)
+        )
     env = dict(os.environ, TRANSFERKIT_CACHE=str(work / "cache"))
     start = time.perf_counter()
     done = subprocess.run(_command(method, data, out, cfg["minutes"], cfg["extra"]),
                           capture_output=True, text=True, env=env)  # fmt: skip
     seconds = time.perf_counter() - start
-    row = {"set": task_set, "per_class": per_class, "seed": seed, "method": method,
-           "seconds": round(seconds, 1)}  # fmt: skip
+    row["seconds"] = round(seconds, 1)
     if done.returncode != 0:
         return row | {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]}
     row |= _score(out)

@@ -76,8 +76,11 @@ def test_bad_data_is_one_error_naming_the_fix(class_folders, table, tmp_path):
     shutil.copy(next((class_folders / "class_0").iterdir()), one / "a.png")
     with pytest.raises(UserError, match="only one class"):
         make_plan(tmp_path / "one")
-    with pytest.raises(UserError, match="give a folder of class folders"):
+    with pytest.raises(UserError, match="nothing.txt: no such file or folder"):
         make_plan(tmp_path / "nothing.txt")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="give a folder of class folders .* save_to_disk"):
+        make_plan(tmp_path / "notes.txt")
     with pytest.raises(UserError, match="--task digit=number: the kind must be one of"):
         make_plan(table, tasks={"digit": "number"})
     with pytest.raises(UserError, match="no column 'colour'"):

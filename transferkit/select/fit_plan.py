@@ -61,6 +61,8 @@ def make_plan(data: str | Path, *, tasks: dict[str, str] | None = None, ignore: 
                 f"--task {column}={kind}: the kind must be one of {', '.join(TASK_KINDS)}"
             )
     path = path.resolve()  # plan.yaml then trains from any folder
+    if not path.exists():
+        raise UserError(f"fit {data}: no such file or folder")
     if path.is_dir() and _is_saved_dataset(path):
         recipe, reasons, images = _saved(path, forced, set(ignore), image_column)
     elif path.is_dir():
@@ -164,6 +166,8 @@ def _table(path: Path, forced: dict, ignore: set, image_column: str | None):
         split = frame["split"].astype(str).str.lower()
         train_rows = int((split == "train").sum())
         reasons.append(f"splits: the split column ({dict(Counter(split))})")
+        if not split.isin(["validation", "val"]).any():
+            reasons.append("validation: 20% of the train rows, carved with the recipe's seed")
         if (split == "test").any():  # kept for `eval --split test`; no run trains on it
             data_extra["test_split"] = "test"
     else:
