@@ -16,7 +16,7 @@ from transferkit.recipes import load_recipe
 from transferkit.select import make_plan
 
 TINY = ["--set", "model.backbone=timm:test_efficientnet", "--set", "model.weights=none",
-        "--set", "train.epochs=2", "--set", "data.num_workers=0"]  # fmt: skip
+        "--set", "train.epochs=2", "--set", "data.num_workers=0", "--set", "data.image_size=32"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_a_table_s_columns_are_typed_by_their_values(table):
     assert kinds == {"digit": "multiclass", "even": "binary", "ink": "regression",
                      "tags": "multilabel"}  # fmt: skip
     assert plan.recipe["data"]["image_column"] == "path"
-    assert plan.recipe["data"]["image_size"] == 32  # 8 px scans: the smallest size
+    assert plan.recipe["data"]["image_size"] == 64  # 8 px scans: the smallest size
     assert any("task ink (regression): numbers from" in r for r in plan.reasons)
     forced = make_plan(table, ignore=("id",), tasks={"digit": "regression"})
     assert forced.recipe["tasks"]["digit"]["kind"] == "regression"
@@ -162,7 +162,7 @@ def test_a_saved_dataset_s_features_are_taken_as_they_are(class_folders, tmp_pat
                      "yes": "binary"}  # fmt: skip
     assert plan.recipe["data"] == {"source": "disk", "path": str(tmp_path / "ds"),
                                    "image_column": "img", "val_split": "validation",
-                                   "image_size": 32}  # fmt: skip
+                                   "image_size": 64}  # fmt: skip
     assert any("a ClassLabel feature with 3 names" in r for r in plan.reasons)
 
 

@@ -32,7 +32,9 @@ TASKS = {"digit": "multiclass", "parity": "binary", "ink": "regression"}
 
 
 def _trial(number: int, method: str, score: float | None, status: str = "complete"):
-    return TrialResult(number, {"method": method, "lr": 1e-3}, Path(f"t{number}"), status, score)
+    record = {"val/digit/accuracy": score, "val/digit/count": 100}
+    return TrialResult(number, {"method": method, "lr": 1e-3}, Path(f"t{number}"), status, score,
+                       record=record)  # fmt: skip
 
 
 def test_the_score_is_the_mean_of_accuracy_and_r2_over_the_tasks():
@@ -43,28 +45,32 @@ def test_the_score_is_the_mean_of_accuracy_and_r2_over_the_tasks():
 
 
 def test_the_defaults_are_kept_within_the_noise_and_the_bar_rises_with_the_trials():
-    assert noise_margin(0.8, 100, 1) == pytest.approx(0.04 * 0.994, abs=1e-3)  # one SE
-    assert noise_margin(0.8, 100, 10) > 2 * noise_margin(0.8, 100, 1)
+    assert noise_margin([(0.8, 100)], 1) == pytest.approx(0.04 * 0.994, abs=1e-3)  # one SE
+    assert noise_margin([(0.8, 100)], 10) > 2 * noise_margin([(0.8, 100)], 1)
+    # two tasks: the standard error of their mean
+    two = noise_margin([(0.8, 100), (0.5, 25)], 1)
+    assert two == pytest.approx(0.994 * (0.0016 + 0.01) ** 0.5 / 2, abs=1e-4)
     default = _trial(0, "lp-ft", 0.80)
-    close = _decide([default, _trial(1, "full", 0.83)], True, 60, 50, 100)
+    tasks = {"digit": "multiclass"}
+    close = _decide([default, _trial(1, "full", 0.83)], True, 60, 50, tasks)
     assert close.winner is default and "the defaults are kept" in close.reasons[0]
-    far = _decide([default, _trial(1, "full", 0.90)], True, 60, 50, 100)
+    far = _decide([default, _trial(1, "full", 0.90)], True, 60, 50, tasks)
     assert far.winner.number == 1 and "by more than the noise" in far.reasons[0]
     # The same lead, picked from twenty challengers, is within the noise.
     many = [default, _trial(1, "full", 0.87)] + [_trial(i, "probe", 0.5) for i in range(2, 21)]
-    assert _decide(many, True, 60, 50, 100).winner is default
+    assert _decide(many, True, 60, 50, tasks).winner is default
     unfinished = _decide([_trial(0, "lp-ft", None, "out of time"), _trial(1, "probe", 0.4)],
-                         True, 60, 50, 100)  # fmt: skip
+                         True, 60, 50, tasks)  # fmt: skip
     assert unfinished.winner.number == 1 and "did not finish" in unfinished.reasons[0]
     with pytest.raises(UserError, match="no trial finished: ValueError: bad"):
         failed = _trial(0, "lp-ft", None, "failed")
         failed.error = "ValueError: bad"
-        _decide([failed], True, 60, 50, 100)
+        _decide([failed], True, 60, 50, tasks)
 
 
 def test_set_fixes_the_method_or_the_rate_and_the_first_trials_follow():
-    assert fixed_by_overrides(["schedule.phases.1.from_epoch=3", "x=1"]) == (True, False)
-    assert fixed_by_overrides(["train.lr=0.01"]) == (False, True)
+    assert fixed_by_overrides(["schedule.phases.1.from_epoch=3", "x=1"]) == (True, False, False)
+    assert fixed_by_overrides(["train.lr=0.01", "data.augment=strong"]) == (False, True, True)
     assert _first_trials(("probe", "lp-ft", "full"), False) == [
         {"method": "lp-ft", "lr": 1e-3}, {"method": "probe", "lr": 1e-3},
         {"method": "full", "lr": 2.5e-4}]  # fmt: skip
@@ -76,6 +82,9 @@ def test_set_fixes_the_method_or_the_rate_and_the_first_trials_follow():
             "schedule": {"phases": [{"from_epoch": 0, "freeze": "all"}]}}  # fmt: skip
     recipe = trial_recipe(base, "full", 3e-4).recipe
     assert recipe.train.lr == 3e-4 and recipe.schedule.phases[0].freeze == "none"
+    assert recipe.data.augment == "light"
+    assert trial_recipe(base, "probe", 1e-3).recipe.data.augment == "none"  # cached features
+    assert trial_recipe(base, "probe", 1e-3, cached_probe=False).recipe.data.augment == "light"
     assert base["schedule"]["phases"][0]["freeze"] == "all"  # the base is not edited
 
 

@@ -83,6 +83,25 @@ def write_few_labels(
     return path
 
 
+def write_class_folders(root: str | Path, per_class: int = 10) -> Path:
+    """The few-label split of digits 5-9 as a folder tree a user would bring to `fit`:
+    `transfer/folders/{train,validation}/DIGIT/*.png`. Returns the tree's root."""
+    import shutil
+
+    import pandas as pd
+
+    manifest = write_few_labels(root, per_class)
+    tree = manifest.parent / "folders"
+    if tree.is_dir():
+        return tree
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for row in frame.itertuples():
+        folder = tree / row.split / row.digit
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(manifest.parent / row.image, folder / Path(row.image).name)
+    return tree
+
+
 def write_overlaid_digits(root: str | Path, size: int = 32, n: int = 2000, seed: int = 0) -> Path:
     """Write `n` images of two overlaid digits under `root` (skipped if already there).
 

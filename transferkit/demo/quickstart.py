@@ -6,14 +6,16 @@
    network trained from random weights, at the same budget;
 2. the source-to-target chain: a tiny backbone pretrained on digits 0-4
    (`recipes/digits_source.yaml`), transferred to digits 5-9 (`recipes/digits_transfer.yaml`);
-3. a per-task results table.
+3. `fit` on the same digits as a folder of class folders, with a 2-minute budget: the plan,
+   the trials and the choice, as `transferkit fit FOLDER` makes them;
+4. a per-task results table.
 """
 
 from __future__ import annotations
 
 import time
 
-from transferkit.demo.digits import write_digits, write_few_labels
+from transferkit.demo.digits import write_class_folders, write_digits, write_few_labels
 from transferkit.engine import train
 from transferkit.recipes import load_recipe
 from transferkit.rundir import RunDir
@@ -46,6 +48,17 @@ def digits_chain(output: str = "runs/demo") -> dict:
     return _final(transfer)
 
 
+def fit_folder(output: str = "runs/demo", minutes: float = 2.0):
+    """The third example: `transferkit fit data/digits/transfer/folders --time-budget 2
+    --set data.horizontal_flip=false` (digits must not be mirrored)."""
+    from transferkit.select import fit
+
+    tree = write_class_folders("data/digits")
+    print(f"\n3. fit {tree} --time-budget {minutes:g}")
+    return fit(tree, f"{output}/fit", overwrite=True, time_budget=minutes,
+               overrides=["data.horizontal_flip=false"])  # fmt: skip
+
+
 def main(output: str = "runs/demo") -> dict[str, dict]:
     """Run both examples under `output`; returns the last validation metrics of each run."""
     start = time.perf_counter()
@@ -69,6 +82,8 @@ def main(output: str = "runs/demo") -> dict[str, dict]:
         f"({time.perf_counter() - middle:.0f} s)"
     )
     print(_table({"transfer": results["digits 0-4 -> 5-9"]}))
+    fitted = fit_folder(output)
+    results["fit"] = _final(fitted.run_dir.path)
     print(f"\nTotal {time.perf_counter() - start:.0f} s. Run folders under {output}/")
     print(
         f"Try: .venv/bin/transferkit predict {output}/imagenet_lpft data/digits/transfer/images/0005.png"

@@ -313,7 +313,8 @@ def _number(value) -> float | None:
 
 
 def _image_size(files: list) -> tuple[int, str]:
-    """A multiple of 32 near the images' median short side, from 32 to 224."""
+    """A multiple of 32 near the images' median short side, from 64 to 224: ImageNet
+    backbones downsample 32 times, so at 32 px their last feature map is a single pixel."""
     sides = []
     for file in files[:: max(1, len(files) // 24)][:24]:
         try:
@@ -324,7 +325,7 @@ def _image_size(files: list) -> tuple[int, str]:
     if not sides:
         return 224, "no image could be read to measure; the backbone's 224"
     median = statistics.median(sides)
-    size = int(min(224, max(32, round(median / 32) * 32)))
+    size = int(min(224, max(64, round(median / 32) * 32)))
     return size, f"the images' median short side is {median:g} px"
 
 

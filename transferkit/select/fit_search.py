@@ -4,14 +4,16 @@ trials that optuna samples (TPE) and prunes (median pruner on the validation cur
 
 The order of the trials: the plain defaults first (LP-FT at lr 1e-3), so there is always a
 score to beat; then a probe (nearly free: its features come from the cache) and full
-fine-tuning at the rate LP-FT fine-tunes at; then what TPE samples. A trial is started only
+fine-tuning at the rate LP-FT fine-tunes at; then what TPE samples. A probe trains on
+unaugmented images, whose features the feature cache keeps: after the first probe, another
+costs only its heads (unless `--set data.augment` fixes the augmentation). A trial is started only
 when its expected time fits what is left of the budget (each method's time is estimated from
 a timed forward and backward pass, then corrected by the trials that ran), and a trial still
 running when the budget ends is stopped after its epoch and not chosen.
 
 Honest defaults: the best trial replaces the defaults only when its score is higher by more
-than the noise: z standard errors of the defaults' score on the validation rows,
-sqrt(p (1 - p) / n), where z grows with the number k of finished trials the best was picked
+than the noise: z standard errors of the defaults' score, sqrt(sum over tasks of
+p (1 - p) / n) / tasks with n each task's labelled validation rows, where z grows with the number k of finished trials the best was picked
 from (z = the normal quantile of 1 - 0.16 / k: one standard error for one challenger, 2.1 for
 ten, 2.9 for a hundred), since the best of many equal trials beats the defaults by chance;
 otherwise the defaults are kept and the report says so. A `--set` on `schedule.phases` fixes
@@ -29,13 +31,14 @@ from pathlib import Path
 from transferkit.errors import UserError
 from transferkit.recipes import ResolvedRecipe, resolve_recipe
 from transferkit.select.fit_defaults import FIT_METHODS as METHODS
-from transferkit.select.trials import TrialResult, make_study, run_trial
+from transferkit.select.trials import TrialResult, make_study, run_trial, score_parts
 
 DEFAULT_METHOD, DEFAULT_LR = "lp-ft", 1e-3
 LR_RANGE = (1e-4, 1e-2)  # AdamW rates worth trying for heads and backbones alike
 FULL_LR = 2.5e-4  # full fine-tuning's first try: the rate LP-FT fine-tunes at (0.25 x 1e-3)
 OFFLINE_CANDIDATES = tuple(f"timm:tf_efficientnet_lite{i}" for i in range(3))
 _START_SECONDS = 4.0  # building a run before its first step, on this project's CPU
+_HEAD_EPOCH_SECONDS = 0.3  # an epoch of heads on cached features, validation included
 
 
 @dataclass
@@ -59,22 +62,27 @@ def phases(method: str, epochs: int) -> list[dict]:
     return [probe, {"from_epoch": max(1, epochs // 2), "freeze": "none"}]
 
 
-def trial_recipe(base: dict, method: str | None, lr: float | None) -> ResolvedRecipe:
+def trial_recipe(base: dict, method: str | None, lr: float | None,
+                 cached_probe: bool = True) -> ResolvedRecipe:  # fmt: skip
     """`base` (the plan with the user's overrides) trained by `method` at `lr`; None keeps
-    what `base` says."""
+    what `base` says. A probe trains on unaugmented images (`cached_probe`), so that its
+    features come from the feature cache: one pass of the backbone, then only the heads."""
     recipe = copy.deepcopy(base)
     if method is not None:
         recipe["schedule"]["phases"] = phases(method, recipe["train"]["epochs"])
+    if method == "probe" and cached_probe:
+        recipe["data"]["augment"] = "none"
     if lr is not None:
         recipe["train"]["lr"] = float(lr)
     return resolve_recipe(recipe, where="a fit trial")
 
 
-def fixed_by_overrides(overrides: list[str]) -> tuple[bool, bool]:
-    """Whether `--set` fixes the method (any schedule.phases key) and the rate (train.lr)."""
+def fixed_by_overrides(overrides: list[str]) -> tuple[bool, bool, bool]:
+    """Whether `--set` fixes the method (any schedule.phases key), the rate (train.lr) and
+    the augmentation (data.augment)."""
     keys = [item.partition("=")[0].strip() for item in overrides]
     return (any(k.startswith("schedule.phases") for k in keys),
-            any(k == "train.lr" for k in keys))  # fmt: skip
+            any(k == "train.lr" for k in keys), any(k == "data.augment" for k in keys))  # fmt: skip
 
 
 def choose_backbone(base: dict, candidates: list[str], device: str | None) -> tuple[str, list]:
@@ -99,23 +107,27 @@ class _Costs:
         self.forward, self.backward = _time_backbone(recipe.recipe)
         self.train_rows, self.val_rows = train_rows, val_rows
         self.epochs = recipe.recipe.train.epochs
-        self.ratios: list[float] = []
+        self.ratios: dict[str, list[float]] = {}
 
     def raw(self, method: str) -> float:
         evaluate = self.val_rows * self.forward
         probe_epoch = self.train_rows * self.forward + evaluate  # no cache assumed
         tune_epoch = self.train_rows * self.backward + evaluate
-        tuned = {"probe": 0, "full": self.epochs, "lp-ft": self.epochs - self.epochs // 2}
-        epochs = tuned[method]
-        return _START_SECONDS + (self.epochs - epochs) * probe_epoch + epochs * tune_epoch
+        if method == "probe":  # cached features: one pass, then the heads alone
+            return _START_SECONDS + probe_epoch + self.epochs * _HEAD_EPOCH_SECONDS
+        tuned = self.epochs if method == "full" else self.epochs - self.epochs // 2
+        return _START_SECONDS + (self.epochs - tuned) * probe_epoch + tuned * tune_epoch
 
     def expected(self, method: str) -> float:
-        ratio = sorted(self.ratios)[len(self.ratios) // 2] if self.ratios else 1.5
-        return self.raw(method) * ratio
+        """The raw estimate times the method's median measured/estimated ratio (any
+        method's before its own trial finished; 1.5 before any did)."""
+        ratios = self.ratios.get(method) or [r for rs in self.ratios.values() for r in rs]
+        return self.raw(method) * (sorted(ratios)[len(ratios) // 2] if ratios else 1.5)
 
     def learn(self, trial: TrialResult, method: str) -> None:
         if trial.status == "complete" and trial.epochs == self.epochs:
-            self.ratios.append(trial.seconds / max(self.raw(method), 1e-3))
+            ratio = trial.seconds / max(self.raw(method), 1e-3)
+            self.ratios.setdefault(method, []).append(ratio)
 
 
 def _time_backbone(recipe) -> tuple[float, float]:
@@ -148,7 +160,7 @@ def search(
     *,
     budget_minutes: float,
     methods: tuple[str, ...] = METHODS,
-    fixed: tuple[bool, bool] = (False, False),
+    fixed: tuple[bool, bool, bool] = (False, False, False),
     max_trials: int | None = None,
     split_rows: tuple[int, int],
     device: str | None = None,
@@ -159,7 +171,7 @@ def search(
     `time.monotonic()`, default now) or `max_trials` ends them."""
     started = time.monotonic() if started is None else started
     budget = budget_minutes * 60.0
-    method_fixed, lr_fixed = fixed
+    method_fixed, lr_fixed, augment_fixed = fixed
     pool = (None,) if method_fixed else tuple(methods)
     costs = _Costs(trial_recipe(base, None, None), *split_rows)
     cheapest = min(costs.expected(m or DEFAULT_METHOD) for m in pool)
@@ -182,17 +194,23 @@ def search(
         lr = trial.params.get("lr")
         left = budget - (time.monotonic() - started)
         expected = costs.expected(method or DEFAULT_METHOD)
-        if expected > left:
+        if expected > left:  # not this one; a cheaper method at the same rate may still fit
             study.tell(trial, state=_fail())
+            fits = [m for m in pool if m and costs.expected(m) <= left]
+            if "method" in distributions and fits:
+                cheaper = min(fits, key=costs.expected)
+                study.enqueue_trial({"method": cheaper} | ({"lr": lr} if lr else {}))
+                continue
             log(f"fit: stopping the search: a {method or 'run'} trial needs about "
                 f"{expected:.0f} s, {max(left, 0):.0f} s of the budget are left")  # fmt: skip
             break
         name = f"{len(trials):02d}_{method or 'plan'}" + (f"_lr{lr:.2g}" if lr else "")
         log(f"fit: trial {len(trials)}: {_describe(method, lr)} (about {expected:.0f} s)")
-        recipe = trial_recipe(base, method, lr)
+        recipe = trial_recipe(base, method, lr, cached_probe=not augment_fixed)
         result = run_trial(study, trial, recipe, folder / "trials" / name, tasks,
                            deadline=started + budget, device=device)  # fmt: skip
         result.params = {"method": method or "as --set says", "lr": lr or base["train"]["lr"]}
+        result.number = len(trials)  # optuna's count includes the draws not trained
         costs.learn(result, method or DEFAULT_METHOD)
         trials.append(result)
         log(
@@ -200,7 +218,7 @@ def search(
             + (f", score {result.score:.4f}" if result.score is not None else f" ({result.error})")
         )
     has_default = pool == (None,) or DEFAULT_METHOD in pool
-    return _decide(trials, has_default, budget, time.monotonic() - started, split_rows[1])
+    return _decide(trials, has_default, budget, time.monotonic() - started, tasks)
 
 
 def _distributions(pool: tuple, lr_fixed: bool) -> dict:
@@ -240,7 +258,7 @@ def _describe(method: str | None, lr: float | None) -> str:
 
 
 def _decide(trials: list[TrialResult], has_default: bool, budget: float, spent: float,
-            val_rows: int) -> SearchResult:  # fmt: skip
+            tasks: dict[str, str]) -> SearchResult:  # fmt: skip
     """The winner: the best finished trial, unless the defaults (trial 0) are within the
     noise of it."""
     done = [t for t in trials if t.status == "complete" and t.score is not None]
@@ -255,29 +273,34 @@ def _decide(trials: list[TrialResult], has_default: bool, budget: float, spent: 
         return SearchResult(trials, best, None, [
             f"the defaults {why}; the best trial: {_name(best)}"
         ], budget, spent)  # fmt: skip
-    margin = noise_margin(default.score, val_rows, challengers=len(done) - 1)
+    parts = score_parts(default.record, tasks) or [(default.score, 1)]
+    margin = noise_margin(parts, challengers=len(done) - 1)
+    rows = "/".join(str(n) for _, n in parts)
     if best is default:
         why = f"the defaults ({_name(default)}) scored highest, {default.score:.4f}"
     elif best.score - default.score > margin:
         why = (f"{_name(best)} scored {best.score:.4f}, above the defaults' {default.score:.4f} "
-               f"by more than the noise ({margin:.4f} on {val_rows} validation rows, "
+               f"by more than the noise ({margin:.4f} on {rows} validation labels, "
                f"{len(done) - 1} challengers)")  # fmt: skip
     else:
         why = (f"{_name(best)} scored {best.score:.4f} against the defaults' "
-               f"{default.score:.4f}, within the noise ({margin:.4f} on {val_rows} validation "
-               f"rows, {len(done) - 1} challengers); the defaults are kept")  # fmt: skip
+               f"{default.score:.4f}, within the noise ({margin:.4f} on {rows} validation "
+               f"labels, {len(done) - 1} challengers); the defaults are kept")  # fmt: skip
         best = default
     return SearchResult(trials, best, default, [why], budget, spent)
 
 
-def noise_margin(score: float, val_rows: int, challengers: int) -> float:
-    """How far the best of `challengers` trials must beat the defaults' `score` (see the
-    module docstring): z(k) x sqrt(p (1 - p) / n), p kept within [0.05, 0.95]."""
+def noise_margin(parts: list[tuple[float, int]], challengers: int) -> float:
+    """How far the best of `challengers` trials must beat the defaults (see the module
+    docstring). `parts`: the defaults' (score, labelled validation rows) of each task; the
+    standard error of their mean is sqrt(sum p (1 - p) / n) / tasks, p kept within
+    [0.05, 0.95], times z(k)."""
     from statistics import NormalDist
 
-    p = min(max(score, 0.05), 0.95)
+    variance = sum(min(max(p, 0.05), 0.95) * (1 - min(max(p, 0.05), 0.95)) / max(n, 1)
+                   for p, n in parts)  # fmt: skip
     z = NormalDist().inv_cdf(1 - 0.16 / max(challengers, 1))
-    return z * math.sqrt(p * (1 - p) / max(val_rows, 1))
+    return z * math.sqrt(variance) / max(len(parts), 1)
 
 
 def _name(trial: TrialResult) -> str:

@@ -40,6 +40,7 @@ class TrialResult:
     seconds: float = 0.0
     curve: list[float] = field(default_factory=list)
     error: str = ""
+    record: dict[str, Any] = field(default_factory=dict)  # the scored epoch's
 
     def row(self) -> dict[str, Any]:
         return {"trial": self.number, **self.params, "status": self.status,
@@ -47,15 +48,22 @@ class TrialResult:
                 "seconds": round(self.seconds, 1), "error": self.error}  # fmt: skip
 
 
-def fit_score(record: dict[str, Any], tasks: dict[str, str]) -> float | None:
-    """The mean of each task's accuracy (classification) or R^2 (regression) in an epoch's
-    record (`tasks`: name -> kind); None when no task has its value."""
-    values = []
+def score_parts(record: dict[str, Any], tasks: dict[str, str]) -> list[tuple[float, int]]:
+    """Each task's (accuracy or R^2, labelled validation rows) in an epoch's record (`tasks`:
+    name -> kind); tasks without a finite value are left out."""
+    parts = []
     for name, kind in tasks.items():
         value = record.get(f"val/{name}/{'r2' if kind == 'regression' else 'accuracy'}")
         if isinstance(value, (int, float)) and math.isfinite(value):
-            values.append(float(value))
-    return sum(values) / len(values) if values else None
+            parts.append((float(value), int(record.get(f"val/{name}/count") or 1)))
+    return parts
+
+
+def fit_score(record: dict[str, Any], tasks: dict[str, str]) -> float | None:
+    """The mean of each task's accuracy (classification) or R^2 (regression) in an epoch's
+    record; None when no task has its value."""
+    parts = score_parts(record, tasks)
+    return sum(p for p, _ in parts) / len(parts) if parts else None
 
 
 def make_study(sampler: Sampler, seed: int, warmup_epochs: int, startup_trials: int = 2):
@@ -132,6 +140,7 @@ def run_trial(
     scored = [r for r in records if r["epoch"] == best] or records[-1:]
     result.best_epoch = scored[0]["epoch"] if scored else None
     result.score = fit_score(scored[0], tasks) if scored else None
+    result.record = scored[0] if scored else {}
     if result.status == "complete" and result.score is not None:
         study.tell(trial, result.score)
     else:
