@@ -48,7 +48,7 @@ def digits_chain(output: str = "runs/demo") -> dict:
     return _final(transfer)
 
 
-def fit_folder(output: str = "runs/demo", minutes: float = 2.0):
+def _fit_folder(output: str = "runs/demo", minutes: float = 2.0):
     """The third example: `transferkit fit data/digits/transfer/folders --time-budget 2
     --set data.horizontal_flip=false` (digits must not be mirrored)."""
     from transferkit.select import fit
@@ -82,7 +82,7 @@ def main(output: str = "runs/demo") -> dict[str, dict]:
         f"({time.perf_counter() - middle:.0f} s)"
     )
     print(_table({"transfer": results["digits 0-4 -> 5-9"]}))
-    fitted = fit_folder(output)
+    fitted = _fit_folder(output)
     results["fit"] = _final(fitted.run_dir.path)
     print(f"\nTotal {time.perf_counter() - start:.0f} s. Run folders under {output}/")
     print(
