@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill bench-fit lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill bench-fit bench-checkpointing lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -68,3 +68,7 @@ bench-distill: setup
 # its --time-budget at 2 min; results in bench/results/fit.md, summarized in docs/fit.md.
 bench-fit: setup
 	$(BIN)/python -m bench.fit
+
+# Activation memory and step time with and without train.grad_checkpointing (ViT and CNN).
+bench-checkpointing: setup
+	$(BIN)/python -m bench.grad_checkpointing

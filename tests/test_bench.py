@@ -236,3 +236,14 @@ def test_fit_bench_quick_scores_every_method_on_unseen_test_images(tmp_path):
     recipe = load_recipe(tmp_path / "w/runs/shapes_k5_s0_fit/recipe.yaml")
     splits = load_data(recipe.data, recipe.tasks, recipe.seed).splits
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (20, 5, 150)
+
+
+def test_checkpointing_bench_quick_measures_both_models_both_ways(tmp_path):
+    from bench import grad_checkpointing
+
+    report = grad_checkpointing.main(["--quick", "--out", str(tmp_path)])
+    assert [r["model"] for r in report["rows"]] == list(grad_checkpointing.MODELS)
+    for row in report["rows"]:
+        assert row["off"]["step_s"] > 0 and row["on"]["step_s"] > 0
+        assert row["off"]["activation_mb"] >= 0
+    assert "| ViT (test_vit, 12 x 384) |" in (tmp_path / "grad_checkpointing.md").read_text()

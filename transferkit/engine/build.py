@@ -117,6 +117,11 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
         print(f"backbone weights: {backbone.load_report}")
     if recipe.model.adapter is not None:
         attach_adapter(backbone, _adapter_spec(recipe))
+    if recipe.train.grad_checkpointing:
+        _check_grad_checkpointing(recipe, accelerator)
+        how = backbone.set_grad_checkpointing()
+        if main:
+            print(f"gradient checkpointing: {how}")
     data = load_shared_data(recipe, accelerator)
     chosen_metrics = {name: section.metrics for name, section in recipe.tasks.items()}
     monitor = recipe.train.monitor or _default_monitor(data.tasks, chosen_metrics)
@@ -253,6 +258,20 @@ def _adapter_spec(recipe: Recipe) -> AdapterSpec:
     section = recipe.model.adapter
     return AdapterSpec(section.method, tuple(section.targets), section.r, section.alpha,
                        section.dropout, section.train_rest)  # fmt: skip
+
+
+def _check_grad_checkpointing(recipe: Recipe, accelerator: Accelerator) -> None:
+    if recipe.model.aux_heads:
+        raise UserError(
+            "train.grad_checkpointing with model.aux_heads: the auxiliary heads read group outputs "
+            "through forward hooks, which recomputing the groups would fire again; turn one off"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError(
+            "train.grad_checkpointing under FSDP is not tested here yet (no GPUs to test it on); "
+            "train with DDP, or leave it off (FSDP's own fsdp_activation_checkpointing renames "
+            "the parameters the freeze schedule looks for)"
+        )
 
 
 def _default_monitor(tasks: list[TaskSpec], chosen: dict[str, list[str] | None]) -> str:

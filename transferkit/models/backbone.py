@@ -201,6 +201,13 @@ class Backbone(nn.Module):
         if size:
             self.data_config = replace(self.data_config, input_size=(3, size, size))
 
+    def set_grad_checkpointing(self) -> str:
+        """Recompute each layer group's activations in the backward pass instead of keeping
+        them (`activation_checkpointing.py`); returns how, for the log."""
+        from transferkit.models.activation_checkpointing import enable_checkpointing
+
+        return enable_checkpointing(self.model, [g.output_module for g in self.groups])
+
     def freeze_norm_statistics(self) -> int:
         """Keep the running statistics of every batch-norm layer fixed (eval mode), also in
         groups that train; their affine parameters train as their group says. Returns how many

@@ -205,6 +205,9 @@ class TrainSection:
     feature_cache_dir: str | None = None
     feature_cache_limit_gb: float = bounded(20.0, gt=0)
     channels_last: bool = False
+    # Recompute each layer group's activations in the backward pass instead of keeping them:
+    # less memory for more compute (frozen groups on the input side cost nothing either way).
+    grad_checkpointing: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
     auto_batch_size: bool = False
