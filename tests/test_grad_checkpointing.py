@@ -107,3 +107,27 @@ def test_it_is_refused_with_auxiliary_heads(workdir, monkeypatch, tmp_path):
         "model.aux_heads=[{task: digit, group: layer3}]"])  # fmt: skip
     with pytest.raises(UserError, match="train.grad_checkpointing with model.aux_heads"):
         train(recipe, output=str(tmp_path / "aux"))
+
+
+@pytest.mark.parametrize("setting", ["lora", "bf16"])
+def test_it_composes_with_lora_adapters_and_bf16_autocast(setting):
+    """A LoRA adapter's weights get the same gradients through recomputed blocks; under bf16
+    autocast (as `train.mixed_precision: bf16` runs the forward) the recomputation sees the same
+    precision, so the gradients still match."""
+    from transferkit.models import AdapterSpec, attach_adapter
+
+    torch.manual_seed(0)
+    plain = create_backbone("timm:test_vit", None)
+    if setting == "lora":
+        attach_adapter(plain, AdapterSpec("lora", ("regex:qkv",), r=2))
+    plain.freeze("none")  # with an adapter: only the adapter trains
+    plain.eval()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "bf16"):
+        expected, got = _grads(plain, images), _grads(checkpointed, images)
+    if setting == "lora":
+        assert expected and all("lora_" in name for name in expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-5, msg=name)
