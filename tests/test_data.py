@@ -143,6 +143,26 @@ def test_validation_carve_is_deterministic_per_seed(digit_folder):
     assert validation(1) != validation(2)
 
 
+def test_a_stratified_carve_validates_every_class_in_proportion(tmp_path):
+    """12 zeros, 6 ones, 2 twos: a fifth of each class (at least one), not a fifth of all."""
+    root = tmp_path / "uneven"
+    counts = {0: 12, 1: 6, 2: 2}
+    for digit, count in counts.items():
+        for i in np.flatnonzero(DIGITS.target == digit)[:count]:
+            save_digit(root / str(digit) / f"{i}.png", i)
+    tasks = {"d": task("multiclass")}
+    for seed in range(5):
+        loaded = load_data(
+            data_ns("imagefolder", root, val_split=None, val_stratify=True), tasks, seed
+        )
+        names = loaded.tasks[0].class_names
+        val = [names[i] for i in loaded.splits["validation"]["d"][:]]
+        assert sorted(val) == ["0", "0", "1", "2"]  # round(2.4), round(1.2), at least 1
+        assert len(loaded.splits["train"]) == 16
+    plain = load_data(data_ns("imagefolder", root, val_split=None), tasks, 3)
+    assert len(plain.splits["validation"]) == 4  # the unstratified carve is unchanged
+
+
 def test_max_samples_caps_every_split(tmp_path):
     root = tmp_path / "caps"
     for i in range(30):

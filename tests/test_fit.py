@@ -161,8 +161,8 @@ def test_a_saved_dataset_s_features_are_taken_as_they_are(class_folders, tmp_pat
     assert kinds == {"kind": "multiclass", "tags": "multilabel", "size": "regression",
                      "yes": "binary"}  # fmt: skip
     assert plan.recipe["data"] == {"source": "disk", "path": str(tmp_path / "ds"),
-                                   "image_column": "img", "val_split": "validation",
-                                   "image_size": 64}  # fmt: skip
+                                   "image_column": "img", "val_stratify": True,
+                                   "val_split": "validation", "image_size": 64}  # fmt: skip
     assert any("a ClassLabel feature with 3 names" in r for r in plan.reasons)
 
 

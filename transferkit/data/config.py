@@ -60,6 +60,9 @@ class DataSection:
     val_split: str | None = "validation"
     test_split: str | None = None
     val_fraction: float = bounded(0.2, gt=0, lt=1)
+    # Carve that fraction of each class of the first multiclass or binary task (missing labels
+    # as one more class), so that every class is validated; `fit` plans set it.
+    val_stratify: bool = False
     image_size: int | None = bounded(None, ge=8)
     # A preset (none, light, strong: names for timm settings, docs/training_features.md) or a
     # timm policy string: rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0,

@@ -78,7 +78,9 @@ def load_data(
     splits = {k: _encode(s, data.image_column, specs, columns, tasks) for k, s in splits.items()}
 
     if "validation" not in splits and carve_validation:
-        splits["train"], splits["validation"] = _carve(splits["train"], data.val_fraction, seed)
+        strata = _strata(splits["train"], specs) if data.val_stratify else None
+        splits["train"], splits["validation"] = _carve(splits["train"], data.val_fraction, seed,
+                                                       strata)  # fmt: skip
     if data.max_samples is not None:
         splits = {k: _cap(s, data.max_samples, seed) for k, s in splits.items()}
     if data.unlabeled:  # after carving: unlabelled images train only, never validate
@@ -256,10 +258,18 @@ def _with_unlabeled(train: datasets.Dataset, data: DataSection) -> datasets.Data
     return datasets.concatenate_datasets([train, rows.select_columns(train.column_names)])
 
 
+def _strata(train: datasets.Dataset, specs: list[TaskSpec]) -> list | None:
+    """The labels of the first multiclass or binary task (None: no such task), to carve by."""
+    first = next((s for s in specs if s.kind in ("multiclass", "binary")), None)
+    return None if first is None else train[first.name]
+
+
 def _carve(
-    train: datasets.Dataset, fraction: float, seed: int
+    train: datasets.Dataset, fraction: float, seed: int, strata: list | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split off `fraction` of train as validation, the same rows for the same seed."""
+    """Split off `fraction` of train as validation, the same rows for the same seed; with
+    `strata` (a label per row, None for missing), `fraction` of each label's rows (`data.
+    val_stratify`), at least one of every label with two rows or more."""
     if not 0.0 < float(fraction) < 1.0:
         raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {fraction}")
     n = len(train)
@@ -270,7 +280,18 @@ def _carve(
             "add data, lower data.val_fraction or set data.val_split"
         )
     order = np.random.default_rng(seed).permutation(n)
-    val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    picked: list[int] = []
+    if strata is not None:
+        by_label: dict[str, list[int]] = {}
+        for row in order:  # each label's rows in the seeded order
+            by_label.setdefault(str(strata[row]), []).append(int(row))
+        picked = [r for rows in by_label.values()
+                  for r in rows[: max(int(len(rows) >= 2), round(len(rows) * float(fraction)))]]  # fmt: skip
+    if 0 < len(picked) < n:
+        val_rows = np.sort(np.array(picked, dtype=np.int64))
+        train_rows = np.setdiff1d(np.arange(n), val_rows)
+    else:  # not stratified, or no class has two rows
+        val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     return (
         train.select(train_rows, keep_in_memory=True),
         train.select(val_rows, keep_in_memory=True),

@@ -111,9 +111,9 @@ def _folder(root: Path) -> tuple[dict, list[str], list[Path]]:
         f"task label (multiclass): {len(counts)} class folders in {train}: "
         + ", ".join(f"{c} {n}" for c, n in counts.items()),
         "validation: the split folder" if {"validation", "val"} & set(split_names)
-        else "validation: 20% of the images, carved with the recipe's seed",
+        else "validation: 20% of each class's images, carved with the recipe's seed",
     ]  # fmt: skip
-    data = {"source": "imagefolder", "path": str(root)}
+    data = {"source": "imagefolder", "path": str(root), "val_stratify": True}
     if "test" in split_names:  # kept for `eval --split test`; no run trains on it
         data["test_split"] = "test"
     recipe = {"tasks": {"label": {"kind": "multiclass"}}, "data": data,
@@ -167,12 +167,13 @@ def _table(path: Path, forced: dict, ignore: set, image_column: str | None):
         train_rows = int((split == "train").sum())
         reasons.append(f"splits: the split column ({dict(Counter(split))})")
         if not split.isin(["validation", "val"]).any():
-            reasons.append("validation: 20% of the train rows, carved with the recipe's seed")
+            reasons.append(_carved(tasks))
         if (split == "test").any():  # kept for `eval --split test`; no run trains on it
             data_extra["test_split"] = "test"
     else:
-        reasons.append("validation: 20% of the rows, carved with the recipe's seed")
-    data = {"source": "manifest", "path": str(path), "image_column": image, **data_extra}
+        reasons.append(_carved(tasks))
+    data = {"source": "manifest", "path": str(path), "image_column": image, "val_stratify": True,
+            **data_extra}  # fmt: skip
     return {"tasks": tasks, "data": data, "_train_rows": train_rows}, reasons, files
 
 
@@ -235,9 +236,8 @@ def _saved(path: Path, forced: dict, ignore: set, image_column: str | None):
     if not tasks:
         raise UserError(f"fit {path}: no column besides the images holds labels")
     val = [s for s in splits if s in ("validation", "val", "valid")]
-    reasons.append(f"validation: the {val[0]} split" if val
-                   else "validation: 20% of the train split, carved with the recipe's seed")  # fmt: skip
-    data = {"source": "disk", "path": str(path), "image_column": image}
+    reasons.append(f"validation: the {val[0]} split" if val else _carved(tasks))
+    data = {"source": "disk", "path": str(path), "image_column": image, "val_stratify": True}
     if val:
         data["val_split"] = val[0]
     sample = [train[i][image] for i in range(0, len(train), max(1, len(train) // 24))][:24]
@@ -256,6 +256,13 @@ def _feature_kind(feature, values: list) -> tuple[str | None, str]:
     if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
         return "regression", f"a {feature.dtype} Value"
     return _kind(values)
+
+
+def _carved(tasks: dict) -> str:
+    """The plan's line for a validation split carved from the training rows."""
+    first = next((n for n, t in tasks.items() if t["kind"] in ("multiclass", "binary")), None)
+    by = f"of each {first} class " if first else ""
+    return f"validation: 20% of the training rows {by}(stratified), carved with the recipe's seed"
 
 
 def _present(value) -> bool:
