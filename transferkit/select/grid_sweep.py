@@ -176,6 +176,13 @@ def _write_report(root: Path, grid: dict[str, list]) -> list[dict]:
     rows = _collect(root, grid)
     if not rows:
         return rows
+    write_table(root, rows, f"# Sweep {root.name}\n\n{len(rows)} runs done.")
+    _plots(root, rows, grid)
+    return rows
+
+
+def write_table(root: Path, rows: list[dict], heading: str) -> None:
+    """`report.csv` and `report.md` (the heading, then the rows as a table) in `root`."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with (root / "report.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -184,11 +191,7 @@ def _write_report(root: Path, grid: dict[str, list]) -> list[dict]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    (root / "report.md").write_text(
-        f"# Sweep {root.name}\n\n{len(rows)} runs done.\n\n" + "\n".join(lines) + "\n"
-    )
-    _plots(root, rows, grid)
-    return rows
+    (root / "report.md").write_text(heading + "\n\n" + "\n".join(lines) + "\n")
 
 
 def _cell(value) -> str:

@@ -10,12 +10,11 @@ best first, rewritten after each.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from transferkit.recipes import load_recipe, resolve_recipe
-from transferkit.select.grid_sweep import run_name
+from transferkit.select.grid_sweep import run_name, write_table
 from transferkit.select.trials import Sampler, TrialResult, make_study, run_trial
 
 _DRAWS_PER_TRIAL = 10  # draws before giving up on finding a combination not tried yet
@@ -77,21 +76,7 @@ def search_sweep(
 
 def _write_report(root: Path, results: list[TrialResult], sampler: str) -> None:
     ranked = sorted(results, key=lambda r: (r.score is None, -(r.score or 0.0)))
-    rows = [{"run": r.folder.name, **r.row()} for r in ranked]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (root / "report.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    (root / "report.md").write_text(
-        f"# Sweep {root.name} ({sampler} search)\n\n{len(rows)} trials, best first. The score: "
-        "mean validation accuracy (classification) or R^2 (regression) over the tasks, at "
-        "each run's best epoch.\n\n" + "\n".join(lines) + "\n"
-    )
-
-
-def _cell(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+    write_table(root, [{"run": r.folder.name, **r.row()} for r in ranked],
+                f"# Sweep {root.name} ({sampler} search)\n\n{len(ranked)} trials, best first. "
+                "The score: mean validation accuracy (classification) or R^2 (regression) over "
+                "the tasks, at each run's best epoch.")  # fmt: skip
