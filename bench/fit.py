@@ -170,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sets", help="comma-separated subset of the sets")
     parser.add_argument("--seeds", type=int, help="how many seeds")
     parser.add_argument("--minutes", type=float, help="fit's --time-budget")
+    parser.add_argument(
+        "--rows-from",
+        action="append",
+        default=[],
+        help="fit.json files whose rows count as done (a bench run in parts)",
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.sets:
@@ -181,11 +187,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_fit_"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = [row for path in args.rows_from for row in json.loads(Path(path).read_text())["rows"]]
+    done = {(r["set"], r["per_class"], r["seed"], r["method"]) for r in rows}
     for task_set in cfg["sets"]:
         for per_class in cfg["budgets"]:
             for seed in cfg["seeds"]:
                 for method in METHODS:
+                    if (task_set, per_class, seed, method) in done:
+                        continue
                     row = _one(work, task_set, per_class, seed, method, cfg)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
