@@ -142,9 +142,13 @@ def _mean_se(values: list[float]) -> str:
 
 def _markdown(report: dict) -> str:
     cfg = report["config"]
+    seeds = {}
+    for row in report["rows"]:
+        seeds.setdefault(row["set"], set()).add(row["seed"])
+    counted = ", ".join(f"{name} {len(found)}" for name, found in seeds.items())
     lines = [f"# bench-fit: `fit` against fixed recipes ({report['device']})", "",
-             f"Sets {', '.join(cfg['sets'])} ({HELD_OUT} held out), {cfg['budgets']} labelled "
-             f"images per class, seeds {cfg['seeds']}, fit's budget {cfg['minutes']:g} min. "
+             f"Sets {', '.join(seeds)} ({HELD_OUT} held out), {cfg['budgets']} labelled "
+             f"images per class, seeds per set: {counted}; fit's budget {cfg['minutes']:g} min. "
              "Test score: mean over tasks of accuracy or R^2 on test images no run saw; "
              "mean ± sd over seeds; paired differences mean ± standard error.", "",
              "| set | labels/class | fit | defaults | full FT | fit - defaults | fit - full FT "
