@@ -115,10 +115,12 @@ def _summary(rows: list[dict]) -> list[dict]:
             entry[f"{method} s"] = (
                 round(statistics.mean([r["seconds"] for r in seeds.values()]), 1) if seeds else None
             )
+            entry[f"{method} first"] = _mean_sd([r["first"] for r in seeds.values()])
         for other in METHODS[1:]:
-            paired = [by_seed["fit"][s]["score"] - by_seed[other][s]["score"]
-                      for s in by_seed["fit"] if s in by_seed[other]]  # fmt: skip
-            entry[f"fit - {other}"] = _mean_se(paired)
+            for key, suffix in (("score", ""), ("first", " first")):
+                paired = [by_seed["fit"][s][key] - by_seed[other][s][key]
+                          for s in by_seed["fit"] if s in by_seed[other]]  # fmt: skip
+                entry[f"fit - {other}{suffix}"] = _mean_se(paired)
         entry["fit chose"] = ", ".join(
             f"{r['chose']} {r['chose_lr']}" for r in by_seed["fit"].values()
         )
@@ -159,6 +161,14 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {name} | {e['per_class']} | {e['fit']} | {e['defaults']} | "
                      f"{e['full FT']} | {e['fit - defaults']} | {e['fit - full FT']} | "
                      f"{e['fit s']} / {e['defaults s']} / {e['full FT s']} | {e['fit chose']} |")  # fmt: skip
+    lines += ["", "The first task's test accuracy (digit, letter, shape, region):", "",
+              "| set | labels/class | fit | defaults | full FT | fit - defaults | fit - full FT |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in report["summary"]:
+        name = f"{e['set']} (held out)" if e["held_out"] else e["set"]
+        lines.append(f"| {name} | {e['per_class']} | {e['fit first']} | {e['defaults first']} | "
+                     f"{e['full FT first']} | {e['fit - defaults first']} | "
+                     f"{e['fit - full FT first']} |")  # fmt: skip
     errors = [r for r in report["rows"] if "error" in r]
     if errors:
         lines += ["", "Failed commands:", *[f"- {r['set']} k{r['per_class']} seed {r['seed']} "
