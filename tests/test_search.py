@@ -153,3 +153,13 @@ def _base(workdir) -> dict:
     from transferkit.recipes import recipe_to_dict
 
     return recipe_to_dict(resolve_recipe(RECIPE, FIXED).written)
+
+
+def test_the_sweep_command_checks_its_search_flags(capsys):
+    from transferkit.cli import main
+
+    assert main(["sweep", RECIPE, "--grid", "train.lr=0.1,0.01", "--search", "tpe",
+                 "--trials", "0"]) != 0  # fmt: skip
+    assert "--trials 0: give at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of grid, tpe, random
+        main(["sweep", RECIPE, "--grid", "train.lr=0.1", "--search", "bayes"])
