@@ -185,3 +185,22 @@ def test_fit_takes_python_objects(class_folders, tmp_path, monkeypatch):
         fit([pairs[0], pairs[1][0]], tmp_path / "bad", dry_run=True)
     with pytest.raises(UserError, match="DATA must be a path, a datasets.Dataset"):
         fit(42, tmp_path / "bad", dry_run=True)
+
+
+def test_the_backbone_is_chosen_by_logme_among_the_candidates_that_load(class_folders, tmp_path):
+    import yaml
+
+    from transferkit.select import fit
+
+    sets = ["data.image_size=32", "data.num_workers=0"]
+    result = fit(class_folders, tmp_path / "ranked", dry_run=True, overrides=sets,
+                 backbones=["timm:test_efficientnet@none", "timm:test_resnet@none",
+                            "timm:resnet18"])  # fmt: skip
+    (reason,) = [r for r in result.plan.reasons if r.startswith("backbone ")]
+    assert "highest LogME" in reason and "timm:test_resnet@none" in reason
+    assert "left out: timm:resnet18 (timm's pretrained weights for resnet18" in reason
+    model = yaml.safe_load((tmp_path / "ranked" / "plan.yaml").read_text())["model"]
+    assert model["backbone"] == reason.split()[1].rstrip(":") and model["weights"] == "none"
+    with pytest.raises(UserError, match="--backbones timm:resnet18: no candidate's weights load"):
+        fit(class_folders, tmp_path / "none", dry_run=True, overrides=sets,
+            backbones=["timm:resnet18"])  # fmt: skip

@@ -84,7 +84,7 @@ def make_plan(data: str | Path, *, tasks: dict[str, str] | None = None, ignore: 
     recipe["train"] = {"epochs": epochs}
     reasons += [
         f"image size {size}: {why}",
-        f"{BACKBONE} with ImageNet weights (offline); LP-FT: {probe} epochs of a linear probe, "
+        f"the defaults: {BACKBONE} with ImageNet weights (offline), LP-FT: {probe} epochs of a linear probe, "
         f"then {epochs - probe} of fine-tuning the whole backbone",
         "augmentation: light (a random crop and a horizontal flip); for text or digits, which "
         "must not be mirrored, add --set data.horizontal_flip=false",

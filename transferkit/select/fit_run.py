@@ -73,13 +73,13 @@ def fit(
     base = recipe_to_dict(resolved.written)
     if not dry_run:
         _check_folder(folder, overwrite)
-    print(plan.text(), end="")
     scores: list[tuple[str, float]] = []
     if search_choices and not any(o.startswith("model.backbone=") for o in overrides):
         candidates = list(backbones or OFFLINE_CANDIDATES)
-        chosen, scores = choose_backbone(base, candidates, device)
-        base["model"]["backbone"] = chosen
-        plan.reasons.append(_backbone_reason(chosen, scores, candidates))
+        model, scores, skipped = choose_backbone(base, candidates, device)
+        base["model"].update(model)
+        plan.reasons.append(_backbone_reason(model["backbone"], scores, skipped))
+    print(plan.text(), end="")
     folder.path.mkdir(parents=True, exist_ok=True)
     _write_plan(folder, base)
     if search_choices:
@@ -130,12 +130,12 @@ def _check_folder(folder: RunDir, overwrite: bool) -> None:
             shutil.rmtree(folder.path / kept, ignore_errors=True)
 
 
-def _backbone_reason(chosen: str, scores: list, candidates: list[str]) -> str:
+def _backbone_reason(chosen: str, scores: list, skipped: list) -> str:
+    left_out = "; left out: " + ", ".join(f"{c} ({why})" for c, why in skipped) if skipped else ""
     if not scores:
-        return (f"backbone {chosen}: the only candidate whose weights load offline "
-                f"(of {', '.join(candidates)}); name others with --backbones")  # fmt: skip
+        return f"backbone {chosen}: the only candidate whose weights load{left_out}"
     ranked = ", ".join(f"{name} {score:.3f}" for name, score in scores)
-    return f"backbone {chosen}: highest LogME on the training images' features ({ranked})"
+    return f"backbone {chosen}: highest LogME on the training images' features ({ranked}){left_out}"
 
 
 def _split_rows(base: dict) -> tuple[int, int]:

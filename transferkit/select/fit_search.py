@@ -85,19 +85,44 @@ def fixed_by_overrides(overrides: list[str]) -> tuple[bool, bool, bool]:
             any(k == "train.lr" for k in keys), any(k == "data.augment" for k in keys))  # fmt: skip
 
 
-def choose_backbone(base: dict, candidates: list[str], device: str | None) -> tuple[str, list]:
-    """The candidate with the highest LogME on the training split's frozen features."""
+def choose_backbone(base: dict, candidates: list[str], device: str | None):
+    """The candidate (`NAME` or `NAME@WEIGHTS`, as `rank` takes them) with the highest LogME on
+    the training split's frozen features, among those whose weights load: returns the model
+    section's `backbone` and `weights`, the scores [(candidate, LogME)] best first (empty with
+    one candidate) and the candidates left out [(candidate, why)]."""
     from transferkit.models import pretrained_offline
     from transferkit.select.transferability import primary_task, rank
 
-    usable = [c for c in candidates if c.partition("@")[2] or pretrained_offline(c)[0]]
-    if len(usable) < 2:
-        return (usable or candidates)[0], []
-    recipe = resolve_recipe(base, where="the fit plan").recipe
-    rows = rank(recipe, candidates=usable, device=device, progress=False)
-    key = primary_task(recipe)
-    scores = [(row.candidate.split("@")[0], row.scores[key]["logme"]) for row in rows]
-    return scores[0][0], scores
+    usable, skipped = [], []
+    for spec in candidates:
+        backbone, _, weights = spec.partition("@")
+        found, why = (
+            (True, "") if weights and weights != "pretrained" else pretrained_offline(backbone)
+        )
+        (usable if found else skipped).append(spec if found else (spec, why))
+    if not usable:
+        raise UserError(f"--backbones {','.join(candidates)}: no candidate's weights load offline "
+                        f"({skipped[0][1]}); give weights with NAME@FILE, or NAME@none for random "
+                        "weights")  # fmt: skip
+    scores: list[tuple[str, float]] = []
+    chosen = usable[0]
+    if len(usable) > 1:
+        recipe = resolve_recipe(base, where="the fit plan").recipe
+        rows = rank(recipe, candidates=usable, device=device, progress=False)
+        key = primary_task(recipe)
+        scores = [(row.candidate, row.scores[key]["logme"]) for row in rows]
+        best = scores[0][0]  # BACKBONE@WEIGHTS, as rank labels it
+        chosen = next(c for c in usable if _label(c) == best)
+    backbone, _, weights = chosen.partition("@")
+    model = {"backbone": backbone, "weights": weights if weights else base["model"]["weights"]}
+    return model, scores, skipped
+
+
+def _label(spec: str) -> str:
+    """`rank`'s label of a candidate: BACKBONE@WEIGHTS, `none` for random weights."""
+    backbone, _, weights = spec.partition("@")
+    weights = weights or "pretrained"
+    return f"{backbone}@{'none' if weights.lower() in ('none', 'random') else weights}"
 
 
 class _Costs:
