@@ -15,7 +15,11 @@ def register(sub) -> None:
     fit = sub.add_parser(
         "fit", help="plan and train a model for a folder of class folders or a table, no recipe"
     )
-    fit.add_argument("data", help="a folder (FOLDER/CLASS/IMAGE.jpg) or a CSV/JSON/Parquet table")
+    fit.add_argument(
+        "data",
+        help="a folder (FOLDER/CLASS/IMAGE.jpg), a CSV/JSON/Parquet table, "
+        "or a dataset saved with save_to_disk",
+    )
     fit.add_argument("--output", help="the run folder (default runs/NAME_fit)")
     fit.add_argument("--dry-run", action="store_true", help="print and write the plan, no training")
     fit.add_argument("--task", action="append", metavar="COLUMN=KIND",
