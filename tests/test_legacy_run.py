@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures.legacy_run.make_fixture import digest  # the digest the expected values used
 
 from transferkit.cli import main
@@ -52,12 +53,28 @@ def test_an_old_run_predicts_as_it_did(legacy, capsys):
     assert _json_out(capsys, ["predict", "run", *images, "--json"]) == EXPECTED["predict"]
 
 
-def test_an_old_run_resumes_bit_identically(legacy, capsys):
+def test_an_old_run_resumes_to_the_weights_that_version_gave(legacy, capsys):
+    """Resumed to 3 epochs: the records and the final model (the best epoch's, kept from the old
+    checkpoint) as that version wrote them, and the resumed weights that version reached.
+
+    Those are compared to rounding, not bit for bit: the same code of 18115f6 rerun on another
+    machine did not reproduce the checkpoint digest it had recorded (CPU kernels round by the
+    instruction set they run on), and later code changed rounding on purpose (losses masked
+    rather than indexed, engine/losses.py). `resumed_step9_at_18115f6.safetensors` is that
+    version's own resume, rerun on 2026-12-06; any real change (a step lost, another rate, a
+    phase) moves the weights by orders of magnitude more than the tolerance."""
+    from safetensors.torch import load_file
+
     assert main(["train", "--resume", "run", "--set", "train.epochs=3"]) == 0
     want = EXPECTED["resume_to_3_epochs"]
     last = json.loads((legacy / "run/metrics.jsonl").read_text().splitlines()[-1])
     _close({k: v for k, v in last.items() if k.startswith(("val/", "train/loss"))},
            want["final_record"])  # fmt: skip
-    newest = sorted((legacy / "run/checkpoints").glob("step_*_end"))[-1]
-    assert digest(newest / "model.safetensors") == want["checkpoint_sha256"]
     assert digest(legacy / "run/model.safetensors") == want["model_sha256"]
+    newest = sorted((legacy / "run/checkpoints").glob("step_*_end"))[-1]
+    assert newest.name == "step_00000009_end"
+    resumed = load_file(str(newest / "model.safetensors"))
+    expected = load_file(str(FIXTURE / "resumed_step9_at_18115f6.safetensors"))
+    assert set(resumed) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=key)
