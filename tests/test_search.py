@@ -163,3 +163,20 @@ def test_the_sweep_command_checks_its_search_flags(capsys):
     assert "--trials 0: give at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not one of grid, tpe, random
         main(["sweep", RECIPE, "--grid", "train.lr=0.1", "--search", "bayes"])
+
+
+def test_the_first_trial_finishes_even_on_a_machine_slower_than_its_estimate(
+    workdir, tmp_path, monkeypatch
+):
+    """Estimated at a tenth of a second, trial 0 takes longer than the whole 0.3 s budget (as on a
+    machine loaded by other work): it still trains all its epochs, so fit has a model; no
+    other trial starts once the budget is spent."""
+    from transferkit.select import fit_search
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(fit_search._Costs, "expected", lambda self, method: 0.1)
+    found = search(_base(workdir), tmp_path, TASKS, budget_minutes=0.005, max_trials=3,
+                   split_rows=(22, 10))  # fmt: skip
+    assert [t.status for t in found.trials] == ["complete"]
+    assert found.trials[0].epochs == 3 and found.winner is found.trials[0]
+    assert found.spent_s > found.budget_s

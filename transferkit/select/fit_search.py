@@ -9,7 +9,8 @@ unaugmented images, whose features the feature cache keeps: after the first prob
 costs only its heads (unless `--set data.augment` fixes the augmentation). A trial is started only
 when its expected time fits what is left of the budget (each method's time is estimated from
 a timed forward and backward pass, then corrected by the trials that ran), and a trial still
-running when the budget ends is stopped after its epoch and not chosen.
+running when the budget ends is stopped after its epoch and not chosen; the first (the
+defaults) always finishes, so that `fit` always returns a model.
 
 Honest defaults: the best trial replaces the defaults only when its score is higher by more
 than the noise: z standard errors of the defaults' score, sqrt(sum over tasks of
@@ -232,8 +233,11 @@ def search(
         name = f"{len(trials):02d}_{method or 'plan'}" + (f"_lr{lr:.2g}" if lr else "")
         log(f"fit: trial {len(trials)}: {_describe(method, lr)} (about {expected:.0f} s)")
         recipe = trial_recipe(base, method, lr, cached_probe=not augment_fixed)
+        # The first trial (the defaults) always finishes, so that fit always returns a model:
+        # it runs only where its estimate fits the budget, but a loaded machine runs slower.
+        deadline = started + budget if trials else None
         result = run_trial(study, trial, recipe, folder / "trials" / name, tasks,
-                           deadline=started + budget, device=device)  # fmt: skip
+                           deadline=deadline, device=device)  # fmt: skip
         result.params = {"method": method or "as --set says", "lr": lr or base["train"]["lr"]}
         result.number = len(trials)  # optuna's count includes the draws not trained
         costs.learn(result, method or DEFAULT_METHOD)
