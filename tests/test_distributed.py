@@ -169,3 +169,52 @@ def test_auto_batch_size_takes_the_size_every_process_fits(workdir):
     # 160 training rows in batches of 8: 10 per process, windows of 4 batches: 2 full windows
     # and the rest, which Accelerate steps at the end of the data. 3 steps on both processes.
     assert records(output)[-1]["step"] == 3
+
+
+POISONED = """
+name: ddp_nonfinite
+seed: 0
+model: {backbone: "timm:test_resnet", weights: none}
+tasks:
+  digit: {kind: multiclass}
+  ink: {kind: regression, standardize: false}
+data: {source: manifest, path: data/digits/transfer/poisoned_ddp.csv, val_split: null,
+       image_size: 32, augment: none, num_workers: 0, max_samples: 128}
+train: {epochs: 1, batch_size: 16, lr: 0.003, log_every: 3, checkpoint_every: 2,
+        feature_cache: forbid, nonfinite: POLICY}
+"""
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_every_process_takes_the_same_nonfinite_decision_without_reading_each_step(workdir, policy):
+    """One process draws a row whose squared error overflows: the losses stay on the device
+    (engine/tally.py), yet both processes skip the same steps (or stop at the same check point)
+    and none waits for the other: a process that went another way would hang DDP's all-reduce
+    or, having stepped on NaN gradients, pass NaN into every later step."""
+    import csv
+
+    source = workdir / "data" / "digits" / "transfer"
+    rows = list(csv.DictReader((source / "manifest.csv").open()))[:128]
+    for row in rows[30:34]:  # some land in the validation split, at least one in training
+        row["ink"] = "1e30"  # finite, but its squared error overflows float32
+    with (source / "poisoned_ddp.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    recipe = POISONED.replace("POLICY", policy)
+    if policy == "stop":
+        name = "ddp_nonfinite_stop"
+        (workdir / f"{name}.yaml").write_text(recipe)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port", str(free_port()), "-m", "transferkit.cli", "train",
+               str(workdir / f"{name}.yaml"), "--output", str(workdir / name)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
+                                env=env)  # fmt: skip
+        assert result.returncode != 0
+        assert "non-finite loss for task ink" in result.stderr, result.stderr[-3000:]
+        return
+    run_dir = _torchrun(workdir, 2, "ddp_nonfinite_skip", recipe)
+    assert 1 <= records(run_dir)[-1]["skipped_steps"] <= 4
+    weights = epoch_end_weights(run_dir)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

@@ -399,3 +399,54 @@ def test_predict_on_the_gpu_matches_the_cpu(trained, workdir):
         for task in ("digit", "parity"):
             assert gpu[task]["label"] == cpu[task]["label"]
             assert gpu[task]["score"] == pytest.approx(cpu[task]["score"], abs=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step loop never waits on the GPU between its check points (engine/tally.py)
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_the_steps_between_check_points_never_synchronize(workdir, labelled, monkeypatch,
+                                                          nonfinite):  # fmt: skip
+    """CUDA's sync debug mode turns any synchronizing call (a read, a blocking copy, a
+    data-dependent shape) into an error; it is on for the steps and off for the data loader's
+    work and for the check points' one read. The CPU test (test_host_reads.py) counts the same
+    reads; this one also catches the blocking copies a CPU cannot see."""
+    from transferkit.engine.loop import TrainLoop
+    from transferkit.engine.tally import StepTally
+
+    epoch, read = TrainLoop.epoch, StepTally.read
+
+    def strict_batches(loader):
+        iterator = iter(loader)
+        while True:
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+            yield batch
+
+    def strict_epoch(loop, loader, state):
+        try:
+            return epoch(loop, strict_batches(loader), state)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def allowed_read(tally, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return read(tally, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(TrainLoop, "epoch", strict_epoch)
+    monkeypatch.setattr(StepTally, "read", allowed_read)
+    monkeypatch.chdir(workdir)
+    recipe = _recipe(f"strict_{nonfinite}", nonfinite=nonfinite, log_every=3,
+                     feature_cache="forbid")  # fmt: skip
+    recipe["train"]["optimizer"] = "adamw"
+    log = records(_train(workdir, recipe))
+    assert math.isfinite(log[-1]["train/loss"]) and log[-1]["step"] >= 3

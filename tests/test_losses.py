@@ -46,3 +46,49 @@ def test_static_weights_and_aux_heads():
         "size@layer2"
     ].item() == pytest.approx(3.125)
     assert total.item() == pytest.approx(2.0 * bce.item() + 0.5 * (0.125 + 3.125))
+
+
+def _case(kind: str, soft: bool):
+    n = {"multiclass": 4, "binary": 1, "multilabel": 3, "regression": 2}[kind]
+    output = torch.randn(9) if kind == "binary" else torch.randn(9, n)
+    if kind == "multiclass":
+        target = torch.softmax(torch.randn(9, n), -1) if soft else torch.randint(0, n, (9,))
+    elif kind == "regression":
+        target = torch.randn(9, n)
+    else:
+        target = torch.randint(0, 2, output.shape).float()
+    return TaskSpec("t", kind, n), output, target
+
+
+_OPTION_CASES = [
+    (kind, soft, weighted, focal, smoothing)
+    for kind, soft in [("multiclass", False), ("multiclass", True), ("binary", False),
+                       ("multilabel", False), ("regression", False)]
+    for weighted in (False, True)
+    for focal in (None, 2.0)
+    for smoothing in (0.0, 0.1)
+    # regression has no class weights, smoothing or focal loss; focal is for sigmoid outputs
+    if (kind != "regression" or not (weighted or focal or smoothing))
+    and (kind in ("binary", "multilabel") or focal is None)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,soft,weighted,focal,smoothing", _OPTION_CASES)
+def test_a_masked_loss_is_the_loss_of_the_labelled_rows_alone(
+    kind, soft, weighted, focal, smoothing
+):
+    """The loss is computed over the whole batch and masked (no host read, see
+    test_host_reads.py); it must equal the loss of the labelled rows taken out, and its gradient
+    must not reach the unlabelled rows."""
+    from transferkit.engine.losses import LossOptions
+
+    task, output, target = _case(kind, soft)
+    weights = torch.rand(2 if kind == "binary" else task.num_outputs) + 0.5 if weighted else None
+    options = LossOptions(label_smoothing=smoothing, class_weights=weights, focal_gamma=focal)
+    mask = torch.tensor([True, False, True, True, False, False, True, False, True])
+    output.requires_grad_()
+    masked = task_loss(task, output, target, mask, options)
+    masked.backward()
+    alone = task_loss(task, output[mask], target[mask], torch.ones(5, dtype=torch.bool), options)
+    torch.testing.assert_close(masked, alone)
+    assert torch.all(output.grad[~mask] == 0) and output.grad[mask].abs().sum() > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -185,7 +186,7 @@ def test_nonfinite_loss_stops_naming_task_and_step_and_keeps_checkpoints(workdir
         UserError, match=r"non-finite loss for task ink at epoch 0, step \d+"
     ) as info:
         train(_poisoned_recipe(workdir), output=str(run_dir))
-    step = int(str(info.value).split("step ")[1].split(" ")[0])
+    step = int(re.search(r"step (\d+)", str(info.value)).group(1))
     if step > 1:  # the poisoned row was not in the very first batch: earlier steps are kept
         assert _newest_step(run_dir) == step - 1
 

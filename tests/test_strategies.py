@@ -40,12 +40,15 @@ def _batch(seed: int, nan: bool = False) -> dict:
     }
 
 
-def _train(batches: list[dict], method: str, model: MultiTaskModel) -> dict[str, torch.Tensor]:
-    """One epoch over `batches` with accumulation 2 and nonfinite: skip; the weights after."""
+def _train(
+    batches: list[dict], method: str, model: MultiTaskModel, fused: bool = False
+) -> dict[str, torch.Tensor]:
+    """One epoch over `batches` with accumulation 2 and nonfinite: skip; the weights after.
+    `fused`: an optimizer that skips on the device (no read), else the loop skips on the host."""
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     balancer = Balancer(method, model.output_keys) if method != "sum" else None
@@ -54,7 +57,11 @@ def _train(batches: list[dict], method: str, model: MultiTaskModel) -> dict[str,
     cfg = TrainSection(nonfinite="skip", log_every=1)
     loop = TrainLoop(accelerator=accelerator, model=model, optimizer=optimizer,
                      lr_scheduler=scheduler, tasks=tasks, cfg=cfg, seed=0, strategy=strategy)  # fmt: skip
-    loop.epoch(batches, TrainerState())
+    assert loop.skips_on_device == (fused and method == "sum")
+    state = TrainerState()
+    loop.epoch(batches, state)
+    assert state.skipped_steps == sum(any(torch.isnan(b["image"]).any() for b in w)
+                                      for w in zip(batches[::2], batches[1::2]))  # fmt: skip
     return {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
 
@@ -74,14 +81,17 @@ def test_build_strategy_picks_by_method_kind(model):
     assert type(build_strategy(accelerator, model, {}, upgrad)) is JacobianAggregation
 
 
-@pytest.mark.parametrize("method", ["sum", "uw", "upgrad", "mgda"])
-def test_a_skipped_step_leaves_nothing_for_the_next_update(model, method):
+@pytest.mark.parametrize(
+    "method,fused", [("sum", False), ("sum", True), ("uw", False), ("upgrad", False),
+                     ("mgda", True)],
+)  # fmt: skip
+def test_a_skipped_step_leaves_nothing_for_the_next_update(model, method, fused):
     """Accumulation window 1 = [finite, NaN]: skipped whole. The update of window 2 must equal
     an update from window 2 alone; under a gradient method the Jacobian of the first
     micro-batch used to stay in the window and leak into the next step."""
     first, poisoned, third, fourth = _batch(1), _batch(2, nan=True), _batch(3), _batch(4)
-    with_skip = _train([first, poisoned, third, fourth], method, model)
-    alone = _train([third, fourth], method, model)
+    with_skip = _train([first, poisoned, third, fourth], method, model, fused)
+    alone = _train([third, fourth], method, model, fused)
     moved = [k for k in alone if not torch.equal(alone[k], model.state_dict()[k].to(alone[k]))]
     assert moved, "the step changed nothing: the test would prove nothing"
     for key in alone:

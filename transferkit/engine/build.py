@@ -181,7 +181,13 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
     # L2-SP pulls towards the pretrained weights (and its beta term towards zero): weight
     # decay, which pulls everything towards zero, would fight it.
     l2_sp = recipe.regularizers.l2_sp is not None
-    optimizer = build_optimizer(model, dataclasses.replace(cfg, weight_decay=0.0) if l2_sp else cfg)
+    # `nonfinite: skip` with static weights: torch's fused kernels skip a step on the device
+    # (loop.py); FSDP's sharded parameters keep the per-step read.
+    fused = (cfg.nonfinite == "skip" and balancer is None
+             and accelerator.distributed_type != DistributedType.FSDP)  # fmt: skip
+    optimizer = build_optimizer(
+        model, dataclasses.replace(cfg, weight_decay=0.0) if l2_sp else cfg, fused=fused
+    )
     if balancer is not None and balancer.learnable:
         # UW and IMTL-L learn their weights by gradient descent with the model.
         optimizer.add_param_group({"params": balancer.learnable_parameters(), "weight_decay": 0.0,

@@ -2,6 +2,14 @@
 
 One path for every method (see `strategies.py`). Around it, small hooks: a step checkpoint
 every `train.checkpoint_every` steps, step logging, and the non-finite-loss policy.
+
+The loop does not wait on the device between its check points (every `train.log_every` steps,
+a step checkpoint, a stop, the epoch's end): losses and non-finite flags stay on the device
+(`tally.py`) and are read there in one transfer. So under `train.nonfinite: stop` the run stops
+at the check point after the first non-finite loss, before any checkpoint is written past it;
+under `skip`, a fused optimizer skips the step on the device (the step still counts, and the
+learning-rate schedule moves on). Where the optimizer cannot skip on the device (a gradient
+balancer that keeps per-step state, fp16's GradScaler, FSDP), `skip` reads one flag per step.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from transferkit.engine.regularizers import Regularizers
 from transferkit.engine.state import TrainerState
 from transferkit.engine.stopping import StopRequest
 from transferkit.engine.strategies import PlainSum, Strategy
+from transferkit.engine.tally import Reading, StepTally, as_floats
 from transferkit.errors import Interrupted, UserError
 from transferkit.recipes import TrainSection
 
@@ -59,15 +68,30 @@ class TrainLoop:
         self.ema, self.mixer = ema, mixer  # train.ema, train.mixup
         self.distiller = distiller  # distill: the teacher's outputs as a second target
         self.stop = stop  # Ctrl-C or SIGTERM asked the run to stop at a step boundary
+        inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        # `skip` on the device: the optimizer reads a found_inf flag and skips its step there.
+        self.skips_on_device = (
+            cfg.nonfinite == "skip"
+            and self.strategy.skips_on_device
+            and getattr(inner, "_step_supports_amp_scaling", False)  # fused AdamW, SGD
+            and getattr(optimizer, "scaler", None) is None  # fp16's GradScaler sets its own
+            and not any(g.get("dampening") for g in inner.param_groups)  # see _zero_momentum
+        )
+        self.reads_every_step = cfg.nonfinite == "skip" and not self.skips_on_device
+        self._inner_optimizer = inner
+        if self.skips_on_device:
+            _zero_momentum(inner)
 
     def epoch(self, loader: DataLoader, state: TrainerState) -> dict[str, float | None]:
         acc, cfg, strategy = self.accelerator, self.cfg, self.strategy
         self.model.train()
-        start, seen, running = time.perf_counter(), 0, None
-        totals: dict[str, float] = {}  # per-task weights and gradient cosines, epoch means
+        start, seen, reading = time.perf_counter(), 0, None
+        tally = StepTally(acc)
+        totals: dict[str, torch.Tensor | float] = {}  # per-task weights, cosines: epoch means
         counts: dict[str, int] = {}
         progress = Progress(_length(loader), f"epoch {state.epoch}", "batch", acc.is_main_process)
-        stopping = False
+        loss_shown = "..."  # the loss as of the last read
+        stopping = asked = False
         for batch in loader:
             # Dropout and other in-model randomness depend on the position only, so a run
             # resumed at any step replays them exactly (saved RNG states would not survive the
@@ -88,25 +112,29 @@ class TrainLoop:
                 penalty = self.regularizers.penalty(batch) if self.regularizers else None
                 if penalty is not None:
                     loss = loss + penalty
-                finite, stopping = self._check(loss)
-                if not finite:
-                    self._nonfinite(losses, state)
-                    continue
+                if self.reads_every_step:  # skip, where only the host can skip: a read a step
+                    finite, stopping = self._check(loss)
+                    if not finite:
+                        self._nonfinite(losses, state)
+                        continue
+                tally.add(loss, losses)
                 strategy.backward(loss, losses, batch, position, penalty)
                 if cfg.clip_grad and acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                if self.skips_on_device and acc.sync_gradients:
+                    self._inner_optimizer.found_inf = tally.close_window()
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
                     strategy.after_step(batch)
             seen += batch["index"].shape[0] * acc.num_processes
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             rate = seen / (time.perf_counter() - start)
-            progress.update(1, loss=f"{running:.4f}", images_per_s=f"{rate:.0f}")
+            progress.update(1, loss=loss_shown, images_per_s=f"{rate:.0f}")
             if not acc.sync_gradients:
                 continue
             state.step += 1
+            tally.step_done()
             if self.ema is not None:  # the step number drives its warmup: replayed on resume
                 self.ema.update(acc.unwrap_model(self.model), step=state.step)
             balance = strategy.log_values()
@@ -115,12 +143,22 @@ class TrainLoop:
             for key, value in balance.items():
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
-            if state.step % cfg.log_every == 0:
+            logged = state.step % cfg.log_every == 0
+            saved = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
+            last = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            if not self.reads_every_step:  # (that path's `_check` has agreed on `stopping`)
+                asked = bool(self.stop and self.stop.signum)  # a host flag: no read
+                stopping = asked and acc.num_processes == 1  # several agree at a check point
+            if logged or saved or last or stopping:  # a check point: the one read
+                reading = self._read(tally, state, asked=stopping or asked)
+                stopping = stopping or reading.stopping
+                loss_shown = f"{reading.running:.4f}"
+            if logged:
                 acc.log(
                     {
-                        "train/loss": loss.item(),
-                        **{f"train/loss_{k}": v.item() for k, v in losses.items()},
-                        **{f"train/{k}": v for k, v in balance.items()},
+                        "train/loss": reading.loss,
+                        **{f"train/loss_{k}": v for k, v in reading.losses.items()},
+                        **{f"train/{k}": v for k, v in as_floats(balance).items()},
                         **{
                             f"train/lr/{g['group']}": g["lr"]
                             for g in self.optimizer.param_groups
@@ -129,28 +167,56 @@ class TrainLoop:
                     },
                     step=state.step,
                 )
-            saved = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
             if self.checkpoint and saved:
                 self.checkpoint(state)
             if stopping:
                 progress.close()
                 self._stopped(state, saved)
-            if cfg.max_steps and state.step >= cfg.max_steps:
+            if last:
                 break
+        if tally.steps_unread or reading is None:  # the epoch's end is a check point too
+            reading = self._read(tally, state, asked=False) or reading
         progress.close()
         elapsed = time.perf_counter() - start
         strategy.end_epoch()
+        means = as_floats({k: v / counts[k] for k, v in totals.items()})
         return {
-            "train/loss": running,
+            "train/loss": reading.running if reading else None,
             "epoch_time_s": round(elapsed, 3),
             "images_per_s": round(seen / max(elapsed, 1e-9), 1),
-            **{k: round(v / counts[k], 6) for k, v in totals.items()},
+            **{k: round(v, 6) for k, v in means.items()},
         }
 
+    def _read(self, tally: StepTally, state: TrainerState, asked: bool) -> Reading | None:
+        """A check point: read the steps since the last one, count the steps the optimizer
+        skipped, and stop the run on a non-finite loss under `train.nonfinite: stop`."""
+        first = state.step - tally.steps_unread + 1
+        reading = tally.read(asked)
+        if reading is None:
+            return None
+        state.skipped_steps += reading.skipped
+        if not reading.nonfinite:
+            return reading
+        tasks = [k for k in reading.nonfinite if k != "loss"] or ["(the regularizer penalty)"]
+        where = (f"epoch {state.epoch}, step {state.step}" if first >= state.step else
+                 f"epoch {state.epoch}, between step {first} and step {state.step} (losses "
+                 "are read every train.log_every steps)")  # fmt: skip
+        if self.cfg.nonfinite == "stop":
+            raise UserError(
+                f"non-finite loss for task {', '.join(tasks)} at {where}; lower train.lr, check "
+                "that task's labels, or set train.nonfinite: skip. The last good checkpoint is "
+                "kept."
+            )
+        if reading.skipped and self.accelerator.is_main_process:
+            print(f"skipped {reading.skipped} step(s) with a non-finite loss for "
+                  f"{', '.join(tasks)} at {where}")  # fmt: skip
+        return reading
+
     def _check(self, loss) -> tuple[bool, bool]:
-        """Whether every process's loss is finite, and whether any was asked to stop: one
-        reduction, so that every process takes the same decisions (or DDP's all-reduce would
-        hang on the one that went another way)."""
+        """`skip` where the optimizer cannot skip on the device: whether every process's loss
+        is finite, and whether any was asked to stop, read every step. One reduction, so that
+        every process takes the same decisions (or DDP's all-reduce would hang on the one that
+        went another way)."""
         asked = float(bool(self.stop and self.stop.signum))
         flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
                              loss.new_tensor(asked, dtype=torch.float32)])  # fmt: skip
@@ -166,19 +232,25 @@ class TrainLoop:
         raise Interrupted(signum, state.step, state.epoch)
 
     def _nonfinite(self, losses: dict, state: TrainerState) -> None:
+        """`skip`, read on the host: drop this accumulation window."""
         bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
         where = f"epoch {state.epoch}, step {state.step + 1} (batch {state.batches})"
-        if self.cfg.nonfinite == "stop":
-            raise UserError(
-                f"non-finite loss for task {', '.join(bad)} at {where}; lower train.lr, check that "
-                "task's labels, or set train.nonfinite: skip. The last good checkpoint is kept."
-            )
         state.skipped_steps += 1
         # The whole accumulation window is dropped: the gradients, and any strategy state.
         self.optimizer.zero_grad(set_to_none=True)
         self.strategy.discard()
         if self.accelerator.is_main_process:
             print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")
+
+
+def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Momentum buffers of zeros, made before the first step: torch's fused SGD allocates them
+    uninitialized at its first step and, when that step is skipped (found_inf), keeps them so.
+    With no dampening a zero buffer gives the first step's own result (0 * m + g = g)."""
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum"):
+            for param in group["params"]:
+                optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
 def _length(loader) -> int | None:

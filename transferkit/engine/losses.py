@@ -11,6 +11,7 @@ multilabel, one weight per label on its positive term (BCE's `pos_weight`, a pla
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,30 +41,55 @@ def task_loss(
     mask: torch.Tensor,
     options: LossOptions = PLAIN,
 ) -> torch.Tensor:
-    """Mean loss over the rows that have a label; zero (with a graph) when none has."""
-    if not bool(mask.any()):
-        return output.sum() * 0.0
-    output, target = output[mask].float(), target[mask]
+    """Mean loss over the rows that have a label; zero (with a graph) when none has.
+
+    Computed over the whole batch, then masked: no shape depends on the data, so nothing here
+    waits for the device (boolean indexing and `bool(mask.any())` do, on a GPU). Unlabelled rows
+    hold a placeholder target (0, see `data/dataset.py`) and weigh nothing.
+    """
+    output = output.float()
     weights = options.class_weights
     if weights is not None:
         weights = weights.to(output.device, torch.float32)
     if task.kind == "multiclass":
-        # Soft targets (mixup) are class probabilities; hard ones class indices.
-        if target.is_floating_point() and weights is not None:
-            return _weighted_soft_cross_entropy(output, target.float(), weights, options)
-        target = target.float() if target.is_floating_point() else target.long()
-        return F.cross_entropy(
-            output, target, weight=weights, label_smoothing=options.label_smoothing
-        )
+        if target.is_floating_point():  # soft targets (mixup): class probabilities
+            if weights is not None:
+                return _weighted_soft_cross_entropy(output, target.float(), weights, mask, options)
+            rows = F.cross_entropy(output, target.float(), label_smoothing=options.label_smoothing,
+                                   reduction="none")  # fmt: skip
+            return _masked_mean(rows, mask)
+        target = target.long()
+        rows = F.cross_entropy(output, target, weight=weights,
+                               label_smoothing=options.label_smoothing, reduction="none")  # fmt: skip
+        # torch's mean with class weights divides by the rows' weights, not their count.
+        return _masked_mean(rows, mask, None if weights is None else weights[target])
     if task.kind in ("binary", "multilabel"):
-        return _sigmoid_loss(task, output, target.float(), options, weights)
+        return _sigmoid_loss(task, output, target.float(), mask, options, weights)
     if task.standardized:  # the error in standard units: (output - target) / sd
-        scale = torch.tensor(task.target_std, device=output.device)
-        return F.mse_loss(output / scale, target.float() / scale)
-    return F.mse_loss(output, target.float())
+        scale = _device_constant(task.target_std, output.device)
+        output, target = output / scale, target.float() / scale
+    return _masked_mean(F.mse_loss(output, target.float(), reduction="none"), mask)
 
 
-def _weighted_soft_cross_entropy(output, target, weights, options: LossOptions) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, weights=None) -> torch.Tensor:
+    """Sum over labelled rows / their number (or their `weights`' sum): each row's elements are
+    averaged as torch's "mean" averages them, and nothing is divided by zero."""
+    rows = mask.reshape(mask.shape + (1,) * (values.dim() - 1))
+    total = torch.where(rows, values, 0.0).sum()
+    if weights is None:
+        count = mask.sum() * (values[0].numel() if values.dim() > 1 else 1)
+        return total / count.clamp_min(1)
+    return total / torch.where(rows, weights, 0.0).sum().clamp_min(1e-12)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A constant made once per device: a fresh `torch.tensor(..., device="cuda")` every step
+    would be a blocking copy."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _weighted_soft_cross_entropy(output, target, weights, mask, options) -> torch.Tensor:
     """Class-weighted cross-entropy of probability targets, normalized like torch's for class
     indices: by the rows' weights (sum of w_c * y_c), not by the row count as torch does for
     probabilities. A one-hot row then weighs what its index does, so a mixed batch's loss keeps
@@ -71,11 +97,11 @@ def _weighted_soft_cross_entropy(output, target, weights, options: LossOptions) 
     smoothing = options.label_smoothing
     smoothed = target * (1 - smoothing) + smoothing / target.shape[-1]
     log_p = F.log_softmax(output, dim=-1)
-    total = -(smoothed * weights * log_p).sum()
-    return total / (target * weights).sum().clamp_min(1e-12)
+    rows = -(smoothed * weights * log_p).sum(-1)
+    return _masked_mean(rows, mask, (target * weights).sum(-1))
 
 
-def _sigmoid_loss(task, output, target, options: LossOptions, weights) -> torch.Tensor:
+def _sigmoid_loss(task, output, target, mask, options: LossOptions, weights) -> torch.Tensor:
     """BCE or focal loss, with label smoothing towards 1/2 and class weights per element."""
     if options.label_smoothing:
         target = target * (1 - options.label_smoothing) + options.label_smoothing / 2
@@ -85,11 +111,11 @@ def _sigmoid_loss(task, output, target, options: LossOptions, weights) -> torch.
     else:
         losses = F.binary_cross_entropy_with_logits(output, target, reduction="none")
     if weights is None:
-        return losses.mean()
+        return _masked_mean(losses, mask)
     if task.kind == "binary":
         element = weights[0] * (1 - target) + weights[1] * target
-        return (losses * element).sum() / element.sum().clamp_min(1e-12)
-    return (losses * (1 + (weights - 1) * target)).mean()  # pos_weight, soft targets included
+        return _masked_mean(losses * element, mask, element)
+    return _masked_mean(losses * (1 + (weights - 1) * target), mask)  # pos_weight, soft too
 
 
 def multitask_loss(

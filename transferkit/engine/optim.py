@@ -31,12 +31,13 @@ def param_groups(model: MultiTaskModel, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: MultiTaskModel, train) -> torch.optim.Optimizer:
-    """AdamW or SGD over every parameter (frozen ones have no gradient and are skipped)."""
+def build_optimizer(model: MultiTaskModel, train, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD over every parameter (frozen ones have no gradient and are skipped).
+    `fused`: torch's fused kernels, which can skip a step on the device (`found_inf`)."""
     groups = param_groups(model, train.weight_decay)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.AdamW(groups, lr=train.lr)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=train.lr, fused=fused or None)
 
 
 def schedule_factor(train, step: int, steps_per_epoch: int, span=(0, None)) -> float:

@@ -64,7 +64,7 @@ class Regularizers:
     def __init__(self, section, model: MultiTaskModel) -> None:
         self.section, self.model = section, model
         backbone = model.backbone
-        self.values: dict[str, float] = {}
+        self.values: dict[str, torch.Tensor] = {}
         self._captured: dict[str, Tensor] = {}
         adapter = set(backbone.adapter.tensors) if backbone.adapter is not None else set()
         self.start: dict[int, Tensor] = {}
@@ -119,7 +119,7 @@ class Regularizers:
             with torch.no_grad():
                 _, start_maps = self.teacher.forward_with_maps(batch["image"], self.groups)
             terms["delta"] = section.delta.beta * delta_penalty(maps, start_maps)
-        self.values = {f"reg/{k}": float(v.detach()) for k, v in terms.items()}
+        self.values = {f"reg/{k}": v.detach() for k, v in terms.items()}  # read when logged
         return sum(terms.values()) if terms else None  # type: ignore[return-value]
 
 

@@ -41,6 +41,10 @@ from transferkit.engine.losses import LossOptions, multitask_loss, weighted_sum
 class PlainSum:
     """Static task weights (`tasks.NAME.weight`), summed."""
 
+    # Nothing but the optimizer changes at a step, so a fused optimizer can skip a non-finite
+    # step on the device (`train.nonfinite: skip`, see `loop.py`).
+    skips_on_device = True
+
     def __init__(
         self,
         accelerator: Accelerator,
@@ -76,6 +80,8 @@ class PlainSum:
 
 class _Balanced(PlainSum):
     """What both balanced strategies share: the balancer and labelled-task flags."""
+
+    skips_on_device = False  # the balancer's state moves at every step: a skip is the host's
 
     def __init__(
         self,

@@ -195,6 +195,9 @@ class TrainSection:
     monitor_mode: Literal["max", "min"] = "max"
     keep_checkpoints: int = bounded(2, ge=1)
     checkpoint_every: int | None = bounded(None, ge=1)
+    # A non-finite loss: "stop" at the next check point (every log_every steps, a step
+    # checkpoint, the epoch's end), before any checkpoint past it; "skip" the step on the device
+    # (fused AdamW/SGD: the step still counts and the schedule moves on). See engine/loop.py.
     nonfinite: Literal["stop", "skip"] = "stop"
     feature_cache: Literal["auto", "force", "forbid"] = "auto"
     feature_cache_max_gb: float = bounded(4.0, ge=0)
@@ -211,6 +214,8 @@ class TrainSection:
     compile: bool = False
     compile_backend: str = "inductor"
     auto_batch_size: bool = False
+    # Steps between the loop's reads of the device (the logged losses, the non-finite and stop
+    # checks): the steps between them never wait for the device.
     log_every: int = bounded(10, ge=1)
     # Where the per-step and per-epoch values go, through Accelerate's trackers. TensorBoard
     # writes into the run folder; mlflow and wandb need an extra: pip install transferkit[mlflow].
