@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill bench-fit bench-checkpointing lint clean
+.PHONY: setup demo test test-all test-gpu test-zoo bench bench-multitask bench-quality bench-transfer bench-standardize bench-soups bench-distill bench-fit bench-checkpointing bench-end-to-end lint clean
 
 # Re-running set-up is fast: pip runs again only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -72,3 +72,8 @@ bench-fit: setup
 # Activation memory and step time with and without train.grad_checkpointing (ViT and CNN).
 bench-checkpointing: setup
 	$(BIN)/python -m bench.grad_checkpointing
+
+# A whole run's wall time against timm's train.py: TIMM_TRAIN=/path/to/pytorch-image-models
+# (else against a hand-written loop that does train.py's work).
+bench-end-to-end: setup
+	$(BIN)/python -m bench.end_to_end

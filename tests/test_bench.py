@@ -247,3 +247,17 @@ def test_checkpointing_bench_quick_measures_both_models_both_ways(tmp_path):
         assert row["off"]["step_s"] > 0 and row["on"]["step_s"] > 0
         assert row["off"]["activation_mb"] >= 0
     assert "| ViT (test_vit, 12 x 384) |" in (tmp_path / "grad_checkpointing.md").read_text()
+
+
+def test_end_to_end_bench_times_both_runs_and_every_part(tmp_path):
+    """One epoch, one repeat, against the hand-written loop (no timm checkout in the tests)."""
+    from bench import end_to_end
+
+    report = end_to_end.main(["--epochs", "1", "--repeats", "1", "--timm-train", "",
+                              "--out", str(tmp_path)])  # fmt: skip
+    assert report["anchor"].startswith("a hand-written timm loop")
+    assert report["transferkit_s"][0] > 0 and report["anchor_s"][0] > 0
+    parts = report["transferkit_parts_s"]
+    assert parts["training steps (data loading included)"] > 0
+    assert parts["validation and its metrics"] > 0 and parts["checkpoints"] > 0
+    assert "Ratio transferkit / anchor" in (tmp_path / "end_to_end.md").read_text()
