@@ -254,8 +254,10 @@ def bench_data_pipeline(cfg: dict, workdir: Path) -> dict:
     data_rate = seen / (time.perf_counter() - start)
     step = _transferkit_steps(cfg, ["a"], cfg["batch"] * cfg["steps"])
     train_rate = cfg["batch"] / step
+    from bench.loaders import bench_loaders
+
     return {"workers": workers, "data_images_per_s": data_rate, "train_images_per_s": train_rate,
-            "starved": data_rate < train_rate}  # fmt: skip
+            "starved": data_rate < train_rate, "loaders": bench_loaders(cfg, workdir)}  # fmt: skip
 
 
 def bench_flops(cfg: dict) -> dict:
@@ -516,6 +518,8 @@ def _markdown(results: dict) -> str:
              f"| (b) sweep of {len(b['sweep_lrs'])} probe lrs, uncached / shared cache cold; / warm | {b['sweep_cold_speedup']:.1f}x ({b['sweep_uncached_s']:.1f} s vs {b['sweep_cold_s']:.1f} s); {b['sweep_warm_speedup']:.1f}x ({b['sweep_warm_s']:.1f} s) | |",
              f"| (c) {c['tasks']} single-task runs / one {c['tasks']}-task run | {c['cost_ratio_k_single_over_joint']:.2f}x | |",
              f"| (e) data pipeline vs training, images/s | {e['data_images_per_s']:.0f} vs {e['train_images_per_s']:.0f} ({'starved' if e['starved'] else 'not starved'}, {e['workers']} workers) | data >= training |",
+             *[f"| (e) {name}: transferkit's loader / timm's create_loader, images/s | {row['ratio']:.2f} ({row['transferkit_images_per_s']:.0f} vs {row['timm_images_per_s']:.0f}, {e['loaders']['workers']} workers) | >= 0.95 |"
+               for name, row in e.get("loaders", {}).get("rows", {}).items()],
              f"| (f) achieved / matmul FLOP/s | {f['achieved_gflops']:.1f} / {f['matmul_gflops']:.1f} GFLOP/s = {f['fraction_of_matmul']:.0%} | |",
              "", "(d) freeze depth:", "", "| frozen up to | trainable params | ms / step | saved activations (MB) |", "|---|---|---|---|"]  # fmt: skip
     for row in results["d_freeze_depth"]:
@@ -528,9 +532,9 @@ def _markdown(results: dict) -> str:
 
 
 FULL = {"backbone": "timm:resnet18", "size": 64, "batch": 32, "steps": 20, "repeats": 3,
-        "probe_epochs": 10, "probe_samples": None, "matmul": 2048}  # fmt: skip
+        "probe_epochs": 10, "probe_samples": None, "matmul": 2048, "loader_images": 1000}  # fmt: skip
 QUICK = {"backbone": "timm:test_resnet", "size": 32, "batch": 8, "steps": 3, "repeats": 1,
-         "probe_epochs": 2, "probe_samples": 32, "matmul": 256}  # fmt: skip
+         "probe_epochs": 2, "probe_samples": 32, "matmul": 256, "loader_images": 48}  # fmt: skip
 # (g): ResNet-50 at ImageNet's resolution in bf16 with channels_last, as timm trains it on GPUs.
 GPU_FULL = {"backbone": "timm:resnet50", "size": 224, "batch": 128, "warmup": 10, "steps": 30,
             "repeats": 3, "precision": "bf16", "channels_last": True}  # fmt: skip

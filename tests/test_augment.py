@@ -137,3 +137,32 @@ def test_a_run_made_before_timm_built_the_presets_keeps_the_torchvision_ones():
     assert data.augment == "light" and data.augment_library == "torchvision"
     transform = build_transforms(CONFIG, True, "light", 32, library="torchvision")
     assert type(transform).__module__ == "torchvision.transforms.v2._container"
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (64, 64), (300, 200)])
+def test_the_eval_transform_is_torchvisions_compose_bit_for_bit(shape):
+    """The evaluation (and `augment: none`) transform calls v2's kernels directly, skipping
+    v2's per-transform dispatch; it must give what the Compose it replaced gives, and describe
+    itself as that Compose (the feature cache keys entries by the text)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from transferkit.core import Preprocessing
+    from transferkit.data import build_transforms
+    from transferkit.data.transforms import _INTERPOLATIONS
+    from transferkit.models import create_backbone
+
+    config = create_backbone("timm:test_resnet", None).data_config
+    spec = Preprocessing.from_config(config, 48)
+    compose = v2.Compose([
+        v2.Resize(spec.resize_to, interpolation=_INTERPOLATIONS[spec.interpolation],
+                  antialias=True),
+        v2.CenterCrop(spec.size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(config.mean), std=list(config.std)),
+    ])  # fmt: skip
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    fast = build_transforms(config, False, "none", 48)
+    assert torch.equal(fast(image), compose(image).as_subclass(torch.Tensor))
+    assert repr(fast) == repr(compose)

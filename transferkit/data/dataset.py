@@ -117,8 +117,8 @@ class TaskImageDataset(torch.utils.data.Dataset):
                         "skipping unreadable image %s (%s: %s)", name, type(err).__name__, err
                     )
                 continue
-            if self.seed is None:
-                pixels = self.transform(image)
+            if self.seed is None or getattr(self.transform, "deterministic", False):
+                pixels = self.transform(image)  # nothing random to seed
             else:
                 seed = derive_seed(self.seed, self.epoch, row)
                 # The CPU generator only, which the transforms draw from: torch.manual_seed

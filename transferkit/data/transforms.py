@@ -12,6 +12,7 @@ from collections.abc import Callable
 import PIL.Image
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 from transferkit.core import DataConfig, Preprocessing
 from transferkit.data.config import AUGMENTS, AugmentLibrary, DataSection
@@ -70,11 +71,7 @@ def build_transforms(
     ]
     if not train or augment == "none":
         # "squash" (some timm weights) resizes both sides instead of keeping the aspect ratio.
-        steps = [
-            v2.Resize(spec.resize_to, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(size),
-        ]
-        return v2.Compose(steps + to_tensor)
+        return _EvalTransform(spec.resize_to, size, interpolation, data_config)
     if library == "torchvision":
         return _torchvision_preset(augment, size, interpolation, hflip, to_tensor)
     from timm.data import create_transform
@@ -88,6 +85,35 @@ def build_transforms(
         interpolation=spec.interpolation, mean=tuple(data_config.mean),
         std=tuple(data_config.std), re_prob=re_prob, re_mode="pixel",
     )  # fmt: skip
+
+
+class _EvalTransform:
+    """Resize (antialiased), center crop, to a float tensor in [0, 1], normalize: what
+    `v2.Compose([Resize, CenterCrop, ToImage, ToDtype, Normalize])` does, through the same
+    `v2.functional` kernels, without the per-transform dispatch that cost more than the work
+    itself on small images (0.2 ms an image). `deterministic`: the dataset need not seed it."""
+
+    deterministic = True
+
+    def __init__(self, resize_to, size: int, interpolation, data_config: DataConfig) -> None:
+        self.resize_to, self.size, self.interpolation = resize_to, size, interpolation
+        self.mean, self.std = list(data_config.mean), list(data_config.std)
+        # Described as the Compose it stands for: the feature cache keys entries by this text,
+        # so entries written before keep their keys.
+        self._described = repr(v2.Compose([
+            v2.Resize(resize_to, interpolation=interpolation, antialias=True), v2.CenterCrop(size),
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=self.mean, std=self.std),
+        ]))  # fmt: skip
+
+    def __repr__(self) -> str:
+        return self._described
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        image = F.resize(image, self.resize_to, interpolation=self.interpolation, antialias=True)
+        pixels = F.to_image(F.center_crop(image, self.size))
+        pixels = F.to_dtype(pixels, torch.float32, scale=True)
+        return F.normalize(pixels, mean=self.mean, std=self.std).as_subclass(torch.Tensor)
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **_):

@@ -1,0 +1,113 @@
+"""Section (e) of `make bench`, second part: decoded images per second of transferkit's training
+loader against timm's `create_loader` on the same images.
+
+Both decode the same PNG files (scikit-learn's digits at the benchmark's size) with the same
+transforms (the short side resized to size / crop_pct and center-cropped, to tensor, normalized:
+transferkit's `augment: none`, timm's evaluation transform; no augmentation, so the work is
+equal), the same batch size and the same number of loader workers, in the same process
+one after the other. Each loader makes one pass to warm up (worker start, file cache), then
+`repeats` timed passes; the median is reported.
+
+- image folder: transferkit's `imagefolder` source against timm's `ImageDataset` over the folder;
+- manifest: transferkit's `manifest` source (a CSV of paths and labels) against the same timm
+  folder loader (timm reads folders, not manifests).
+
+transferkit's loader is the one a run trains from (`build_run`'s, prepared by Accelerate), so
+the per-sample seeding and the label encoding are in its time. timm's runs without its
+prefetcher (which would normalize on the device), so both normalize in the workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_images(folder: Path, count: int, size: int) -> Path:
+    """`count` digits as PNGs in class folders under `folder/train`, and `folder/manifest.csv`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = []
+    for i in range(count):
+        pixels = (digits.images[i] / 16 * 255).astype(np.uint8)
+        image = Image.fromarray(pixels).resize((size, size), Image.BILINEAR).convert("RGB")
+        path = folder / "train" / str(digits.target[i]) / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        rows.append({"image": str(path.relative_to(folder)), "label": str(digits.target[i])})
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def _rate(loader, repeats: int) -> float:
+    """Images per second over `repeats` timed passes, after one warm-up pass."""
+    for _ in loader:
+        pass
+    rates = []
+    for _ in range(repeats):
+        start, seen = time.perf_counter(), 0
+        for batch in loader:
+            images = batch["image"] if isinstance(batch, dict) else batch[0]
+            seen += images.shape[0]
+        rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _transferkit_loader(source: dict, cfg: dict, workers: int):
+    from accelerate import Accelerator
+
+    from transferkit.engine.build import build_run
+    from transferkit.recipes import parse_recipe
+
+    recipe = parse_recipe({
+        "model": {"backbone": cfg["backbone"], "weights": "none"},
+        "tasks": {"label": {"kind": "multiclass"}},
+        "data": {**source, "image_size": cfg["size"], "augment": "none", "val_fraction": 0.05,
+                 "horizontal_flip": False, "num_workers": workers},
+        "train": {"batch_size": cfg["batch"], "epochs": 1, "feature_cache": "forbid"},
+    })  # fmt: skip
+    return build_run(recipe, Accelerator(cpu=True)).train_loader
+
+
+def _timm_loader(folder: Path, cfg: dict, workers: int):
+    from timm.data import ImageDataset, create_loader, resolve_data_config
+
+    from transferkit.models import create_backbone
+
+    config = resolve_data_config({}, model=create_backbone(cfg["backbone"], None).model)
+    return create_loader(
+        ImageDataset(str(folder / "train")), input_size=(3, cfg["size"], cfg["size"]),
+        batch_size=cfg["batch"], is_training=False, use_prefetcher=False,
+        interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
+        num_workers=workers, crop_pct=config["crop_pct"],
+    )  # fmt: skip
+
+
+def bench_loaders(cfg: dict, workdir: Path, repeats: int = 3) -> dict:
+    """Images/s of both loaders, for an image folder and a manifest, and their ratios."""
+    from transferkit.data import num_workers
+
+    folder = write_images(workdir / "loader_images", cfg["loader_images"], cfg["size"])
+    workers = num_workers(None)
+    timm_rate = _rate(_timm_loader(folder, cfg, workers), repeats)
+    sources = {"image folder": {"source": "imagefolder", "path": str(folder)},
+               "manifest": {"source": "manifest", "path": str(folder / "manifest.csv"),
+                            "val_split": None}}  # fmt: skip
+    rows = {}
+    for name, source in sources.items():
+        torch.manual_seed(0)
+        rate = _rate(_transferkit_loader(source, cfg, workers), repeats)
+        rows[name] = {"transferkit_images_per_s": rate, "timm_images_per_s": timm_rate,
+                      "ratio": rate / timm_rate}  # fmt: skip
+    return {"workers": workers, "images": cfg["loader_images"], "size": cfg["size"],
+            "rows": rows, "goal": ">= 0.95"}  # fmt: skip
