@@ -150,10 +150,11 @@ class TrainLoop:
                 asked = bool(self.stop and self.stop.signum)  # a host flag: no read
                 stopping = asked and acc.num_processes == 1  # several agree at a check point
             if logged or saved or last or stopping:  # a check point: the one read
-                reading = self._read(tally, state, asked=stopping or asked)
-                stopping = stopping or reading.stopping
-                loss_shown = f"{reading.running:.4f}"
-            if logged:
+                # (A step always follows a recorded micro-batch, so there is one to read.)
+                reading = self._read(tally, state, asked=stopping or asked) or reading
+                stopping = stopping or bool(reading and reading.stopping)
+                loss_shown = f"{reading.running:.4f}" if reading else loss_shown
+            if logged and reading is not None:
                 acc.log(
                     {
                         "train/loss": reading.loss,
