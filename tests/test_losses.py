@@ -92,3 +92,19 @@ def test_a_masked_loss_is_the_loss_of_the_labelled_rows_alone(
     alone = task_loss(task, output[mask], target[mask], torch.ones(5, dtype=torch.bool), options)
     torch.testing.assert_close(masked, alone)
     assert torch.all(output.grad[~mask] == 0) and output.grad[mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,soft", [("multiclass", False), ("multiclass", True), ("binary", False),
+                                       ("multilabel", False), ("regression", False)])  # fmt: skip
+def test_a_non_finite_output_in_an_unlabelled_row_sends_no_nan_back(kind, soft):
+    """Indexing the labelled rows out gave the others an exact zero gradient; masking must too,
+    or a NaN output where there is no label would reach the weights unseen."""
+    task, output, target = _case(kind, soft)
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[4] = False
+    output[4] = float("nan")
+    output.requires_grad_()
+    loss = task_loss(task, output, target, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(output.grad).all()
+    assert torch.all(output.grad[4] == 0)

@@ -182,8 +182,9 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
     # decay, which pulls everything towards zero, would fight it.
     l2_sp = recipe.regularizers.l2_sp is not None
     # `nonfinite: skip` with static weights: torch's fused kernels skip a step on the device
-    # (loop.py); FSDP's sharded parameters keep the per-step read.
-    fused = (cfg.nonfinite == "skip" and balancer is None
+    # (loop.py); FSDP's sharded parameters and fp16's scaler (which skips on its own) keep the
+    # per-step read.
+    fused = (cfg.nonfinite == "skip" and balancer is None and cfg.mixed_precision != "fp16"
              and accelerator.distributed_type != DistributedType.FSDP)  # fmt: skip
     optimizer = build_optimizer(
         model, dataclasses.replace(cfg, weight_decay=0.0) if l2_sp else cfg, fused=fused

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from transferkit.core import TaskSpec, task_of
 from transferkit.data import TaskImageDataset, build_transforms, collate
+from transferkit.engine.losses import device_constant
 from transferkit.errors import UserError
 from transferkit.recipes import DistillSection
 from transferkit.rundir import RunDir, load_saved_model
@@ -69,7 +70,7 @@ class Distiller:
         student, teacher = self.student_config, self.info.data_config
 
         def column(values):
-            return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+            return device_constant(tuple(values), images.device, images.dtype).view(1, -1, 1, 1)
 
         pixels = images * column(student.std) + column(student.mean)
         view = (pixels - column(teacher.mean)) / column(teacher.std)
@@ -107,7 +108,7 @@ def distill_loss(task: TaskSpec, student: torch.Tensor, teacher: torch.Tensor,
         entropy = F.binary_cross_entropy_with_logits(teacher / t, target)
         return (cross - entropy) * t * t
     if task.standardized:
-        scale = torch.tensor(task.target_std, device=student.device)
+        scale = device_constant(task.target_std, student.device)
         return F.mse_loss(student / scale, teacher / scale)
     return F.mse_loss(student, teacher)
 

@@ -8,8 +8,10 @@ a step checkpoint, a stop, the epoch's end): losses and non-finite flags stay on
 (`tally.py`) and are read there in one transfer. So under `train.nonfinite: stop` the run stops
 at the check point after the first non-finite loss, before any checkpoint is written past it;
 under `skip`, a fused optimizer skips the step on the device (the step still counts, and the
-learning-rate schedule moves on). Where the optimizer cannot skip on the device (a gradient
-balancer that keeps per-step state, fp16's GradScaler, FSDP), `skip` reads one flag per step.
+learning-rate schedule moves on). A balancer that keeps per-step state reads the device every
+step anyway, so with one the loop checks every step too, under either policy (a balancer must
+not be fed a non-finite loss); so does `skip` where the optimizer cannot skip on the device
+(fp16's GradScaler, FSDP, an optimizer saved unfused).
 """
 
 from __future__ import annotations
@@ -74,11 +76,19 @@ class TrainLoop:
             cfg.nonfinite == "skip"
             and self.strategy.skips_on_device
             and getattr(inner, "_step_supports_amp_scaling", False)  # fused AdamW, SGD
+            # (checked per group too: a resumed run takes its groups' settings, `fused` among
+            # them, from the checkpoint, which an older run may have saved unfused)
+            and all(g.get("fused") for g in inner.param_groups)
             and getattr(optimizer, "scaler", None) is None  # fp16's GradScaler sets its own
             and not any(g.get("dampening") for g in inner.param_groups)  # see _zero_momentum
         )
-        self.reads_every_step = cfg.nonfinite == "skip" and not self.skips_on_device
+        # Read every step where only the host can skip, and wherever a balancer keeps state:
+        # it reads every step anyway, and must not be fed a non-finite loss under `stop`.
+        self.reads_every_step = not self.skips_on_device and (
+            cfg.nonfinite == "skip" or not self.strategy.skips_on_device
+        )
         self._inner_optimizer = inner
+        self._dropping = False  # the rest of a window whose loss was not finite is dropped
         if self.skips_on_device:
             _zero_momentum(inner)
 
@@ -102,6 +112,9 @@ class TrainLoop:
             if self.mixer is not None:
                 batch = self.mixer(batch, *position)
             with acc.accumulate(self.model):
+                if self._dropping:  # the window's earlier loss was not finite: all of it goes
+                    self._dropping = not acc.sync_gradients
+                    continue
                 with strategy.forward_context(self.model):
                     outputs = model_outputs(self.forward_module, batch, cfg.channels_last)
                 _, losses = multitask_loss(outputs, batch["targets"], batch["mask"], self.tasks,
@@ -214,7 +227,7 @@ class TrainLoop:
         return reading
 
     def _check(self, loss) -> tuple[bool, bool]:
-        """`skip` where the optimizer cannot skip on the device: whether every process's loss
+        """The per-step read (`reads_every_step`): whether every process's loss
         is finite, and whether any was asked to stop, read every step. One reduction, so that
         every process takes the same decisions (or DDP's all-reduce would hang on the one that
         went another way)."""
@@ -233,13 +246,22 @@ class TrainLoop:
         raise Interrupted(signum, state.step, state.epoch)
 
     def _nonfinite(self, losses: dict, state: TrainerState) -> None:
-        """`skip`, read on the host: drop this accumulation window."""
+        """A non-finite loss read on the host: stop, or drop this accumulation window."""
         bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
         where = f"epoch {state.epoch}, step {state.step + 1} (batch {state.batches})"
+        if self.cfg.nonfinite == "stop":
+            raise UserError(
+                f"non-finite loss for task {', '.join(bad)} at {where}; lower train.lr, check "
+                "that task's labels, or set train.nonfinite: skip. The last good checkpoint is "
+                "kept."
+            )
         state.skipped_steps += 1
-        # The whole accumulation window is dropped: the gradients, and any strategy state.
-        self.optimizer.zero_grad(set_to_none=True)
+        # The whole accumulation window is dropped: the gradients so far (through the inner
+        # optimizer: Accelerate's wrapper zeroes only at a window's end), any strategy state,
+        # and the window's micro-batches still to come.
+        self._inner_optimizer.zero_grad(set_to_none=True)
         self.strategy.discard()
+        self._dropping = not self.accelerator.sync_gradients
         if self.accelerator.is_main_process:
             print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")
 
@@ -247,7 +269,9 @@ class TrainLoop:
 def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
     """Momentum buffers of zeros, made before the first step: torch's fused SGD allocates them
     uninitialized at its first step and, when that step is skipped (found_inf), keeps them so.
-    With no dampening a zero buffer gives the first step's own result (0 * m + g = g)."""
+    With no dampening a zero buffer gives the first step's own result (0 * m + g = g). Frozen
+    parameters get one too (a momentum copy of the model): fused SGD cannot take a mix of
+    buffers and none, as a phase that unfreezes a group would give it."""
     for group in optimizer.param_groups:
         if isinstance(optimizer, torch.optim.SGD) and group.get("momentum"):
             for param in group["params"]:

@@ -47,7 +47,10 @@ def task_loss(
     waits for the device (boolean indexing and `bool(mask.any())` do, on a GPU). Unlabelled rows
     hold a placeholder target (0, see `data/dataset.py`) and weigh nothing.
     """
-    output = output.float()
+    # Unlabelled rows' outputs are zeroed first: a non-finite one would otherwise send NaN
+    # back through the loss's gradient (0 times NaN), where indexing sent an exact zero.
+    labelled = mask.reshape(mask.shape + (1,) * (output.dim() - 1))
+    output = torch.where(labelled, output.float(), 0.0)
     weights = options.class_weights
     if weights is not None:
         weights = weights.to(output.device, torch.float32)
@@ -66,7 +69,7 @@ def task_loss(
     if task.kind in ("binary", "multilabel"):
         return _sigmoid_loss(task, output, target.float(), mask, options, weights)
     if task.standardized:  # the error in standard units: (output - target) / sd
-        scale = _device_constant(task.target_std, output.device)
+        scale = device_constant(task.target_std, output.device)
         output, target = output / scale, target.float() / scale
     return _masked_mean(F.mse_loss(output, target.float(), reduction="none"), mask)
 
@@ -83,10 +86,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, weights=None) -> torc
 
 
 @functools.lru_cache(maxsize=64)
-def _device_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def device_constant(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A constant made once per device: a fresh `torch.tensor(..., device="cuda")` every step
     would be a blocking copy."""
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _weighted_soft_cross_entropy(output, target, weights, mask, options) -> torch.Tensor:
