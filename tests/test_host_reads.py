@@ -171,3 +171,20 @@ def test_a_task_loss_makes_no_host_read(host_reads, kind):
         host_reads.counting = True
         task_loss(task, output.requires_grad_(), target, mask, options).backward()
     assert host_reads.reads == []
+
+
+def test_the_running_loss_ignores_non_finite_steps_even_the_first():
+    """A skipped first step (NaN) must not leave the epoch's smoothed loss NaN for good."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from transferkit.engine.tally import StepTally
+
+    AcceleratorState._reset_state()
+    tally = StepTally(Accelerator(cpu=True))
+    for value in (float("nan"), 2.0, float("inf"), 4.0):
+        loss = torch.tensor(value)
+        tally.add(loss, {"a": loss})
+    reading = tally.read(stop_asked=False)
+    assert reading.running == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)
+    assert reading.nonfinite == ["a", "loss"] and reading.loss == 4.0

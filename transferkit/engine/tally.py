@@ -57,10 +57,12 @@ class StepTally:
             flag = ~torch.isfinite(value.detach())
             self.nonfinite[key] = self.nonfinite[key] | flag if key in self.nonfinite else flag
         self.window = ~finite if self.window is None else self.window | ~finite
-        smoothed = loss if self.running is None else 0.9 * self.running + 0.1 * loss
-        self.running = (
-            smoothed if self.running is None else torch.where(finite, smoothed, self.running)
-        )
+        if self.running is None:
+            self.running = loss
+        else:  # a skipped (non-finite) loss leaves it, and a first one does not stick
+            smoothed = torch.where(torch.isnan(self.running), loss,
+                                   0.9 * self.running + 0.1 * loss)  # fmt: skip
+            self.running = torch.where(finite, smoothed, self.running)
         self.last = (loss, {k: v.detach().float() for k, v in losses.items()})
 
     def close_window(self) -> Tensor:
