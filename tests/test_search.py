@@ -34,7 +34,7 @@ TASKS = {"digit": "multiclass", "parity": "binary", "ink": "regression"}
 def _trial(number: int, method: str, score: float | None, status: str = "complete"):
     record = {"val/digit/accuracy": score, "val/digit/count": 100}
     return TrialResult(number, {"method": method, "lr": 1e-3}, Path(f"t{number}"), status, score,
-                       record=record)  # fmt: skip
+                       record=record, default=number == 0)  # fmt: skip
 
 
 def test_the_score_is_the_mean_of_accuracy_and_r2_over_the_tasks():
@@ -180,3 +180,20 @@ def test_the_first_trial_finishes_even_on_a_machine_slower_than_its_estimate(
     assert [t.status for t in found.trials] == ["complete"]
     assert found.trials[0].epochs == 3 and found.winner is found.trials[0]
     assert found.spent_s > found.budget_s
+
+
+def test_a_cheaper_trial_standing_in_for_unaffordable_defaults_is_not_called_the_defaults(
+    workdir, tmp_path, monkeypatch
+):
+    """LP-FT (the defaults) does not fit what is left of the budget, so a probe at the same
+    rate runs first: it must not be judged, or reported, as the defaults."""
+    from transferkit.select import fit_search
+
+    monkeypatch.chdir(workdir)
+    costs = {"lp-ft": 1000.0, "full": 1000.0, "probe": 0.1}
+    monkeypatch.setattr(fit_search._Costs, "expected", lambda self, method: costs[method])
+    found = search(_base(workdir), tmp_path, TASKS, budget_minutes=1, max_trials=1,
+                   split_rows=(22, 10))  # fmt: skip
+    assert [t.params["method"] for t in found.trials] == ["probe"]
+    assert not found.trials[0].default and found.default is None
+    assert "the defaults did not finish or did not fit the budget" in found.reasons[0]

@@ -209,7 +209,9 @@ def search(
         )
     study = make_study("tpe", base.get("seed", 0), warmup_epochs=base["train"]["epochs"] // 2)
     distributions = _distributions(pool, lr_fixed)
-    for first in _first_trials(pool, lr_fixed):
+    firsts = _first_trials(pool, lr_fixed)
+    has_default = pool == (None,) or DEFAULT_METHOD in pool
+    for first in firsts:
         study.enqueue_trial(first)
     if not distributions:  # --set fixed the method and the rate: one run is all there is
         max_trials = 1
@@ -240,13 +242,16 @@ def search(
                            deadline=deadline, device=device)  # fmt: skip
         result.params = {"method": method or "as --set says", "lr": lr or base["train"]["lr"]}
         result.number = len(trials)  # optuna's count includes the draws not trained
+        # The defaults' own trial: the first one enqueued, if it was affordable (else a cheaper
+        # method took its place, and that one is not the defaults).
+        result.default = (has_default and dict(trial.params) == firsts[0]
+                          and not any(t.default for t in trials))  # fmt: skip
         costs.learn(result, method or DEFAULT_METHOD)
         trials.append(result)
         log(
             f"fit: trial {result.number}: {result.status}"
             + (f", score {result.score:.4f}" if result.score is not None else f" ({result.error})")
         )
-    has_default = pool == (None,) or DEFAULT_METHOD in pool
     return _decide(trials, has_default, budget, time.monotonic() - started, tasks)
 
 
@@ -288,17 +293,18 @@ def _describe(method: str | None, lr: float | None) -> str:
 
 def _decide(trials: list[TrialResult], has_default: bool, budget: float, spent: float,
             tasks: dict[str, str]) -> SearchResult:  # fmt: skip
-    """The winner: the best finished trial, unless the defaults (trial 0) are within the
-    noise of it."""
+    """The winner: the best finished trial, unless the defaults' trial is within the noise of
+    it."""
     done = [t for t in trials if t.status == "complete" and t.score is not None]
     if not done:
         failed = [t for t in trials if t.error]
         why = f": {failed[0].error}" if failed else " within the budget; give more --time-budget"
         raise UserError(f"fit: no trial finished{why}")
     best = max(done, key=lambda t: t.score)
-    default = done[0] if has_default and trials[0] is done[0] else None
+    default = next((t for t in done if t.default), None) if has_default else None
     if default is None:
-        why = "did not finish" if has_default else "were not among --methods"
+        why = ("did not finish or did not fit the budget" if has_default
+               else "were not among --methods")  # fmt: skip
         return SearchResult(trials, best, None, [
             f"the defaults {why}; the best trial: {_name(best)}"
         ], budget, spent)  # fmt: skip

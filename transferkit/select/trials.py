@@ -41,6 +41,7 @@ class TrialResult:
     curve: list[float] = field(default_factory=list)
     error: str = ""
     record: dict[str, Any] = field(default_factory=dict)  # the scored epoch's
+    default: bool = False  # the plain defaults' trial (what `fit` keeps within the noise)
 
     def row(self) -> dict[str, Any]:
         return {"trial": self.number, **self.params, "status": self.status,
