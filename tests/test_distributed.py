@@ -37,16 +37,20 @@ train: {epochs: 3, batch_size: BATCH, grad_accum: 2, optimizer: sgd, lr: 0.05, m
 
 
 def _torchrun(workdir: Path, procs: int, name: str, recipe_text: str, *extra: str) -> Path:
+    result = _torchrun_result(workdir, procs, name, recipe_text, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / name
+
+
+def _torchrun_result(workdir: Path, procs: int, name: str, recipe_text: str, *extra: str):
+    """`transferkit train` under torchrun into `workdir/name`, however it ends."""
     recipe = workdir / f"{name}.yaml"
     recipe.write_text(recipe_text)
-    output = workdir / name
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
            "--master_port", str(free_port()), "-m", "transferkit.cli", "train",
-           str(recipe), "--output", str(output), *extra]  # fmt: skip
+           str(recipe), "--output", str(workdir / name), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
 
 
 def _step_lrs(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -203,14 +207,7 @@ def test_every_process_takes_the_same_nonfinite_decision_without_reading_each_st
         writer.writerows(rows)
     recipe = POISONED.replace("POLICY", policy)
     if policy == "stop":
-        name = "ddp_nonfinite_stop"
-        (workdir / f"{name}.yaml").write_text(recipe)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port", str(free_port()), "-m", "transferkit.cli", "train",
-               str(workdir / f"{name}.yaml"), "--output", str(workdir / name)]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600,
-                                env=env)  # fmt: skip
+        result = _torchrun_result(workdir, 2, "ddp_nonfinite_stop", recipe)
         assert result.returncode != 0
         assert "non-finite loss for task ink" in result.stderr, result.stderr[-3000:]
         return

@@ -216,11 +216,7 @@ class TrainLoop:
                  f"epoch {state.epoch}, between step {first} and step {state.step} (losses "
                  "are read every train.log_every steps)")  # fmt: skip
         if self.cfg.nonfinite == "stop":
-            raise UserError(
-                f"non-finite loss for task {', '.join(tasks)} at {where}; lower train.lr, check "
-                "that task's labels, or set train.nonfinite: skip. The last good checkpoint is "
-                "kept."
-            )
+            raise _nonfinite_error(tasks, where)
         if reading.skipped and self.accelerator.is_main_process:
             print(f"skipped {reading.skipped} step(s) with a non-finite loss for "
                   f"{', '.join(tasks)} at {where}")  # fmt: skip
@@ -250,11 +246,7 @@ class TrainLoop:
         bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["(another process)"]
         where = f"epoch {state.epoch}, step {state.step + 1} (batch {state.batches})"
         if self.cfg.nonfinite == "stop":
-            raise UserError(
-                f"non-finite loss for task {', '.join(bad)} at {where}; lower train.lr, check "
-                "that task's labels, or set train.nonfinite: skip. The last good checkpoint is "
-                "kept."
-            )
+            raise _nonfinite_error(bad, where)
         state.skipped_steps += 1
         # The whole accumulation window is dropped: the gradients so far (through the inner
         # optimizer: Accelerate's wrapper zeroes only at a window's end), any strategy state,
@@ -264,6 +256,13 @@ class TrainLoop:
         self._dropping = not self.accelerator.sync_gradients
         if self.accelerator.is_main_process:
             print(f"skipped a step with a non-finite loss for {', '.join(bad)} at {where}")
+
+
+def _nonfinite_error(tasks: list[str], where: str) -> UserError:
+    return UserError(
+        f"non-finite loss for task {', '.join(tasks)} at {where}; lower train.lr, check that "
+        "task's labels, or set train.nonfinite: skip. The last good checkpoint is kept."
+    )
 
 
 def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
