@@ -189,3 +189,31 @@ def multitask_run(workdir, source_run):
         return train(recipe, output=str(workdir / "runs" / "multitask")).resolve()
     finally:
         os.chdir(cwd)
+
+
+def write_digit_shards(folder: Path, shards: int, per_shard: int, start: int = 0,
+                       split: str = "train") -> list[int]:  # fmt: skip
+    """WebDataset tar shards `folder/SPLIT-000000.tar ...` of scikit-learn's digits as 32 px
+    PNGs: `KEY.png`, `KEY.cls` (the digit) and `KEY.json` ({"id": row, "odd": bool}). Returns
+    the rows written, from `start`."""
+    import io
+
+    import numpy as np
+    import webdataset
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(range(start, start + shards * per_shard))
+    for shard in range(shards):
+        with webdataset.TarWriter(str(folder / f"{split}-{shard:06d}.tar")) as tar:
+            for row in rows[shard * per_shard : (shard + 1) * per_shard]:
+                pixels = (digits.images[row] * 255 / 16).astype(np.uint8)
+                png = io.BytesIO()
+                Image.fromarray(pixels).convert("RGB").resize((32, 32)).save(png, format="PNG")
+                digit = int(digits.target[row])
+                tar.write({"__key__": f"d{row:05d}", "png": png.getvalue(),
+                           "cls": str(digit).encode(),
+                           "json": json.dumps({"id": row, "odd": bool(digit % 2)}).encode()})  # fmt: skip
+    return rows

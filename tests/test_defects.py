@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchmetrics as tm
 
 from transferkit.balancing import Balancer
-from transferkit.data.dataset import _targets
+from transferkit.data.dataset import task_targets
 from transferkit.data.labels import encode_task
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.metrics import compute_metrics, task_metrics, update_metrics
@@ -93,7 +93,7 @@ def test_one_label_multilabel_task_trains_evaluates_and_predicts():
     # An empty list is "no label applies"; None is a missing label (masked out).
     cells = [["spot"], [], "spot", None, ["spot"], []]
     encoded, _ = encode_task(task, ["spotted"], [cells])
-    target, mask = _targets(task, encoded)
+    target, mask = task_targets(task, encoded)
     assert target.shape == (6, 1) and mask.tolist() == [True, True, True, False, True, True]
 
     outputs = model(torch.randn(6, 3, 32, 32))

@@ -16,6 +16,8 @@ from transferkit.data.config import (
 from transferkit.data.dataset import TaskImageDataset, collate, num_workers
 from transferkit.data.images import decode_prediction_inputs
 from transferkit.data.loading import LoadedData, load_data
+from transferkit.data.stream_dataset import RowEncoder, StreamedTaskDataset, reader_batches
+from transferkit.data.streams import ShardStream, is_streamed
 from transferkit.data.transforms import build_transforms, check_augment, tta_views
 
 __all__ = [
@@ -26,6 +28,11 @@ __all__ = [
     "TaskSection",
     "tta_views",
     "LoadedData",
+    "RowEncoder",
+    "ShardStream",
+    "StreamedTaskDataset",
+    "is_streamed",
+    "reader_batches",
     "TaskImageDataset",
     "build_transforms",
     "check_augment",

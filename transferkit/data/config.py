@@ -9,7 +9,7 @@ from typing import Literal
 
 from transferkit.core import TASK_KINDS, bounded
 
-SOURCES = ("imagefolder", "manifest", "disk", "hub")
+SOURCES = ("imagefolder", "manifest", "disk", "hub", "webdataset")
 AUGMENTS = ("none", "light", "strong")  # presets; data.augment also takes timm's policy strings
 AUGMENT_LIBRARIES = ("timm", "torchvision")  # torchvision: the presets of runs made before timm's
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -89,3 +89,10 @@ class DataSection:
     # Images without labels (a folder, or a manifest with data.image_column), added to the
     # training rows with every label missing: a distilled student learns them from its teacher.
     unlabeled: str | None = None
+    # Stream the training split instead of loading it (data/streams.py): a hub dataset or a
+    # folder of data files with `source: hub`; tar shards always stream (`source: webdataset`,
+    # `path` a folder or URL prefix, the splits names or patterns such as 'train-{00..99}.tar').
+    # An epoch is then train.steps_per_epoch steps; validation and test are read whole.
+    streaming: bool = False
+    # Rows each stream reader shuffles among (a buffer; more mixes better, costs memory).
+    shuffle_buffer: int = bounded(1000, ge=1)

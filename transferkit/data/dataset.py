@@ -26,7 +26,7 @@ from transferkit.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def _targets(task: TaskSpec, values: list) -> tuple[torch.Tensor, torch.Tensor]:
+def task_targets(task: TaskSpec, values: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets with placeholders, mask) for one task's encoded column."""
     if task.kind == "multiclass":
         target = torch.tensor([-1 if v is None else v for v in values], dtype=torch.int64)
@@ -89,7 +89,7 @@ class TaskImageDataset(torch.utils.data.Dataset):
         self.targets: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         for task in self.tasks:
-            self.targets[task.name], self.masks[task.name] = _targets(task, split[task.name][:])
+            self.targets[task.name], self.masks[task.name] = task_targets(task, split[task.name][:])
         self._warned: set[int] = set()
         # With a seed, each sample's augmentation depends on (seed, epoch, row) only: the same
         # in any worker process and after a resume. The trainer sets `epoch` before each epoch.
@@ -117,23 +117,26 @@ class TaskImageDataset(torch.utils.data.Dataset):
                         "skipping unreadable image %s (%s: %s)", name, type(err).__name__, err
                     )
                 continue
-            if self.seed is None or getattr(self.transform, "deterministic", False):
-                pixels = self.transform(image)  # nothing random to seed
-            else:
-                seed = derive_seed(self.seed, self.epoch, row)
-                # The CPU generator only, which the transforms draw from: torch.manual_seed
-                # also queues a seed for every accelerator backend, each with a saved
-                # traceback while CUDA is not initialized (a third of a decode's time here).
-                torch.default_generator.manual_seed(seed)
-                with _python_and_numpy_seeded(seed):  # timm's policies draw from both
-                    pixels = self.transform(image)
+            seed = None if self.seed is None else derive_seed(self.seed, self.epoch, row)
             return {
-                "image": pixels,
+                "image": transform_seeded(self.transform, image, seed),
                 "targets": {t: self.targets[t][row] for t in self.targets},
                 "mask": {t: self.masks[t][row] for t in self.masks},
                 "index": row,
             }
         raise UserError("no readable image in this split (every image failed to decode)")
+
+
+def transform_seeded(transform: Callable, image, seed: int | None) -> torch.Tensor:
+    """`transform(image)`, its random draws made from `seed` alone (None: unseeded)."""
+    if seed is None or getattr(transform, "deterministic", False):
+        return transform(image)  # nothing random to seed
+    # The CPU generator only, which the transforms draw from: torch.manual_seed also queues a
+    # seed for every accelerator backend, each with a saved traceback while CUDA is not
+    # initialized (a third of a decode's time here).
+    torch.default_generator.manual_seed(seed)
+    with _python_and_numpy_seeded(seed):  # timm's policies draw from both
+        return transform(image)
 
 
 @contextlib.contextmanager

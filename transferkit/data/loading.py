@@ -20,7 +20,9 @@ from transferkit.core import TaskSpec
 from transferkit.data.config import DataSection, TaskSection
 from transferkit.data.images import find_bad_images
 from transferkit.data.labels import column_values, encode_task, infer_task, known_classes
-from transferkit.data.sources import find_split, read_source, read_unlabeled
+from transferkit.data.sources import find_split, prepare_images, read_source, read_unlabeled
+from transferkit.data.stream_dataset import RowEncoder
+from transferkit.data.streams import ShardStream, is_streamed, open_stream
 from transferkit.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ class LoadedData:
     # Per split, the rows dropped as unreadable: another process passes them back to
     # `load_data(bad_rows=...)` instead of decoding every image again.
     bad_rows: dict[str, list[int]] = field(default_factory=dict)
+    # A streamed training split (data/streams.py): then `splits` has no "train", and the
+    # stream's rows are encoded batch by batch with `encoder`.
+    stream: ShardStream | None = None
+    encoder: RowEncoder | None = None
 
 
 def load_data(
@@ -63,21 +69,37 @@ def load_data(
             "tasks.image: the task name 'image' is reserved for the image column; rename the task"
         )
 
-    raw = read_source(data)
-    splits = _pick_splits(raw, data)
+    stream = None
+    if is_streamed(data):
+        stream, splits = open_stream(data)
+        splits = prepare_images(splits, data, bases=[])
+    else:
+        splits = _pick_splits(read_source(data), data)
     columns = {
         name: _task_columns(name, cfg, splits, data, len(tasks)) for name, cfg in tasks.items()
     }
 
-    specs = []
+    specs, index_names = [], {}
     for name, cfg in tasks.items():
         cols = columns[name]
+        first = next(iter(splits.values()))
+        known = known_classes(first, cols[0]) if len(cols) == 1 else None
+        if stream is not None:
+            _check_streamed_task(name, cfg, data)
+            if cols[0] == "cls" and data.source == "webdataset" and cfg.classes:
+                known = [str(c) for c in cfg.classes]  # KEY.cls holds an index into them
+                splits = {k: _names_for_indices(s, "cls", known) for k, s in splits.items()}
+            if known and len(cols) == 1:
+                index_names[cols[0]] = known
         values = [[v for s in splits.values() for v in column_values(s, c)] for c in cols]
-        known = known_classes(splits["train"], cols[0]) if len(cols) == 1 else None
         specs.append(infer_task(name, cfg, cols, values, known))
     splits = {k: _encode(s, data.image_column, specs, columns, tasks) for k, s in splits.items()}
 
-    if "validation" not in splits and carve_validation:
+    encoder = None
+    if stream is not None:
+        zero_one = {n: isinstance(tasks[n].column, (list, tuple)) for n in tasks}
+        encoder = RowEncoder(tuple(specs), columns, zero_one, index_names)
+    if "validation" not in splits and carve_validation and stream is None:
         strata = _strata(splits["train"], specs) if data.val_stratify else None
         splits["train"], splits["validation"] = _carve(splits["train"], data.val_fraction, seed,
                                                        strata)  # fmt: skip
@@ -101,8 +123,37 @@ def load_data(
                 "check data.path and the data.*_split settings"
             )
     ordered = {k: splits[k] for k in ("train", "validation", "test") if k in splits}
-    specs = [_standardized(spec, ordered["train"], tasks[spec.name]) for spec in specs]
-    return LoadedData(splits=ordered, tasks=specs, skipped_images=skipped, bad_rows=dropped)
+    # A stream is not read ahead: a regression target is standardized by the validation split.
+    statistics = ordered["train" if stream is None else "validation"]
+    specs = [_standardized(spec, statistics, tasks[spec.name]) for spec in specs]
+    if encoder is not None:
+        encoder = dataclasses.replace(encoder, tasks=tuple(specs))
+    return LoadedData(splits=ordered, tasks=specs, skipped_images=skipped, bad_rows=dropped,
+                      stream=stream, encoder=encoder)  # fmt: skip
+
+
+def _check_streamed_task(name: str, cfg: TaskSection, data: DataSection) -> None:
+    """A streamed split is not read ahead, so its classes cannot be found in it: they come from
+    the recipe (or the dataset's class labels)."""
+    if cfg.kind in ("multiclass", "multilabel") and not cfg.classes:
+        if cfg.kind == "multilabel" and isinstance(cfg.column, (list, tuple)):
+            return  # one 0/1 column per label: the columns name the labels
+        raise UserError(
+            f"tasks.{name}.classes: the training split streams ({data.path}), so its classes "
+            "cannot be found by reading it first; list them, e.g. classes: [cat, dog]"
+        )
+    if cfg.class_weights == "balanced":
+        raise UserError(
+            f"tasks.{name}.class_weights: balanced needs the training labels' counts, which a "
+            "stream does not give ahead; give one weight per class instead"
+        )
+
+
+def _names_for_indices(split: datasets.Dataset, column: str, names: list[str]) -> datasets.Dataset:
+    """`column`'s class indices as the names they stand for (a bad index is a missing label)."""
+    values = [names[v] if isinstance(v, int) and 0 <= v < len(names) else None
+              for v in split[column]]  # fmt: skip
+    return split.remove_columns(column).add_column(column, values)
 
 
 def _standardized(spec: TaskSpec, train: datasets.Dataset, cfg: TaskSection) -> TaskSpec:

@@ -28,7 +28,7 @@ SPLIT_ALIASES = {
 }
 
 
-def _canonical_split(name: str) -> str | None:
+def canonical_split(name: str) -> str | None:
     """'val' -> 'validation', 'training' -> 'train', ...; None for other names."""
     lowered = name.strip().lower()
     for canonical, aliases in SPLIT_ALIASES.items():
@@ -41,9 +41,9 @@ def find_split(splits: dict[str, datasets.Dataset], name: str) -> str | None:
     """The key of `splits` that the recipe's split `name` means (exact, then by alias)."""
     if name in splits:
         return name
-    canonical = _canonical_split(name)
+    canonical = canonical_split(name)
     for key in splits:
-        if canonical is not None and _canonical_split(key) == canonical:
+        if canonical is not None and canonical_split(key) == canonical:
             return key
     return None
 
@@ -52,15 +52,15 @@ def read_source(data: DataSection) -> dict[str, datasets.Dataset]:
     """Load every split of the recipe's data source (`data.source`, `data.path`)."""
     source = data.source
     if source == "hub":
-        return _prepare_images(_read_hub(data), data, bases=[])
+        return prepare_images(_read_hub(data), data, bases=[])
     path = Path(data.path).expanduser()
     if not path.exists():
         raise UserError(f"data.path: {data.path} does not exist (data.source: {source})")
     if source == "imagefolder":
         return _read_imagefolder(path, data)
     if source == "manifest":
-        return _prepare_images(_read_manifest(path), data, bases=[path.parent])
-    return _prepare_images(_read_disk(path), data, bases=[path, Path.cwd()])
+        return prepare_images(_read_manifest(path), data, bases=[path.parent])
+    return prepare_images(_read_disk(path), data, bases=[path, Path.cwd()])
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -69,8 +69,8 @@ def _read_imagefolder(root: Path, data: DataSection) -> dict[str, datasets.Datas
     if not root.is_dir():
         raise UserError(f"data.path: {root} is not a folder (data.source: imagefolder)")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subdirs and all(_canonical_split(p.name) for p in subdirs):
-        split_dirs = {_canonical_split(p.name): p for p in subdirs}
+    if subdirs and all(canonical_split(p.name) for p in subdirs):
+        split_dirs = {canonical_split(p.name): p for p in subdirs}
     else:
         split_dirs = {"train": root}
     files = {}
@@ -127,7 +127,7 @@ def _read_manifest(path: Path) -> dict[str, datasets.Dataset]:
         raise UserError(f"data.path: cannot read manifest {path}: {err}") from err
     groups = {"train": frame}
     if "split" in frame.columns:
-        names = frame["split"].map(lambda v: "train" if pd.isna(v) else _canonical_split(str(v)))
+        names = frame["split"].map(lambda v: "train" if pd.isna(v) else canonical_split(str(v)))
         unknown = sorted({str(v) for v, n in zip(frame["split"], names) if n is None})
         if unknown:
             raise UserError(
@@ -194,7 +194,7 @@ def _read_hub(data: DataSection) -> dict[str, datasets.Dataset]:
 
 
 # ------------------------------------------------------------------------------------ images
-def _prepare_images(
+def prepare_images(
     splits: dict[str, datasets.Dataset], data: DataSection, bases: list[Path]
 ) -> dict[str, datasets.Dataset]:
     """Make the image column a decodable `Image` feature in every split."""
@@ -252,10 +252,10 @@ def read_unlabeled(data: DataSection) -> datasets.Dataset:
         tables = _read_manifest(path)
     else:
         raise UserError(f"data.unlabeled: {path} is neither a folder of images nor a manifest")
-    # A row number beside the images: `_prepare_images` replaces the image column, which a
+    # A row number beside the images: `prepare_images` replaces the image column, which a
     # one-column table would lose its rows with.
     tables = {k: t.add_column("_row", list(range(len(t)))) for k, t in tables.items()}
-    prepared = _prepare_images(tables, replace(data, path=str(path)), bases=[path.parent])
+    prepared = prepare_images(tables, replace(data, path=str(path)), bases=[path.parent])
     return datasets.concatenate_datasets(
         [t.select_columns([data.image_column]) for t in prepared.values()]
     )

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from transferkit.data import collate, load_data
+from transferkit.data import StreamedTaskDataset, collate, load_data, reader_batches
 from transferkit.errors import UserError
 from transferkit.recipes import Recipe
 
@@ -92,8 +92,107 @@ def make_loaders(
         drop_last=drop_last(len(train_set), cfg.batch_size, processes),
         **args,
     )
-    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, **args)
-    return train_loader, val_loader
+    return train_loader, eval_loader(val_set, cfg, workers)
+
+
+def eval_loader(dataset, cfg, workers: int) -> DataLoader:
+    """Ordered batches of an evaluated split."""
+    return DataLoader(dataset, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                      collate_fn=collate, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())  # fmt: skip
+
+
+def stream_readers(workers: int, processes: int, shards: int, say: bool) -> int:
+    """Data-loader workers per process for a stream: each reads its own shards, so at most
+    shards / processes of them (fewer shards than processes is an error)."""
+    if shards < processes:
+        raise UserError(
+            f"the training stream has {shards} shard(s) for {processes} processes; each process "
+            "reads shards of its own: write the data in more shards, or train on fewer processes"
+        )
+    fitting = min(workers, shards // processes)
+    if say and fitting < workers:
+        print(f"data loader: {fitting} workers per process, not {workers}: {shards} shard(s) "
+              f"shared by {processes} process(es)")  # fmt: skip
+    return fitting
+
+
+def streamed_training(recipe: Recipe, cfg, data, transform, accelerator: Accelerator,
+                      workers: int) -> StreamLoader:  # fmt: skip
+    """The loader of a streamed training split (`data.stream`) on this process."""
+    processes = accelerator.num_processes
+    workers = stream_readers(workers, processes, len(data.stream.shards),
+                             accelerator.is_main_process)  # fmt: skip
+    dataset = StreamedTaskDataset(data.stream, data.encoder, transform,
+                                  batch_size=cfg.batch_size, seed=recipe.seed,
+                                  shuffle_buffer=recipe.data.shuffle_buffer,
+                                  bad_images=recipe.data.bad_images,
+                                  process=accelerator.process_index, processes=processes,
+                                  readers=max(workers, 1))  # fmt: skip
+    return StreamLoader(dataset, cfg.steps_per_epoch * cfg.grad_accum, workers, accelerator.device)
+
+
+class StreamLoader:
+    """An epoch of a streamed training split on this process: `len(self)` batches (the
+    recipe's steps per epoch, times its accumulation), from data-loader workers each reading
+    its own shards (data/stream_dataset.py).
+
+    Epoch `e` starts where epoch `e - 1` ended; `skipping(n)` starts `n` batches into an epoch,
+    reading past the rows before without decoding them, so a resumed run trains on the batches
+    an uninterrupted one would have. Its state (processes and readers) is checkpointed: a run
+    resumes exactly only with the layout it streamed with.
+    """
+
+    def __init__(self, dataset: StreamedTaskDataset, batches: int, workers: int, device,
+                 first: int = 0) -> None:  # fmt: skip
+        self.dataset, self.batches, self.workers, self.device = dataset, batches, workers, device
+        self.epoch, self.first = 0, first
+
+    def __len__(self) -> int:
+        return self.batches - self.first
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skipping(self, batches: int) -> StreamLoader:
+        later = StreamLoader(self.dataset, self.batches, self.workers, self.device, batches)
+        later.epoch = self.epoch
+        return later
+
+    def __iter__(self):
+        from accelerate.utils import send_to_device
+
+        readers = self.dataset.readers
+        # Batches each reader has made before this epoch's first: the loader deals batches to
+        # its workers in turn, starting each epoch at worker 0 (which plays reader first % R).
+        made = {r: self.epoch * reader_batches(self.batches, readers, r)
+                + reader_batches(self.first, readers, r) for r in range(readers)}  # fmt: skip
+        plays = {w: (w + self.first) % readers for w in range(readers)}
+        self.dataset.start = {w: (r, made[r]) for w, r in plays.items()}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                            pin_memory=torch.cuda.is_available())  # fmt: skip
+        batches = iter(loader)
+        for taken in range(len(self)):
+            batch = next(batches)
+            reader = plays[taken % readers]
+            if tuple(batch.pop("reader")) != (reader, made[reader]):
+                raise RuntimeError("stream batches arrived out of order; cannot resume exactly")
+            made[reader] += 1
+            yield send_to_device(batch, self.device, non_blocking=True)
+        del batches  # the workers stop here: the stream itself never ends
+
+    def state_dict(self) -> dict:
+        return {"processes": self.dataset.processes, "readers": self.dataset.readers}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, now = (state["processes"], state["readers"]), tuple(self.state_dict().values())
+        if saved != now:
+            raise UserError(
+                f"this run streamed with {saved[0]} process(es) x {saved[1]} reader(s) each, and "
+                f"would resume with {now[0]} x {now[1]}, which reads the shards in another "
+                f"order; resume with {saved[0]} process(es) and data.num_workers: "
+                f"{saved[1] if saved[1] > 1 else '0 or 1'} to continue exactly"
+            )
 
 
 def auto_batch_size(model, cfg, input_size, accelerator: Accelerator):

@@ -20,17 +20,20 @@ from torch.utils.data import DataLoader, Sampler
 
 from transferkit.balancing import Balancer
 from transferkit.core import AuxHeadSpec, TaskSpec
-from transferkit.data import TaskImageDataset, build_transforms, num_workers
+from transferkit.data import StreamedTaskDataset, TaskImageDataset, build_transforms, num_workers
 from transferkit.engine.accelerator import (
     check_fsdp,
     init_optimizer_state,
     optimizer_steps_per_epoch,
 )
 from transferkit.engine.batches import (
+    StreamLoader,
     auto_batch_size,
     default_batch_size,
+    eval_loader,
     load_shared_data,
     make_loaders,
+    streamed_training,
 )
 from transferkit.engine.distill import Distiller, build_distiller
 from transferkit.engine.ema import build_ema
@@ -67,9 +70,9 @@ class RunSetup:
     metric_names: dict[str, list[str] | None]  # tasks.NAME.metrics (None: every metric)
     monitor: str  # the validation metric that picks the best epoch
     schedule: FreezeSchedule
-    train_set: TaskImageDataset
+    train_set: TaskImageDataset | StreamedTaskDataset
     val_set: TaskImageDataset
-    train_loader: DataLoader
+    train_loader: DataLoader | StreamLoader  # a StreamLoader for a streamed split
     val_loader: DataLoader
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -149,23 +152,32 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
                                        random_erasing=recipe.data.random_erasing,
                                        scale=recipe.data.scale,
                                        library=recipe.data.augment_library)  # fmt: skip
-    train_set = TaskImageDataset(data.splits["train"], data.tasks, train_transform,
-                                 bad_images=recipe.data.bad_images, seed=recipe.seed)  # fmt: skip
     eval_transform = build_transforms(backbone.data_config, False, "none", size)
     val_set = TaskImageDataset(
         data.splits["validation"], data.tasks, eval_transform, bad_images=recipe.data.bad_images
     )
-    batch = default_batch_size(recipe.train.batch_size, len(train_set),
-                               accelerator.num_processes, main)  # fmt: skip
+    streamed = data.stream is not None
+    if streamed:  # no length to size the batch by: the default's largest
+        batch = recipe.train.batch_size or 32
+    else:
+        train_set = TaskImageDataset(data.splits["train"], data.tasks, train_transform,
+                                     bad_images=recipe.data.bad_images, seed=recipe.seed)  # fmt: skip
+        batch = default_batch_size(recipe.train.batch_size, len(train_set),
+                                   accelerator.num_processes, main)  # fmt: skip
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=batch))
     cfg = recipe.train
     if cfg.auto_batch_size:
         cfg = auto_batch_size(model, cfg, backbone.data_config.input_size, accelerator)
     workers = num_workers(recipe.data.num_workers)
-    sampler = balanced_sampler(recipe, train_set)
-    train_loader, val_loader = make_loaders(
-        train_set, val_set, cfg, workers, accelerator.num_processes, sampler
-    )
+    sampler = None
+    if streamed:
+        train_loader = streamed_training(recipe, cfg, data, train_transform, accelerator, workers)
+        train_set, val_loader = train_loader.dataset, eval_loader(val_set, cfg, workers)
+    else:
+        sampler = balanced_sampler(recipe, train_set)
+        train_loader, val_loader = make_loaders(
+            train_set, val_set, cfg, workers, accelerator.num_processes, sampler
+        )
 
     # ---- how it learns
     if cfg.channels_last:
@@ -196,20 +208,28 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
     # Accelerate steps a prepared scheduler once per process at each optimizer step (it assumes
     # a schedule written for one process that sees every batch): the schedule divides its step
     # count by the number of processes, so it runs at the same pace on any number of them.
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), accelerator)
+    steps_per_epoch = (cfg.steps_per_epoch if streamed
+                       else optimizer_steps_per_epoch(len(train_loader), accelerator))  # fmt: skip
     lr_scheduler = build_lr_scheduler(
         optimizer, cfg, schedule, steps_per_epoch, calls_per_step=accelerator.num_processes
     )
     check_fsdp(accelerator, balancer)
     ema = build_ema(cfg.ema, model, accelerator)  # before prepare: see engine/ema.py
     # Prepared while every parameter requires grad, so DDP registers all of them (accelerator.py).
-    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, lr_scheduler
-    )
+    # A stream's loader is not: its readers split the shards themselves (no batch is sent from
+    # one process to the others, nor read by all of them).
+    if streamed:
+        model, optimizer, val_loader, lr_scheduler = accelerator.prepare(
+            model, optimizer, val_loader, lr_scheduler
+        )
+    else:
+        model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, lr_scheduler
+        )
     if accelerator.distributed_type == DistributedType.FSDP:
         init_optimizer_state(optimizer.optimizer)
     # Checkpointed with the run, in this order (custom_checkpoint_0, _1, ...: older runs too).
-    for stateful in (schedule, balancer, ema):
+    for stateful in (schedule, balancer, ema, train_loader if streamed else None):
         if stateful is not None:
             accelerator.register_for_checkpointing(stateful)
     options = loss_options(recipe, tasks, train_set, accelerator.device)
@@ -217,7 +237,12 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
                               loss_options=options, channels_last=cfg.channels_last)  # fmt: skip
     mixer = build_mixer(cfg.mixup, tasks, recipe.seed, accelerator)
     distiller = build_distiller(recipe.distill, tasks, backbone.data_config, accelerator.device)
-    if distiller is not None and recipe.data.augment == "none" and cfg.mixup is None:
+    if (
+        distiller is not None
+        and recipe.data.augment == "none"
+        and cfg.mixup is None
+        and not streamed
+    ):
         distiller.precompute(data.splits["train"], cfg.eval_batch_size or cfg.batch_size or 64)
     return RunSetup(recipe=recipe, cfg=cfg, accelerator=accelerator, backbone=backbone,
                     model=model, tasks=tasks, metric_names=chosen_metrics, monitor=monitor,

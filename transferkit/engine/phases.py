@@ -11,7 +11,7 @@ from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from transferkit.data import collate
-from transferkit.engine.batches import drop_last
+from transferkit.engine.batches import StreamLoader, drop_last
 from transferkit.engine.build import RunSetup, only_adapter_trains
 from transferkit.engine.loop import TrainLoop
 from transferkit.engine.schedule import UNFROZEN_LR_MULT
@@ -45,6 +45,13 @@ def enter_phase(
                 "run the backbone outside FSDP, on a shard of its weights; use auto or forbid"
             )
         use_cache, why = False, "features: computed every step (FSDP shards the backbone)"
+    if use_cache and isinstance(run.train_loader, StreamLoader):
+        if cfg.feature_cache == "force":
+            raise UserError(
+                f"train.feature_cache: force, but phase {phase} trains from a stream, which is "
+                "not read ahead to fill a cache; use auto or forbid"
+            )
+        use_cache, why = False, "features: computed every step (the training split streams)"
     if use_cache and run.mixer is not None:
         if cfg.feature_cache == "force":
             raise UserError(

@@ -9,6 +9,7 @@ import shutil
 import torch
 from accelerate.utils import DistributedType
 
+from transferkit.data import TaskImageDataset
 from transferkit.engine.build import RunSetup
 from transferkit.engine.ema import monitored
 from transferkit.errors import UserError
@@ -100,6 +101,8 @@ def card_facts(run: RunSetup) -> dict:
     """What only training knows, for the model card: split sizes, label coverage, hardware."""
     data = {
         split: {"images": len(ds), "labelled": {t: int(m.sum()) for t, m in ds.masks.items()}}
+        if isinstance(ds, TaskImageDataset)
+        else {"streamed": ds.stream.describe()}  # its size and label counts are not known
         for split, ds in (("train", run.train_set), ("validation", run.val_set))
     }
     acc = run.accelerator

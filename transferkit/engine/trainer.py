@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from transferkit.engine.accelerator import make_accelerator
+from transferkit.engine.batches import StreamLoader
 from transferkit.engine.build import RunSetup, build_run
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.ema import PREFIX as EMA_PREFIX
@@ -215,7 +216,8 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopReque
         state.batches = 0
         if epoch == first_epoch and resume_batches:
             state.batches = resume_batches  # mid-epoch resume: skip what was already trained
-            loader = acc.skip_first_batches(train_loader, resume_batches)
+            loader = (train_loader.skipping(resume_batches) if isinstance(train_loader, StreamLoader)
+                      else acc.skip_first_batches(train_loader, resume_batches))  # fmt: skip
         stats = loop.epoch(loader, state)
         values = evaluate(loop.forward_module, val_loader, run.tasks, acc, "val", run.metric_names)
         if run.ema is not None:

@@ -87,6 +87,7 @@ def _check_data_options(recipe: Recipe) -> list[str]:
             f"recipe key data.balanced_sampler: task {data.balanced_sampler!r} is {task.kind}; "
             "balance by a multiclass or binary task"
         )
+    errors += _check_stream_options(recipe)
     mixup = recipe.train.mixup
     if mixup is not None:
         if all(t.kind == "regression" for t in recipe.tasks.values()):
@@ -97,6 +98,28 @@ def _check_data_options(recipe: Recipe) -> list[str]:
         if mixup.mixup_alpha == 0 and mixup.cutmix_alpha == 0:
             errors.append("recipe key train.mixup: mixup_alpha and cutmix_alpha are both 0")
     return errors
+
+
+def _check_stream_options(recipe: Recipe) -> list[str]:
+    data, steps = recipe.data, recipe.train.steps_per_epoch
+    streamed = data.source == "webdataset" or data.streaming
+    if streamed and steps is None:
+        return [
+            "recipe key train.steps_per_epoch: the training split streams, so it has no length "
+            "to make an epoch of; set the optimizer steps an epoch takes on each process (one "
+            "pass: the training images / (train.batch_size x processes x train.grad_accum))"
+        ]
+    if not streamed and steps is not None:
+        return [
+            "recipe key train.steps_per_epoch: only for a streamed training split (data.source: "
+            "webdataset, or data.streaming: true); an epoch of this data is one pass; remove it"
+        ]
+    if data.streaming and data.source != "hub":
+        return [
+            f"recipe key data.streaming: it streams a Hugging Face dataset (data.source: hub: a "
+            f"hub name or a folder of data files), not data.source: {data.source}"
+        ]
+    return []
 
 
 def cross_checks(recipe: Recipe) -> list[str]:

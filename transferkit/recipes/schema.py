@@ -175,6 +175,9 @@ Tracker = Literal[
 class TrainSection:
     epochs: int = bounded(10, ge=1)
     max_steps: int | None = bounded(None, ge=1)
+    # Optimizer steps an epoch takes from a streamed training split (which has no length; each
+    # process takes this many); with a split of known length an epoch is one pass over it.
+    steps_per_epoch: int | None = bounded(None, ge=1)
     # Per process. Default (null): 32, halved down to 8 while an epoch would have fewer than 16
     # batches, so a small train set still takes many steps per epoch (docs/quality.md).
     batch_size: int | None = bounded(None, ge=1)

@@ -117,6 +117,9 @@ def _data_section(recipe: dict, data: dict | None, tasks: list[TaskSpec]) -> lis
     lines += ["", "| split | images | " + " | ".join(f"{n} labelled" for n in names) + " |"]
     lines.append("|---|---|" + "---|" * len(names))
     for split, counts in data.items():
+        if "streamed" in counts:  # a stream's size and label counts are not known ahead
+            lines.append(f"| {split} | streamed: {counts['streamed']} |" + " |" * len(names))
+            continue
         total = counts["images"]
         cells = [_share(counts["labelled"].get(n, 0), total) for n in names]
         lines.append(f"| {split} | {total} | " + " | ".join(cells) + " |")
@@ -188,6 +191,7 @@ def _limitations(recipe: dict, data: dict | None, tasks: list[TaskSpec]) -> list
         "they are slightly optimistic; evaluate on held-out data (`transferkit eval --data`)."
     )
     train = (data or {}).get("train")
+    train = None if train and "streamed" in train else train
     if train and train["images"] < 1000:
         lines.append(f"- Trained on only {train['images']} images.")
     for task in tasks:

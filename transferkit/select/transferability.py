@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.data import TaskImageDataset, build_transforms, collate, load_data, num_workers
+from transferkit.data import (
+    TaskImageDataset,
+    build_transforms,
+    collate,
+    is_streamed,
+    load_data,
+    num_workers,
+)
 from transferkit.errors import UserError
 from transferkit.inference import resolve_device
 from transferkit.models import TaskSpec, create_backbone, parse_backbone_name, resolve_auto_weights
@@ -218,6 +225,11 @@ def rank(
         raise UserError("--backbones names the same backbone and weights twice")
     for candidate in chosen:  # names and groups checked on the structure, before any work
         _groups_of(create_backbone(candidate.backbone, None, device="meta"), groups)
+    if is_streamed(recipe.data):
+        raise UserError(
+            "rank scores backbones on the whole training split, and this recipe streams it "
+            f"({recipe.data.source}); rank on a sample saved as an image folder or manifest"
+        )
     data = load_data(recipe.data, recipe.tasks, recipe.seed)
     size = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size or 64
     device = resolve_device(device)
