@@ -10,7 +10,9 @@ one after the other. Each loader makes one pass to warm up (worker start, file c
 
 - image folder: transferkit's `imagefolder` source against timm's `ImageDataset` over the folder;
 - manifest: transferkit's `manifest` source (a CSV of paths and labels) against the same timm
-  folder loader (timm reads folders, not manifests).
+  folder loader (timm reads folders, not manifests);
+- shards: the same PNGs in WebDataset tar shards (two per worker), streamed by transferkit
+  (`data.source: webdataset`, an epoch of one pass), against the same timm folder loader.
 
 transferkit's loader is the one a run trains from (`build_run`'s, prepared by Accelerate), so
 the per-sample seeding and the label encoding are in its time. timm's runs without its
@@ -49,6 +51,22 @@ def write_images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
+def write_shards(folder: Path, target: Path, shards: int) -> Path:
+    """The images under `folder/train` as `target/train-N.tar` (KEY.png, KEY.cls), dealt
+    round-robin, and a validation shard of the first 16."""
+    import webdataset
+
+    files = sorted((folder / "train").rglob("*.png"))
+    target.mkdir(exist_ok=True)
+    groups = {f"train-{n:06d}": files[n::shards] for n in range(shards)}
+    for name, chosen in {**groups, "validation-000000": files[:16]}.items():
+        with webdataset.TarWriter(str(target / f"{name}.tar")) as tar:
+            for file in chosen:
+                tar.write({"__key__": file.stem, "png": file.read_bytes(),
+                           "cls": file.parent.name.encode()})  # fmt: skip
+    return target
+
+
 def _rate(loader, repeats: int) -> float:
     """Images per second over `repeats` timed passes, after one warm-up pass."""
     for _ in loader:
@@ -63,18 +81,21 @@ def _rate(loader, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def _transferkit_loader(source: dict, cfg: dict, workers: int):
+def _transferkit_loader(source: dict, cfg: dict, workers: int, steps: int | None = None):
     from accelerate import Accelerator
 
     from transferkit.engine.build import build_run
     from transferkit.recipes import parse_recipe
 
+    classes = [str(d) for d in range(10)] if steps else None  # a stream lists its classes
     recipe = parse_recipe({
         "model": {"backbone": cfg["backbone"], "weights": "none"},
-        "tasks": {"label": {"kind": "multiclass"}},
+        "tasks": {"label": {"kind": "multiclass", "column": "cls" if steps else None,
+                            "classes": classes}},
         "data": {**source, "image_size": cfg["size"], "augment": "none", "val_fraction": 0.05,
                  "horizontal_flip": False, "num_workers": workers},
-        "train": {"batch_size": cfg["batch"], "epochs": 1, "feature_cache": "forbid"},
+        "train": {"batch_size": cfg["batch"], "epochs": 1, "feature_cache": "forbid",
+                  "steps_per_epoch": steps},
     })  # fmt: skip
     return build_run(recipe, Accelerator(cpu=True)).train_loader
 
@@ -103,10 +124,13 @@ def bench_loaders(cfg: dict, workdir: Path, repeats: int = 3) -> dict:
     sources = {"image folder": {"source": "imagefolder", "path": str(folder)},
                "manifest": {"source": "manifest", "path": str(folder / "manifest.csv"),
                             "val_split": None}}  # fmt: skip
+    shards = write_shards(folder, workdir / "loader_shards", 2 * max(workers, 1))
+    sources["shards"] = {"source": "webdataset", "path": str(shards)}
     rows = {}
     for name, source in sources.items():
         torch.manual_seed(0)
-        rate = _rate(_transferkit_loader(source, cfg, workers), repeats)
+        steps = cfg["loader_images"] // cfg["batch"] if name == "shards" else None
+        rate = _rate(_transferkit_loader(source, cfg, workers, steps), repeats)
         rows[name] = {"transferkit_images_per_s": rate, "timm_images_per_s": timm_rate,
                       "ratio": rate / timm_rate}  # fmt: skip
     return {"workers": workers, "images": cfg["loader_images"], "size": cfg["size"],

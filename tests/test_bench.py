@@ -33,7 +33,7 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
         assert "(g) GPU: skipped, no CUDA GPU" in (tmp_path / "results.md").read_text()
     assert results["a_overhead"]["overhead_ratio"] > 0 and results["f_flops"]["step_gflop"] > 0
     loaders = results["e_data_pipeline"]["loaders"]["rows"]
-    assert set(loaders) == {"image folder", "manifest"}
+    assert set(loaders) == {"image folder", "manifest", "shards"}
     assert all(r["transferkit_images_per_s"] > 0 and r["ratio"] > 0 for r in loaders.values())
     assert "transferkit's loader / timm's create_loader" in (tmp_path / "results.md").read_text()
     depths = results["d_freeze_depth"]

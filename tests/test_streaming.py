@@ -204,27 +204,33 @@ def _first_png(shard: Path) -> bytes:
         return tar.extractfile(member).read()
 
 
-def test_a_hugging_face_parquet_stream_is_read_once_an_epoch_per_process(tmp_path):
-    """`data.source: hub` with `data.streaming: true` on a folder of parquet files: each file
-    is a shard, split over the processes like tar shards."""
+def _parquet_stream(folder: Path, files: int, rows: int) -> Path:
+    """`train-0000N-of-0000F.parquet` files of `rows` random 8 px images each (columns image,
+    id, label: a, b or c by id) and one validation file of 8."""
     import datasets
     import numpy as np
     from PIL import Image
 
-    folder = tmp_path / "parquet"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split, files, rows in (("train", 2, 24), ("validation", 1, 8)):
-        for index in range(files):
+    for split, count, size in (("train", files, rows), ("validation", 1, 8)):
+        for index in range(count):
             table = {"image": [], "id": [], "label": []}
-            for row in range(index * rows, (index + 1) * rows):
+            for row in range(index * size, (index + 1) * size):
                 png = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(png, "PNG")
                 table["image"].append({"bytes": png.getvalue(), "path": None})
                 table["id"].append(row)
                 table["label"].append(["a", "b", "c"][row % 3])
             part = datasets.Dataset.from_dict(table).cast_column("image", datasets.Image())
-            part.to_parquet(str(folder / f"{split}-{index:05d}-of-{files:05d}.parquet"))
+            part.to_parquet(str(folder / f"{split}-{index:05d}-of-{count:05d}.parquet"))
+    return folder
+
+
+def test_a_hugging_face_parquet_stream_is_read_once_an_epoch_per_process(tmp_path):
+    """`data.source: hub` with `data.streaming: true` on a folder of parquet files: each file
+    is a shard, split over the processes like tar shards."""
+    folder = _parquet_stream(tmp_path / "parquet", files=2, rows=24)
     loaders = [_loader(folder, p, 2, 0, 3, source="hub") for p in range(2)]
     for epoch in range(2):
         seen = []
@@ -262,13 +268,22 @@ def _torchrun(cwd: Path, *args: str):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_torchrun_processes_read_every_sample_once_an_epoch(shards, tmp_path):
+@pytest.mark.parametrize("source", ["webdataset", "parquet"])
+def test_two_torchrun_processes_read_every_sample_once_an_epoch(shards, tmp_path, source):
     """The run `transferkit train` builds on 2 processes with 2 workers each: 4 readers, one
-    shard each; every epoch reads the 160 rows once between them, half on each process."""
-    recipe = _recipe(shards, "train.epochs=2", "data.num_workers=2", "train.steps_per_epoch=10",
-                     "tasks.id={kind: regression, column: id, standardize: false}")  # fmt: skip
+    shard (a tar or a parquet file) each; every epoch reads the 160 rows once between them,
+    half on each process."""
     from transferkit.recipes import save_recipe
 
+    ids = "tasks.id={kind: regression, column: id, standardize: false}"
+    recipe = _recipe(shards, "train.epochs=2", "data.num_workers=2", "train.steps_per_epoch=10",
+                     ids)  # fmt: skip
+    if source == "parquet":
+        folder = _parquet_stream(tmp_path / "parquet", files=SHARDS, rows=PER_SHARD)
+        recipe = _recipe(shards, "train.epochs=2", "data.num_workers=2",
+                         "train.steps_per_epoch=10", "data.source=hub", f"data.path={folder}",
+                         "data.streaming=true", "tasks={label: {kind: multiclass, classes: "
+                         "[a, b, c]}}", ids)  # fmt: skip
     save_recipe(recipe, tmp_path / "recipe.yaml")
     out = tmp_path / "ids.json"
     _torchrun(tmp_path, str(Path(__file__).parent / "stream_coverage.py"),

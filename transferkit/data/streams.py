@@ -46,7 +46,11 @@ class ShardStream:
 
     def read(self, shard: Any) -> Iterator[dict]:
         if self.hub is not None:
-            yield from self.hub.shard(num_shards=len(self.shards), index=shard)
+            # `.iter`, not `iter()`: inside a data-loader worker `datasets` would split the
+            # shard again among the workers, which already each read shards of their own.
+            part = self.hub.shard(num_shards=len(self.shards), index=shard)
+            for columns in part.iter(batch_size=256):
+                yield from (dict(zip(columns, row)) for row in zip(*columns.values()))
         else:
             yield from _tar_rows(shard, self.source.image_column)
 
