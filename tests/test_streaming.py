@@ -89,6 +89,31 @@ def test_an_epoch_started_part_way_gives_the_batches_the_whole_epoch_gives(shard
             assert torch.equal(got["targets"]["id"], expected["targets"]["id"])
 
 
+def test_epochs_continue_the_stream_and_a_resume_skips_whole_passes_unread(shards, monkeypatch):
+    """Four epochs of 7 batches (224 rows: the 160-row pass 0 and part of pass 1) read each
+    shard at most once a pass (reading is lazy): an epoch goes on from where the last stopped. A new loader resumed 2
+    batches into epoch 3 (row 184, in pass 1) gives the same batches, and reads only pass 1's
+    shards: pass 0's rows are counted from the tar headers, not read."""
+    from transferkit.data import ShardStream
+
+    reads = []
+    read = ShardStream.read
+    monkeypatch.setattr(ShardStream, "read", lambda self, shard: reads.append(shard)
+                        or read(self, shard))  # fmt: skip
+    loader = _loader(shards, 0, 1, 0, 7)
+    epochs = []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        epochs.append([batch["targets"]["id"] for batch in loader])
+    assert len(reads) <= 2 * SHARDS  # each epoch restarting from row 0 would read 4 + 8 + 8 + 8
+    reads.clear()
+    resumed = _loader(shards, 0, 1, 0, 7)
+    resumed.set_epoch(3)
+    rest = [batch["targets"]["id"] for batch in resumed.skipping(2)]
+    assert len(reads) <= SHARDS  # reading past pass 0 would read its 4 shards first
+    assert len(rest) == 5 and all(torch.equal(a, b) for a, b in zip(rest, epochs[3][2:]))
+
+
 def _recipe(shards: Path, *overrides: str):
     text = f"""
 name: streamed

@@ -65,7 +65,8 @@ class StreamedTaskDataset(torch.utils.data.IterableDataset):
 
     `index` holds each row's position in its slot, `reader` (reader, batch number) lets the
     loader check that batches arrive in the order it expects. `start` maps a data-loader worker
-    to the reader it plays and the batch it starts at; the loader sets it before each epoch.
+    to the reader it plays and the batch it starts at; the loader sets it before it starts
+    the workers.
     """
 
     def __init__(self, stream: ShardStream, encoder: RowEncoder, transform: Callable, *,
@@ -86,28 +87,35 @@ class StreamedTaskDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         reader, first = self.start[info.id if info is not None else 0]
         slot = self.process * self.readers + reader
-        rows = _positioned(self.rows(slot), self.batch_size)
-        for number, group in enumerate(rows):
-            if number >= first:  # rows before `first` are read past, never decoded
-                yield self._batch(group, slot) | {"reader": torch.tensor([reader, number])}
+        rows = self.rows(slot, skip=first * self.batch_size)
+        for number in itertools.count(first):
+            group = list(itertools.islice(rows, self.batch_size))
+            yield self._batch(group, slot) | {"reader": (reader, number)}
 
-    def rows(self, slot: int) -> Iterator[dict]:
-        """Slot `slot`'s rows, pass after pass, shuffled through its buffer."""
+    def rows(self, slot: int, skip: int = 0) -> Iterator[tuple[int, dict]]:
+        """Slot `slot`'s rows with their positions, pass after pass, shuffled through its
+        buffer, from position `skip` on: whole passes of shards whose rows can be counted
+        without reading them (local tar files) are skipped unread; the rest are read past,
+        without decoding."""
         from webdataset.filters import shuffle
 
+        position = 0
         for number in itertools.count():
             order = np.random.default_rng(derive_seed(self.seed, _SHARD_ORDER, number))
             shards = [self.stream.shards[i] for i in order.permutation(len(self.stream.shards))]
-            mine = iter(
-                row for shard in shards[slot :: self.slots] for row in self.stream.read(shard)
-            )
+            mine = shards[slot :: self.slots]
+            counts = [self.stream.count(shard) for shard in mine] if skip > position else []
+            if counts and None not in counts and position + sum(counts) <= skip:
+                position += sum(counts)
+                continue
+            rows = iter(row for shard in mine for row in self.stream.read(shard))
             seed = derive_seed(self.seed, _BUFFER, number, slot)
-            buffered = shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed)(mine)
-            empty = True
-            for row in buffered:
-                empty = False
-                yield row
-            if empty:
+            start = position
+            for row in shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), seed=seed)(rows):
+                if position >= skip:
+                    yield position, row
+                position += 1
+            if position == start:
                 raise UserError(
                     f"{self.stream.describe()}: reader {slot} of {self.slots} got no samples in a "
                     "pass (its shards are empty); check the shards"
@@ -141,13 +149,6 @@ class StreamedTaskDataset(torch.utils.data.IterableDataset):
             "mask": {name: mask for name, (_, mask) in labels.items()},
             "index": torch.tensor([position for position, _ in kept], dtype=torch.long),
         }
-
-
-def _positioned(rows: Iterator[dict], size: int) -> Iterator[list[tuple[int, dict]]]:
-    """Consecutive groups of `size` rows, each row with its position in the stream."""
-    numbered = enumerate(rows)
-    while group := list(itertools.islice(numbered, size)):
-        yield group
 
 
 def reader_batches(batches: int, readers: int, reader: int) -> int:

@@ -54,6 +54,15 @@ class ShardStream:
         else:
             yield from _tar_rows(shard, self.source.image_column)
 
+    def count(self, shard: Any) -> int | None:
+        """The rows of a local tar shard, from its headers alone (None where that is not
+        possible: a URL, a hub shard). Counted once."""
+        if self.hub is not None or "://" in str(shard) or str(shard).startswith("pipe:"):
+            return None
+        if shard not in _COUNTS:
+            _COUNTS[shard] = _count_samples(shard)
+        return _COUNTS[shard]
+
     def describe(self) -> str:
         return f"{len(self.shards)} shard(s) of {self.source.path}"
 
@@ -146,6 +155,28 @@ def _tar_rows(url: str, image_column: str) -> Iterator[dict]:
         raise
     except Exception as err:  # a missing, truncated or unreadable shard
         raise UserError(f"cannot read shard {url}: {type(err).__name__}: {err}") from err
+
+
+_COUNTS: dict[str, int] = {}  # rows of each local shard counted so far, in this process
+
+
+def _count_samples(path: str) -> int:
+    """Samples of a tar file as webdataset groups them (consecutive members sharing a key),
+    from its headers: a seekable file is not read through."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    keys, previous = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _ = base_plus_ext(member.name)
+                if member.isfile() and key is not None and key != previous:
+                    keys, previous = keys + 1, key
+    except (OSError, tarfile.TarError) as err:
+        raise UserError(f"cannot read shard {path}: {type(err).__name__}: {err}") from err
+    return keys
 
 
 def _row(sample: dict, image_column: str) -> dict:

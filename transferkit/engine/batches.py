@@ -137,16 +137,19 @@ class StreamLoader:
     recipe's steps per epoch, times its accumulation), from data-loader workers each reading
     its own shards (data/stream_dataset.py).
 
-    Epoch `e` starts where epoch `e - 1` ended; `skipping(n)` starts `n` batches into an epoch,
-    reading past the rows before without decoding them, so a resumed run trains on the batches
-    an uninterrupted one would have. Its state (processes and readers) is checkpointed: a run
-    resumes exactly only with the layout it streamed with.
+    One data loader serves epoch after epoch (the stream never ends; its workers stay, so an
+    epoch starts where the last ended without reading anything again), dealing batch `j` of the
+    run to reader `j % readers`. `skipping(n)` starts `n` batches into an epoch: a new loader
+    whose readers start at their next batch, reading past the rows before it without decoding
+    them, so a resumed run trains on the batches an uninterrupted one would have. Its state
+    (processes and readers) is checkpointed: a run resumes exactly only with that layout.
     """
 
     def __init__(self, dataset: StreamedTaskDataset, batches: int, workers: int, device,
-                 first: int = 0) -> None:  # fmt: skip
+                 first: int = 0, live: dict | None = None) -> None:  # fmt: skip
         self.dataset, self.batches, self.workers, self.device = dataset, batches, workers, device
         self.epoch, self.first = 0, first
+        self._live = {} if live is None else live  # the running loader, shared with `skipping`
 
     def __len__(self) -> int:
         return self.batches - self.first
@@ -155,31 +158,33 @@ class StreamLoader:
         self.epoch = epoch
 
     def skipping(self, batches: int) -> StreamLoader:
-        later = StreamLoader(self.dataset, self.batches, self.workers, self.device, batches)
+        later = StreamLoader(self.dataset, self.batches, self.workers, self.device, batches,
+                             self._live)  # fmt: skip
         later.epoch = self.epoch
         return later
 
     def __iter__(self):
         from accelerate.utils import send_to_device
 
-        readers = self.dataset.readers
-        # Batches each reader has made before this epoch's first: the loader deals batches to
-        # its workers in turn, starting each epoch at worker 0 (which plays reader first % R).
-        made = {r: self.epoch * reader_batches(self.batches, readers, r)
-                + reader_batches(self.first, readers, r) for r in range(readers)}  # fmt: skip
-        plays = {w: (w + self.first) % readers for w in range(readers)}
-        self.dataset.start = {w: (r, made[r]) for w, r in plays.items()}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            pin_memory=torch.cuda.is_available())  # fmt: skip
-        batches = iter(loader)
-        for taken in range(len(self)):
-            batch = next(batches)
-            reader = plays[taken % readers]
-            if tuple(batch.pop("reader")) != (reader, made[reader]):
+        readers, live = self.dataset.readers, self._live
+        start = self.epoch * self.batches + self.first  # batches of the run before this one
+        if live.get("taken") != start:  # not where the running loader is: start one there
+            live.clear()  # (the old one's workers stop)
+            made = {r: reader_batches(start, readers, r) for r in range(readers)}
+            # The loader deals to worker 0 first: it plays the reader of batch `start`.
+            self.dataset.start = {w: ((w + start) % readers, made[(w + start) % readers])
+                                  for w in range(readers)}  # fmt: skip
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                pin_memory=torch.cuda.is_available())  # fmt: skip
+            live.update(batches=iter(loader), taken=start, made=made)
+        for _ in range(len(self)):
+            batch = next(live["batches"])
+            reader = live["taken"] % readers
+            if tuple(batch.pop("reader")) != (reader, live["made"][reader]):
                 raise RuntimeError("stream batches arrived out of order; cannot resume exactly")
-            made[reader] += 1
+            live["made"][reader] += 1
+            live["taken"] += 1
             yield send_to_device(batch, self.device, non_blocking=True)
-        del batches  # the workers stop here: the stream itself never ends
 
     def state_dict(self) -> dict:
         return {"processes": self.dataset.processes, "readers": self.dataset.readers}
