@@ -162,7 +162,7 @@ def test_resuming_with_another_reader_layout_says_how_to_resume(shards, tmp_path
     recipe = _recipe(shards, "train.epochs=1")
     run = RunDir(train(recipe, output=str(tmp_path / "run")))
     more = load_recipe(run.recipe_path, ["train.epochs=2", "data.num_workers=2"])
-    with pytest.raises(UserError, match=r"streamed with 1 process\(es\) x 1 reader\(s\) each, "
+    with pytest.raises(UserError, match=r"^this run streamed with 1 process\(es\) x 1 reader\(s\) each, "
                        r"and would resume with 1 x 2.*data.num_workers: 0 or 1"):  # fmt: skip
         train(more, resume=str(run.path))
 

@@ -98,6 +98,8 @@ def load_checkpoint(accelerator: Accelerator, run_dir: RunDir) -> tuple[Path, Tr
     state = _verify(path, accelerator.num_processes)
     try:
         accelerator.load_state(str(path))
+    except UserError:  # a checkpointed object's own refusal says what to do
+        raise
     except Exception as err:  # noqa: BLE001 - a mismatched recipe surfaces as a size mismatch
         raise UserError(
             f"cannot resume from {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
