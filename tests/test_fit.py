@@ -71,6 +71,10 @@ def test_bad_data_is_one_error_naming_the_fix(class_folders, table, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images in class sub-folders"):
         make_plan(tmp_path / "empty")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(UserError, match="tar shards are streamed, which fit does not plan for"):
+        make_plan(tmp_path / "shards")
     one = tmp_path / "one" / "only"
     one.mkdir(parents=True)
     shutil.copy(next((class_folders / "class_0").iterdir()), one / "a.png")

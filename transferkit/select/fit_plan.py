@@ -100,6 +100,10 @@ def _folder(root: Path) -> tuple[dict, list[str], list[Path]]:
     classes = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
     counts = {c.name: len(list_image_files(c)) for c in classes}
     counts = {c: n for c, n in counts.items() if n}
+    if not counts and any(root.glob("*.tar")):
+        raise UserError(f"fit {root}: tar shards are streamed, which fit does not plan for; train "
+                        "them with a recipe (data.source: webdataset, train.steps_per_epoch, "
+                        "the classes listed: README, 'Data that does not fit on disk streams')")  # fmt: skip
     if not counts:
         raise UserError(f"fit {root}: no images in class sub-folders; put each class's images "
                         f"in its own folder ({root}/CLASS/IMAGE.jpg)")  # fmt: skip
