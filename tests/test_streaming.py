@@ -344,3 +344,27 @@ def test_two_processes_train_and_resume_mid_epoch_exactly_from_the_cli(shards, t
     resumed, expected = epoch_end_weights(run), epoch_end_weights(whole)
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert [r["step"] for r in RunDir(run).records()] == [6, 12]
+
+
+def test_a_shard_counted_from_its_headers_has_the_rows_reading_it_gives(tmp_path):
+    """What a resume skips unread must be what reading would have given: a tar with a folder
+    entry, webdataset's meta files, samples of one and of three members, keys with dots."""
+    import tarfile
+
+    from transferkit.data import ShardStream
+
+    members = ["a/", "__meta__", "a/x.png", "a/x.cls", "a/y.png", "b.c.png", "b.c.json",
+               "b.c.cls", "__index__/z.png", "d.png"]  # fmt: skip
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in members:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                data = b'{"k": 1}' if name.endswith(".json") else b"1"
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stream = ShardStream((str(shard),), DataSection(source="webdataset", path=str(tmp_path)))
+    assert stream.count(str(shard)) == len(list(stream.read(str(shard)))) == 4

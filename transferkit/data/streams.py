@@ -161,22 +161,29 @@ _COUNTS: dict[str, int] = {}  # rows of each local shard counted so far, in this
 
 
 def _count_samples(path: str) -> int:
-    """Samples of a tar file as webdataset groups them (consecutive members sharing a key),
-    from its headers: a seekable file is not read through."""
+    """Samples of a tar file as webdataset makes them (its member filters, then its grouping
+    by key), from the headers alone: a seekable file is not read through."""
+    import re
     import tarfile
 
-    from webdataset.tariterators import base_plus_ext
+    from webdataset import tariterators as wds
 
-    keys, previous = 0, None
+    def members(tar):
+        for info in tar:  # webdataset's tar_file_iterator skips these members
+            name = info.name
+            meta = (
+                "/" not in name
+                and name.startswith(wds.meta_prefix)
+                and name.endswith(wds.meta_suffix)
+            )
+            if info.isreg() and not meta and not re.match(r"__[^/]*__($|/)", name):
+                yield {"fname": name, "data": b"", "__url__": path}
+
     try:
         with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                key, _ = base_plus_ext(member.name)
-                if member.isfile() and key is not None and key != previous:
-                    keys, previous = keys + 1, key
+            return sum(1 for _ in wds.group_by_keys(members(tar)))
     except (OSError, tarfile.TarError) as err:
         raise UserError(f"cannot read shard {path}: {type(err).__name__}: {err}") from err
-    return keys
 
 
 def _row(sample: dict, image_column: str) -> dict:
