@@ -368,3 +368,26 @@ def test_a_shard_counted_from_its_headers_has_the_rows_reading_it_gives(tmp_path
                 tar.addfile(info, io.BytesIO(data))
     stream = ShardStream((str(shard),), DataSection(source="webdataset", path=str(tmp_path)))
     assert stream.count(str(shard)) == len(list(stream.read(str(shard)))) == 4
+
+
+def test_a_hub_stream_with_class_labels_needs_no_class_list(tmp_path):
+    """A `ClassLabel` column names its classes itself: the stream's integer labels are read
+    by those names, in the dataset's order (c, a, b here, not sorted)."""
+    import datasets
+
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("int64"),
+                                  "label": datasets.ClassLabel(names=["c", "a", "b"])})  # fmt: skip
+    png = io.BytesIO()
+    __import__("PIL.Image").Image.new("RGB", (8, 8)).save(png, "PNG")
+    for split, rows in (("train", range(16)), ("validation", range(16, 22))):
+        table = {"image": [{"bytes": png.getvalue(), "path": None}] * len(rows),
+                 "id": list(rows), "label": [row % 3 for row in rows]}  # fmt: skip
+        part = datasets.Dataset.from_dict(table, features=features)
+        part.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    tasks = {"label": TaskSection(kind="multiclass"), **IDS}
+    loader = _loader(folder, 0, 1, 0, 2, tasks=tasks, source="hub")
+    assert loader.dataset.encoder.tasks[0].class_names == ("c", "a", "b")
+    for batch in loader:
+        assert torch.equal(batch["targets"]["label"], batch["targets"]["id"].long() % 3)

@@ -85,7 +85,7 @@ def load_data(
         first = next(iter(splits.values()))
         known = known_classes(first, cols[0]) if len(cols) == 1 else None
         if stream is not None:
-            _check_streamed_task(name, cfg, data)
+            _check_streamed_task(name, cfg, data, known)
             if cols[0] == "cls" and data.source == "webdataset" and cfg.classes:
                 known = [str(c) for c in cfg.classes]  # KEY.cls holds an index into them
                 splits = {k: _names_for_indices(s, "cls", known) for k, s in splits.items()}
@@ -95,10 +95,6 @@ def load_data(
         specs.append(infer_task(name, cfg, cols, values, known))
     splits = {k: _encode(s, data.image_column, specs, columns, tasks) for k, s in splits.items()}
 
-    encoder = None
-    if stream is not None:
-        zero_one = {n: isinstance(tasks[n].column, (list, tuple)) for n in tasks}
-        encoder = RowEncoder(tuple(specs), columns, zero_one, index_names)
     if "validation" not in splits and carve_validation and stream is None:
         strata = _strata(splits["train"], specs) if data.val_stratify else None
         splits["train"], splits["validation"] = _carve(splits["train"], data.val_fraction, seed,
@@ -126,16 +122,20 @@ def load_data(
     # A stream is not read ahead: a regression target is standardized by the validation split.
     statistics = ordered["train" if stream is None else "validation"]
     specs = [_standardized(spec, statistics, tasks[spec.name]) for spec in specs]
-    if encoder is not None:
-        encoder = dataclasses.replace(encoder, tasks=tuple(specs))
+    encoder = None
+    if stream is not None:
+        zero_one = {n: isinstance(tasks[n].column, (list, tuple)) for n in tasks}
+        encoder = RowEncoder(tuple(specs), columns, zero_one, index_names)
     return LoadedData(splits=ordered, tasks=specs, skipped_images=skipped, bad_rows=dropped,
                       stream=stream, encoder=encoder)  # fmt: skip
 
 
-def _check_streamed_task(name: str, cfg: TaskSection, data: DataSection) -> None:
+def _check_streamed_task(
+    name: str, cfg: TaskSection, data: DataSection, known: list[str] | None
+) -> None:
     """A streamed split is not read ahead, so its classes cannot be found in it: they come from
-    the recipe (or the dataset's class labels)."""
-    if cfg.kind in ("multiclass", "multilabel") and not cfg.classes:
+    the recipe, or from the dataset's class labels (`known`)."""
+    if cfg.kind in ("multiclass", "multilabel") and not cfg.classes and not known:
         if cfg.kind == "multilabel" and isinstance(cfg.column, (list, tuple)):
             return  # one 0/1 column per label: the columns name the labels
         raise UserError(
