@@ -31,6 +31,11 @@ from transferkit.errors import UserError
 _IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
+def _is_remote(url: str) -> bool:
+    """A URL or a `pipe:` command (webdataset's gopen), not a local file."""
+    return "://" in url or url.startswith("pipe:")
+
+
 def is_streamed(data: DataSection) -> bool:
     """Whether the recipe's training split streams (shards or an HF streaming dataset)."""
     return data.source == "webdataset" or data.streaming
@@ -57,7 +62,7 @@ class ShardStream:
     def count(self, shard: Any) -> int | None:
         """The rows of a local tar shard, from its headers alone (None where that is not
         possible: a URL, a hub shard). Counted once."""
-        if self.hub is not None or "://" in str(shard) or str(shard).startswith("pipe:"):
+        if self.hub is not None or _is_remote(str(shard)):
             return None
         if shard not in _COUNTS:
             _COUNTS[shard] = _count_samples(shard)
@@ -110,18 +115,17 @@ def _shard_urls(path: str, spec: str, role: str) -> list[str]:
     from braceexpand import braceexpand
 
     key = f"data.{_key(role)}"
-    remote = "://" in path or path.startswith("pipe:")
     if ".tar" in spec:
-        full = spec if "://" in spec or spec.startswith(("pipe:", "/")) else f"{path}/{spec}"
+        full = spec if _is_remote(spec) or spec.startswith("/") else f"{path}/{spec}"
         urls = []
         for url in braceexpand(full):
             urls.extend(sorted(glob.glob(url)) if "*" in url or "?" in url else [url])
-        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        local = [u for u in urls if not _is_remote(u)]
         missing = [u for u in local if not os.path.exists(u)]
         if missing or not urls:
             raise UserError(f"{key}: {missing[0] if missing else full}: no such shard")
         return urls
-    if remote:
+    if _is_remote(path):
         raise UserError(
             f"{key}: {spec!r} names a split, but {path} cannot be listed; give the split's "
             f"shards as a pattern, e.g. {key}: '{spec}-{{000000..000099}}.tar'"

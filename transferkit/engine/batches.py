@@ -170,19 +170,19 @@ class StreamLoader:
         start = self.epoch * self.batches + self.first  # batches of the run before this one
         if live.get("taken") != start:  # not where the running loader is: start one there
             live.clear()  # (the old one's workers stop)
-            made = {r: reader_batches(start, readers, r) for r in range(readers)}
             # The loader deals to worker 0 first: it plays the reader of batch `start`.
-            self.dataset.start = {w: ((w + start) % readers, made[(w + start) % readers])
-                                  for w in range(readers)}  # fmt: skip
+            plays = [(w + start) % readers for w in range(readers)]
+            self.dataset.start = {w: (r, reader_batches(start, readers, r))
+                                  for w, r in enumerate(plays)}  # fmt: skip
             loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                 pin_memory=torch.cuda.is_available())  # fmt: skip
-            live.update(batches=iter(loader), taken=start, made=made)
+            live.update(batches=iter(loader), taken=start)
         for _ in range(len(self)):
             batch = next(live["batches"])
-            reader = live["taken"] % readers
-            if tuple(batch.pop("reader")) != (reader, live["made"][reader]):
+            # Batch j of the run is batch j // readers of reader j % readers.
+            taken = live["taken"]
+            if tuple(batch.pop("reader")) != (taken % readers, taken // readers):
                 raise RuntimeError("stream batches arrived out of order; cannot resume exactly")
-            live["made"][reader] += 1
             live["taken"] += 1
             yield send_to_device(batch, self.device, non_blocking=True)
 
