@@ -4,15 +4,16 @@ loader against timm's `create_loader` on the same images.
 Both decode the same PNG files (scikit-learn's digits at the benchmark's size) with the same
 transforms (the short side resized to size / crop_pct and center-cropped, to tensor, normalized:
 transferkit's `augment: none`, timm's evaluation transform; no augmentation, so the work is
-equal), the same batch size and the same number of loader workers, in the same process
-one after the other. Each loader makes one pass to warm up (worker start, file cache), then
-`repeats` timed passes; the median is reported.
+equal), the same batch size and the same number of loader workers, in the same process. Each
+loader makes one pass to warm up (worker start, file cache), then the two take `repeats` timed
+passes in turn; the median of the per-pair ratios is reported.
 
 - image folder: transferkit's `imagefolder` source against timm's `ImageDataset` over the folder;
 - manifest: transferkit's `manifest` source (a CSV of paths and labels) against the same timm
   folder loader (timm reads folders, not manifests);
 - shards: the same PNGs in WebDataset tar shards (two per worker), streamed by transferkit
-  (`data.source: webdataset`, an epoch of one pass), against the same timm folder loader.
+  (`data.source: webdataset`, an epoch of one pass), against timm's loader over the same
+  shards (its `wds/` reader, which parses the tars through webdataset as transferkit does).
 
 transferkit's loader is the one a run trains from (`build_run`'s, prepared by Accelerate), so
 the per-sample seeding and the label encoding are in its time. timm's runs without its
@@ -67,18 +68,23 @@ def write_shards(folder: Path, target: Path, shards: int) -> Path:
     return target
 
 
-def _rate(loader, repeats: int) -> float:
-    """Images per second over `repeats` timed passes, after one warm-up pass."""
-    for _ in loader:
-        pass
-    rates = []
-    for _ in range(repeats):
-        start, seen = time.perf_counter(), 0
-        for batch in loader:
-            images = batch["image"] if isinstance(batch, dict) else batch[0]
-            seen += images.shape[0]
-        rates.append(seen / (time.perf_counter() - start))
-    return statistics.median(rates)
+def _pass(loader) -> float:
+    """Images per second over one pass of `loader`."""
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        images = batch["image"] if isinstance(batch, dict) else batch[0]
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def _paired_rates(ours, theirs, repeats: int) -> tuple[float, float, float]:
+    """(ours, theirs, ratio): one warm-up pass each, then `repeats` timed passes taken in turn,
+    so that both see the same moments of a machine whose load drifts; the ratio is the median
+    of the per-pair ratios, the rates are medians."""
+    _pass(ours), _pass(theirs)
+    pairs = [(_pass(ours), _pass(theirs)) for _ in range(repeats)]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(a / b for a, b in pairs))  # fmt: skip
 
 
 def _transferkit_loader(source: dict, cfg: dict, workers: int, steps: int | None = None):
@@ -100,14 +106,23 @@ def _transferkit_loader(source: dict, cfg: dict, workers: int, steps: int | None
     return build_run(recipe, Accelerator(cpu=True)).train_loader
 
 
-def _timm_loader(folder: Path, cfg: dict, workers: int):
-    from timm.data import ImageDataset, create_loader, resolve_data_config
+def _timm_loader(folder: Path, cfg: dict, workers: int, shards: int = 0):
+    """timm's loader over the image folder, or with `shards` over `folder`'s tar shards
+    through timm's own WebDataset reader (shuffled as in training, as transferkit's stream is;
+    the evaluation transform on both sides)."""
+    from timm.data import ImageDataset, create_dataset, create_loader, resolve_data_config
 
     from transferkit.models import create_backbone
 
     config = resolve_data_config({}, model=create_backbone(cfg["backbone"], None).model)
+    if shards:
+        split = f"train-{{000000..{shards - 1:06d}}}.tar|{cfg['loader_images']}"
+        dataset = create_dataset("wds/bench", root=str(folder), split=split, is_training=True,
+                                 batch_size=cfg["batch"])  # fmt: skip
+    else:
+        dataset = ImageDataset(str(folder / "train"))
     return create_loader(
-        ImageDataset(str(folder / "train")), input_size=(3, cfg["size"], cfg["size"]),
+        dataset, input_size=(3, cfg["size"], cfg["size"]),
         batch_size=cfg["batch"], is_training=False, use_prefetcher=False,
         interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
         num_workers=workers, crop_pct=config["crop_pct"],
@@ -120,18 +135,21 @@ def bench_loaders(cfg: dict, workdir: Path, repeats: int = 3) -> dict:
 
     folder = write_images(workdir / "loader_images", cfg["loader_images"], cfg["size"])
     workers = num_workers(None)
-    timm_rate = _rate(_timm_loader(folder, cfg, workers), repeats)
+    timm_loader = _timm_loader(folder, cfg, workers)
     sources = {"image folder": {"source": "imagefolder", "path": str(folder)},
                "manifest": {"source": "manifest", "path": str(folder / "manifest.csv"),
                             "val_split": None}}  # fmt: skip
     shards = write_shards(folder, workdir / "loader_shards", 2 * max(workers, 1))
     sources["shards"] = {"source": "webdataset", "path": str(shards)}
+    anchors = {"image folder": timm_loader, "manifest": timm_loader,
+               "shards": _timm_loader(shards, cfg, workers, shards=2 * max(workers, 1))}  # fmt: skip
     rows = {}
     for name, source in sources.items():
         torch.manual_seed(0)
         steps = cfg["loader_images"] // cfg["batch"] if name == "shards" else None
-        rate = _rate(_transferkit_loader(source, cfg, workers, steps), repeats)
+        ours = _transferkit_loader(source, cfg, workers, steps)
+        rate, timm_rate, ratio = _paired_rates(ours, anchors[name], repeats)
         rows[name] = {"transferkit_images_per_s": rate, "timm_images_per_s": timm_rate,
-                      "ratio": rate / timm_rate}  # fmt: skip
+                      "ratio": ratio}  # fmt: skip
     return {"workers": workers, "images": cfg["loader_images"], "size": cfg["size"],
             "rows": rows, "goal": ">= 0.95"}  # fmt: skip

@@ -5,6 +5,7 @@ position only; `horizontal_flip: false` holds for every policy; runs made before
 from __future__ import annotations
 
 import random
+import types
 
 import numpy as np
 import pytest
@@ -113,6 +114,33 @@ def test_a_sample_is_augmented_by_its_position_only_and_the_global_rngs_are_kept
     assert not torch.equal(dataset[2]["image"], first)
 
 
+def test_persistent_loader_workers_augment_each_epoch_by_its_own_seed(workdir):
+    """The training loader's workers live across epochs; they must still draw each epoch's
+    augmentation from (seed, epoch, row), the epoch the trainer set after they started."""
+    import datasets
+
+    from transferkit.data import TaskImageDataset
+    from transferkit.engine.batches import make_loaders
+
+    images = [str(p) for p in sorted((workdir / "data/digits/source/images").iterdir())[:6]]
+    rows = datasets.Dataset.from_dict({"image": images})
+    transform = build_transforms(CONFIG, True, "rand-m9-mstd0.5-inc1", 32, random_erasing=0.5)
+    dataset = TaskImageDataset(rows, [], transform, seed=7)
+    cfg = types.SimpleNamespace(batch_size=3, eval_batch_size=None)
+    loader, _ = make_loaders(dataset, dataset, cfg, workers=1)
+    assert loader.persistent_workers
+    seen = []
+    for epoch in (0, 1):
+        dataset.epoch = epoch
+        for batch in loader:
+            for image, row in zip(batch["image"], batch["index"].tolist()):
+                assert torch.equal(image, dataset[row]["image"])  # this epoch's draw
+                seen.append((epoch, row, image))
+    assert len(seen) == 12
+    first = {row: image for epoch, row, image in seen if epoch == 0}
+    assert not any(torch.equal(first[row], image) for epoch, row, image in seen if epoch == 1)
+
+
 def test_bad_policies_are_one_recipe_error(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     recipe = ROOT / "recipes/digits_source.yaml"
@@ -139,7 +167,7 @@ def test_a_run_made_before_timm_built_the_presets_keeps_the_torchvision_ones():
     assert type(transform).__module__ == "torchvision.transforms.v2._container"
 
 
-@pytest.mark.parametrize("shape", [(37, 53), (64, 64), (300, 200)])
+@pytest.mark.parametrize("shape", [(37, 53, 3), (64, 64, 3), (300, 200, 3), (40, 30)])
 def test_the_eval_transform_is_torchvisions_compose_bit_for_bit(shape):
     """The evaluation (and `augment: none`) transform calls v2's kernels directly, skipping
     v2's per-transform dispatch; it must give what the Compose it replaced gives, and describe
@@ -161,7 +189,7 @@ def test_the_eval_transform_is_torchvisions_compose_bit_for_bit(shape):
         v2.CenterCrop(spec.size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(config.mean), std=list(config.std)),
     ])  # fmt: skip
-    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # RGB or gray
     image = Image.fromarray(pixels)
     fast = build_transforms(config, False, "none", 48)
     assert torch.equal(fast(image), compose(image).as_subclass(torch.Tensor))

@@ -464,6 +464,15 @@ def test_dataset_getitem_never_crashes_on_a_bad_image(tmp_path):
     assert sample["index"] == 2 and sample["targets"]["y"].item() == 2  # the next readable row
     with pytest.raises(UserError, match="1.jpg"):
         TaskImageDataset(split, [spec], transform, bad_images="error")[1]
+    # A DataLoader reads a batch through __getitems__ (one Arrow read for the batch): the same
+    # samples, the bad row replaced by the next readable one, the same error otherwise.
+    dataset = TaskImageDataset(split, [spec], transform)
+    batch = dataset.__getitems__([2, 1, 0])
+    assert [s["index"] for s in batch] == [2, 2, 0]
+    for sample, row in zip(batch, [2, 2, 0]):
+        assert torch.equal(sample["image"], dataset[row]["image"])
+    with pytest.raises(UserError, match="1.jpg"):
+        TaskImageDataset(split, [spec], transform, bad_images="error").__getitems__([0, 1])
 
 
 # ------------------------------------------------------------------------------ transforms

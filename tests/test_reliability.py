@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -303,6 +304,9 @@ def test_a_stop_request_saves_at_the_step_and_resumes_exactly(
     with pytest.raises(Interrupted) as stopped:
         train(recipe, output=str(tmp_path / "stopped"))
     assert stopped.value.exit_code == 130 and stopped.value.step == 5
+    # The loaders' workers persist across epochs and stop with the run, even while the held
+    # exception's frames (a notebook's last traceback) still reference its loaders.
+    assert not multiprocessing.active_children()
     assert f"--resume {tmp_path / 'stopped'}" in str(stopped.value)
     run = RunDir(tmp_path / "stopped")
     assert run.checkpoints()[-1].name == "step_00000005" and not run.is_complete()

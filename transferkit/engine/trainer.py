@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from transferkit.engine.accelerator import make_accelerator
-from transferkit.engine.batches import StreamLoader
+from transferkit.engine.batches import StreamLoader, release_workers
 from transferkit.engine.build import RunSetup, build_run
 from transferkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.engine.ema import PREFIX as EMA_PREFIX
@@ -115,7 +115,10 @@ def _train_and_finish(
     """The epochs, then what a finished run writes: its model (if no epoch saved one), the
     model card, curves.png and, last, complete.json; and a summary on the console."""
     acc, main = run.accelerator, run.accelerator.is_main_process
-    stopped = _epochs(run, run_dir, state, stop, epoch_end)
+    try:
+        stopped = _epochs(run, run_dir, state, stop, epoch_end)
+    finally:
+        release_workers(run.train_loader, run.val_loader)
     # The main process decides (other machines may not see its folder), and all take part:
     # under FSDP every process joins in gathering the weights.
     if broadcast_object_list([main and not run_dir.has_model()])[0]:
