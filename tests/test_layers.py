@@ -244,3 +244,30 @@ def test_no_source_file_is_ignored_by_git():
     )  # fmt: skip
     assert found.stdout.split() == [], "ignored by .gitignore: fix the pattern, not the file"
     assert "transferkit/runs/evaluate.py" in files
+
+
+# Imported where they are used: torchjd (with cvxpy and qpsolvers) takes about a second to
+# import and torchmetrics two, a tenth of a short run (BENCHMARKS.md, "A whole run").
+_SLOW_IMPORTS = """
+import sys
+from transferkit.engine import train
+from transferkit.recipes import parse_recipe
+recipe = {"model": {"backbone": "timm:test_resnet"}, "data": {"source": "imagefolder", "path": "x"},
+          "tasks": {"a": {"kind": "multiclass"}, "b": {"kind": "binary"}}}
+if sys.argv[1:]:
+    recipe["multitask"] = {"method": sys.argv[1]}
+parse_recipe(recipe)
+print(" ".join(m for m in ("torchjd", "torchmetrics") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(("method", "imported"), [([], ""), (["upgrad"], "torchjd")])
+def test_a_plain_run_imports_torchjd_and_torchmetrics_only_when_it_needs_them(method, imported):
+    """Neither is imported by the engine and a checked recipe with the plain sum; a recipe
+    that names a torchjd method imports torchjd (the check can see an import)."""
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "-c", _SLOW_IMPORTS, *method], capture_output=True,
+                           text=True, check=True, cwd=PACKAGE.parent)  # fmt: skip
+    assert found.stdout.strip() == imported

@@ -13,24 +13,24 @@ only, so `weights_only` loading reads it). `to(device)` moves its whole state, a
 keeps the state on the device the balancer is on (Accelerate loads it on the CPU).
 """
 
-from transferkit.balancing.balancer import STATIC_WEIGHT_METHODS, Balancer, build_method
-from transferkit.balancing.gradients import DBMTL, GradientAggregator, GradNorm, TorchJDAggregator
-from transferkit.balancing.jacobian import cosine_similarities, objective_gradients, write_direction
-from transferkit.balancing.losses import LossCombiner
-from transferkit.balancing.methods import METHODS, Method
+from transferkit.core import lazy_exports
 
-__all__ = [
-    "METHODS",
-    "STATIC_WEIGHT_METHODS",
-    "Balancer",
-    "DBMTL",
-    "GradNorm",
-    "GradientAggregator",
-    "LossCombiner",
-    "Method",
-    "TorchJDAggregator",
-    "build_method",
-    "cosine_similarities",
-    "objective_gradients",
-    "write_direction",
-]
+# Each name is imported on first use: torchjd (which imports cvxpy and qpsolvers) takes a second
+# to import, and a run with the plain sum never needs it.
+_WHERE = {
+    "METHODS": "transferkit.balancing.methods",
+    "Method": "transferkit.balancing.methods",
+    "STATIC_WEIGHT_METHODS": "transferkit.balancing.balancer",
+    "Balancer": "transferkit.balancing.balancer",
+    "build_method": "transferkit.balancing.balancer",
+    "DBMTL": "transferkit.balancing.gradients",
+    "GradNorm": "transferkit.balancing.gradients",
+    "GradientAggregator": "transferkit.balancing.gradients",
+    "TorchJDAggregator": "transferkit.balancing.gradients",
+    "LossCombiner": "transferkit.balancing.losses",
+    "cosine_similarities": "transferkit.balancing.jacobian",
+    "objective_gradients": "transferkit.balancing.jacobian",
+    "write_direction": "transferkit.balancing.jacobian",
+}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

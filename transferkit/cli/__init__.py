@@ -7,6 +7,7 @@ command by writing that module and listing it in COMMANDS.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from transferkit.cli import cache, calibrate, export, fit, inspect, interpolate, rank, runs, train
@@ -41,3 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("transferkit: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the console script (or python -m): the process exits next
+            # Python's exit collects every object torch, timm and the rest created: 1.5 s here,
+            # 7% of a short run. Frozen objects are left to the OS; atexit handlers still run.
+            gc.freeze()

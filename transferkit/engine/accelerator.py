@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import accelerate
 import torch
@@ -31,11 +32,13 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
-from transferkit.balancing import Balancer
 from transferkit.engine.tracking import check_trackers
 from transferkit.errors import UserError
 from transferkit.recipes import Recipe
 from transferkit.rundir import RunDir
+
+if TYPE_CHECKING:  # imported where a balancer is built: torchjd is slow to import
+    from transferkit.balancing import Balancer
 
 
 def make_accelerator(

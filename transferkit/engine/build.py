@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -18,7 +19,6 @@ from accelerate.utils import DistributedType, set_seed
 from timm.utils.model_ema import ModelEmaV3
 from torch.utils.data import DataLoader, Sampler
 
-from transferkit.balancing import Balancer
 from transferkit.core import AuxHeadSpec, TaskSpec
 from transferkit.data import StreamedTaskDataset, TaskImageDataset, build_transforms, num_workers
 from transferkit.engine.accelerator import (
@@ -55,6 +55,9 @@ from transferkit.models import (
     resolve_auto_weights,
 )
 from transferkit.recipes import Recipe, TrainSection
+
+if TYPE_CHECKING:  # imported where a balancer is built: torchjd is slow to import
+    from transferkit.balancing import Balancer
 
 
 @dataclass(kw_only=True)
@@ -184,6 +187,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator) -> RunSetup:
         model = model.to(memory_format=torch.channels_last)
     balancer = None
     if recipe.multitask.method != "sum":  # plain sum: the loss path has no balancer
+        from transferkit.balancing import Balancer
+
         processes = accelerator.num_processes
         reduce = partial(accelerator.reduce, reduction="mean") if processes > 1 else None
         balancer = Balancer(recipe.multitask.method, model.output_keys, recipe.multitask.options,

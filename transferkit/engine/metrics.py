@@ -1,11 +1,24 @@
-"""Per-task validation metrics with torchmetrics, on masked rows only."""
+"""Per-task validation metrics with torchmetrics, on masked rows only.
+
+torchmetrics is imported on first use: it takes two seconds to import (scipy.signal,
+matplotlib and, where installed, transformers), which commands that compute no metric skip.
+"""
 
 from __future__ import annotations
 
-import torchmetrics as tm
+from typing import TYPE_CHECKING
 
 from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS, TaskSpec
 from transferkit.models import probabilities
+
+if TYPE_CHECKING:
+    import torchmetrics as tm
+
+
+def _torchmetrics():
+    import torchmetrics
+
+    return torchmetrics
 
 
 def metric_names(task: TaskSpec, names: list[str] | None = None) -> list[str]:
@@ -17,6 +30,7 @@ def metric_names(task: TaskSpec, names: list[str] | None = None) -> list[str]:
 
 def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCollection:
     """accuracy, f1 (macro), auroc, ece for classification; mae, rmse, r2 for regression."""
+    tm = _torchmetrics()
     if task.kind == "regression":
         available = {
             "mae": lambda: tm.MeanAbsoluteError(),
@@ -35,7 +49,7 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
             # torchmetrics has no multilabel ECE: every label's probability counts as one
             # binary prediction (the usual "flattened" ECE).
             "ece": lambda: (
-                _FlatCalibrationError(n_bins=ECE_BINS)
+                _flat_calibration_error()(n_bins=ECE_BINS)
                 if kind == "multilabel"
                 else tm.CalibrationError(task=kind, n_bins=ECE_BINS, **kwargs)
             ),
@@ -46,11 +60,19 @@ def task_metrics(task: TaskSpec, names: list[str] | None = None) -> tm.MetricCol
 ECE_BINS = 15
 
 
-class _FlatCalibrationError(tm.classification.BinaryCalibrationError):
-    """Binary ECE over all labels of a multilabel task (`[N, L]` flattened)."""
+def _flat_calibration_error() -> type:
+    """The class `_FlatCalibrationError`, defined on first use (it subclasses torchmetrics')."""
+    if "_FlatCalibrationError" not in globals():
 
-    def update_metrics(self, preds, target) -> None:
-        super().update(preds.reshape(-1), target.reshape(-1))
+        class _FlatCalibrationError(_torchmetrics().classification.BinaryCalibrationError):
+            """Binary ECE over all labels of a multilabel task (`[N, L]` flattened)."""
+
+            def update(self, preds, target) -> None:
+                super().update(preds.reshape(-1), target.reshape(-1))
+
+        _FlatCalibrationError.__qualname__ = "_FlatCalibrationError"  # pickled by this name
+        globals()["_FlatCalibrationError"] = _FlatCalibrationError
+    return globals()["_FlatCalibrationError"]
 
 
 def _classification_kind(task: TaskSpec) -> str:

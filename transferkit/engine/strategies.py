@@ -27,15 +27,19 @@ the aggregated direction, unbalanced.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from transferkit.balancing import Balancer, objective_gradients, write_direction
+from transferkit.balancing import objective_gradients, write_direction
 from transferkit.core import TaskSpec, task_of
 from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import LossOptions, multitask_loss, weighted_sum
+
+if TYPE_CHECKING:  # imported where a balancer is built: torchjd is slow to import
+    from transferkit.balancing import Balancer
 
 
 class PlainSum:

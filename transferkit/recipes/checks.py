@@ -212,9 +212,11 @@ def _check_transfer_methods(recipe: Recipe) -> list[str]:
 
 
 def _check_multitask(recipe: Recipe) -> list[str]:
+    method = recipe.multitask.method
+    if method == "sum" and not recipe.multitask.options and recipe.multitask.lr is None:
+        return []  # the plain sum: nothing to check, and no torchjd to import (a second)
     from transferkit.balancing import METHODS, STATIC_WEIGHT_METHODS, build_method  # torchjd
 
-    method = recipe.multitask.method
     if method not in STATIC_WEIGHT_METHODS:
         weighted = [name for name, task in recipe.tasks.items() if task.weight != 1.0]
         if weighted:
