@@ -52,7 +52,7 @@ import transferkit.engine.loop as L
 import transferkit.engine.trainer as T
 from transferkit.recipes import load_recipe
 spent = collections.defaultdict(float)
-spent["imports (torch, timm, accelerate, datasets, torchmetrics, transferkit)"] = time.perf_counter() - T0
+spent["imports (torch, timm, accelerate, datasets, transferkit)"] = time.perf_counter() - T0
 def timed(owner, name, part):
     original = getattr(owner, name)
     def wrapper(*args, **kwargs):
@@ -64,7 +64,7 @@ def timed(owner, name, part):
     setattr(owner, name, wrapper)
 timed(T, "build_run", "set-up: data, model, optimizer")
 timed(L.TrainLoop, "epoch", "training steps (data loading included)")
-timed(T, "evaluate", "validation and its metrics")
+timed(T, "evaluate", "validation and its metrics (the first imports torchmetrics)")
 timed(T, "save_checkpoint", "checkpoints")
 for name in ("save_model", "write_card", "_draw_curves", "start_trackers", "_record_start"):
     timed(T, name, "run folder: model, card, curves.png, records")

@@ -129,7 +129,7 @@ def _timm_loader(folder: Path, cfg: dict, workers: int, shards: int = 0):
     )  # fmt: skip
 
 
-def bench_loaders(cfg: dict, workdir: Path, repeats: int = 3) -> dict:
+def bench_loaders(cfg: dict, workdir: Path, repeats: int = 5) -> dict:
     """Images/s of both loaders, for an image folder and a manifest, and their ratios."""
     from transferkit.data import num_workers
 
