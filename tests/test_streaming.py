@@ -391,3 +391,43 @@ def test_a_hub_stream_with_class_labels_needs_no_class_list(tmp_path):
     assert loader.dataset.encoder.tasks[0].class_names == ("c", "a", "b")
     for batch in loader:
         assert torch.equal(batch["targets"]["label"], batch["targets"]["id"].long() % 3)
+
+
+@pytest.fixture()
+def served(shards):
+    """The shards over HTTP, as object storage serves them (a local server; webdataset reads
+    http:// URLs through curl)."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http:// URLs with curl, which this machine lacks")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_at_urls_are_read_once_an_epoch_and_a_resume_reads_past_them(served, workers):
+    """Shards given as a URL pattern stream as local ones do: an epoch reads every row once,
+    and a resume part-way (a URL cannot be counted from its headers, so it is read past)
+    gives the rest of the epoch."""
+    section = DataSection(source="webdataset", path=served, shuffle_buffer=50,
+                          train_split=f"{served}/train-{{000000..{SHARDS - 1:06d}}}.tar",
+                          val_split=f"{served}/validation-000000.tar")  # fmt: skip
+    loaded = load_data(section, IDS, seed=0)
+    assert len(loaded.splits["validation"]) == 40
+    dataset = StreamedTaskDataset(loaded.stream, loaded.encoder, lambda image: torch.tensor(0),
+                                  batch_size=BATCH, seed=0, shuffle_buffer=50, bad_images="skip",
+                                  process=0, processes=1, readers=max(workers, 1))  # fmt: skip
+    loader = StreamLoader(dataset, 20, workers, "cpu")
+    loader.set_epoch(1)
+    whole = [batch["targets"]["id"] for batch in loader]
+    assert sorted(int(i) for ids in whole for i in ids) == list(range(SHARDS * PER_SHARD))
+    rest = [batch["targets"]["id"] for batch in loader.skipping(5)]
+    assert len(rest) == 15 and all(torch.equal(a, b) for a, b in zip(rest, whole[5:]))
