@@ -11,6 +11,7 @@ import gc
 import sys
 
 from transferkit.cli import cache, calibrate, export, fit, inspect, interpolate, rank, runs, train
+from transferkit.cli.common import preload
 from transferkit.errors import Interrupted, UserError
 
 # In the order `transferkit --help` lists them.
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `transferkit` console script."""
     args = _build_parser().parse_args(argv)
     try:
+        preload(getattr(args, "preload", None))
         return args.func(args)
     except UserError as err:
         print(f"transferkit: error: {err}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from transferkit.cli.common import device_options
+from transferkit.cli.common import ENGINE, device_options
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
     )
     calibrate.add_argument("--json", action="store_true")
     device_options(calibrate)
-    calibrate.set_defaults(func=run_calibrate)
+    calibrate.set_defaults(func=run_calibrate, preload=ENGINE)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from transferkit.cli.common import ENGINE
+
 
 def register(sub) -> None:
     from transferkit.rundir import EXPORTED  # torch-free; the format names are its keys
@@ -35,7 +37,7 @@ def register(sub) -> None:
         help="images for the parity check (default: the run's validation data)",
     )  # fmt: skip
     export.add_argument("--parity-images", type=int, help="how many (default 8)")
-    export.set_defaults(func=run_export)
+    export.set_defaults(func=run_export, preload=ENGINE)
 
     push = sub.add_parser("push", help="upload a finished run folder to the Hugging Face Hub")
     push.add_argument("run_dir")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.common import device_options
+from transferkit.cli.common import ENGINE, device_options
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def register(sub) -> None:
     mix.add_argument("--save", metavar="FOLDER", help="write the best mix there as a model folder")
     mix.add_argument("--json", action="store_true", help="print the curve as JSON")
     device_options(mix)
-    mix.set_defaults(func=run_interpolate)
+    mix.set_defaults(func=run_interpolate, preload=ENGINE)
 
 
 def run_interpolate(args: argparse.Namespace) -> int:

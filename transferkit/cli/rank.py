@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.common import device_options, recipe_overrides
+from transferkit.cli.common import ENGINE, device_options, recipe_overrides
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
     recipe_overrides(rank)
     rank.add_argument("--output", default=".", help="folder for rank_<recipe>.json and .png")
     device_options(rank)
-    rank.set_defaults(func=run_rank)
+    rank.set_defaults(func=run_rank, preload=ENGINE)
 
 
 def run_rank(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from transferkit.cli.common import device_options, recipe_overrides, short, tta_option
+from transferkit.cli.common import ENGINE, device_options, recipe_overrides, short, tta_option
 from transferkit.errors import UserError
 
 
@@ -28,7 +28,7 @@ def register(sub) -> None:
     )
     tta_option(evaluate)
     device_options(evaluate)
-    evaluate.set_defaults(func=run_eval)
+    evaluate.set_defaults(func=run_eval, preload=ENGINE)
 
     predict = sub.add_parser(
         "predict",
@@ -84,7 +84,7 @@ def register(sub) -> None:
     )  # fmt: skip
     ens.add_argument("--output", help="folder for ensemble_report.md and .json")
     ens.add_argument("--json", action="store_true")
-    ens.set_defaults(func=run_ensemble)
+    ens.set_defaults(func=run_ensemble, preload=ENGINE)
 
 
 def run_eval(args: argparse.Namespace) -> int:

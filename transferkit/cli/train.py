@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.common import recipe_overrides
+from transferkit.cli.common import ENGINE, recipe_overrides
 from transferkit.errors import UserError
 
 
@@ -33,7 +33,7 @@ def register(sub) -> None:
         "--teacher", metavar="RUN_DIR",
         help="distil from this finished run (the recipe's distill.teacher; alpha 0.5, T 2)",
     )  # fmt: skip
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=run_train, preload=ENGINE)
 
     finder = sub.add_parser(
         "lr-find", help="a learning-rate range test for one phase; plots loss against train.lr"
@@ -47,7 +47,7 @@ def register(sub) -> None:
     finder.add_argument("--max-lr", type=float, default=1.0)
     recipe_overrides(finder)
     finder.add_argument("--output", help="the plot (default lr_find_<recipe>_phase<N>.png)")
-    finder.set_defaults(func=run_lr_find)
+    finder.set_defaults(func=run_lr_find, preload=ENGINE)
 
     sweep = sub.add_parser("sweep", help="train every combination of a grid and report the results")
     sweep.add_argument("recipe")
@@ -68,7 +68,7 @@ def register(sub) -> None:
         "random: --trials combinations drawn by optuna, pruned on their curves",
     )
     sweep.add_argument("--trials", type=int, default=10, help="trials of --search tpe|random")
-    sweep.set_defaults(func=run_sweep)
+    sweep.set_defaults(func=run_sweep, preload=ENGINE)
 
 
 def run_train(args: argparse.Namespace) -> int:
