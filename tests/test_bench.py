@@ -263,5 +263,6 @@ def test_end_to_end_bench_times_both_runs_and_every_part(tmp_path):
     assert report["transferkit_s"][0] > 0 and report["anchor_s"][0] > 0
     parts = report["transferkit_parts_s"]
     assert parts["training steps (data loading included)"] > 0
-    assert parts["validation and its metrics"] > 0 and parts["checkpoints"] > 0
+    assert parts["validation and its metrics (the first imports torchmetrics)"] > 0
+    assert parts["checkpoints"] > 0
     assert "Ratio transferkit / anchor" in (tmp_path / "end_to_end.md").read_text()
