@@ -106,9 +106,9 @@ def release_workers(*loaders) -> None:
             loader.release()
             continue
         loader = getattr(loader, "base_dataloader", loader)  # under Accelerate's wrapper
-        iterator = getattr(loader, "_iterator", None)
+        iterator = getattr(loader, "_iterator", None)  # torch keeps persistent workers here
         if iterator is not None:
-            iterator._shutdown_workers()
+            iterator._shutdown_workers()  # what its __del__ calls; there is no public call
             loader._iterator = None
 
 
