@@ -139,10 +139,11 @@ def bench_loaders(cfg: dict, workdir: Path, repeats: int = 5) -> dict:
     sources = {"image folder": {"source": "imagefolder", "path": str(folder)},
                "manifest": {"source": "manifest", "path": str(folder / "manifest.csv"),
                             "val_split": None}}  # fmt: skip
-    shards = write_shards(folder, workdir / "loader_shards", 2 * max(workers, 1))
+    count = 2 * max(workers, 1)  # shards: two per worker
+    shards = write_shards(folder, workdir / "loader_shards", count)
     sources["shards"] = {"source": "webdataset", "path": str(shards)}
     anchors = {"image folder": timm_loader, "manifest": timm_loader,
-               "shards": _timm_loader(shards, cfg, workers, shards=2 * max(workers, 1))}  # fmt: skip
+               "shards": _timm_loader(shards, cfg, workers, shards=count)}  # fmt: skip
     rows = {}
     for name, source in sources.items():
         torch.manual_seed(0)
