@@ -7,6 +7,7 @@ saved as 16 px images), so nothing is downloaded.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
@@ -473,6 +474,12 @@ def test_dataset_getitem_never_crashes_on_a_bad_image(tmp_path):
         assert torch.equal(sample["image"], dataset[row]["image"])
     with pytest.raises(UserError, match="1.jpg"):
         TaskImageDataset(split, [spec], transform, bad_images="error").__getitems__([0, 1])
+    # Past the end is an IndexError, so a loop over the dataset stops (it wrapped round and
+    # never ended); only a bad row wraps, and -1 is the last row.
+    assert [s["index"] for s in itertools.islice(dataset, 10)] == [0, 2, 2]
+    assert dataset[-1]["index"] == 2
+    with pytest.raises(IndexError, match="row 3 of a split of 3 rows"):
+        dataset[3]
 
 
 # ------------------------------------------------------------------------------ transforms

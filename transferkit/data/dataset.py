@@ -109,9 +109,14 @@ class TaskImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
+        # Out of range is an IndexError (a sequence's end: `for sample in dataset` stops there);
+        # only an unreadable row wraps round, to the next readable one.
+        index = int(index) + (len(self) if int(index) < 0 else 0)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of a split of {len(self)} rows")
         epoch = self.epoch
         for offset in range(len(self)):
-            row = (int(index) + offset) % len(self)
+            row = (index + offset) % len(self)
             sample = self._sample(row, self.images[row][self.image_column], epoch)
             if sample is not None:
                 return sample
