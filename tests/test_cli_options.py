@@ -93,3 +93,22 @@ def test_a_commands_first_imports_run_without_the_garbage_collector_then_are_fro
     with imports_without_gc():  # torch is imported in this process
         assert gc.isenabled()
     assert gc.get_freeze_count() == frozen
+
+
+def test_commands_that_compute_metrics_import_torchmetrics_with_the_engine():
+    """The engine imports torchmetrics at first use (2-3 s); a command that always computes
+    metrics imports it up front with the rest, with the collector off, and one that computes
+    none does not import it."""
+    from transferkit.cli import _build_parser
+
+    parser = _build_parser()
+    for command in (["train", "r.yaml"], ["sweep", "r.yaml", "--grid", "train.lr=1"],
+                    ["fit", "data/"], ["eval", "run/"]):  # fmt: skip
+        assert "torchmetrics" in parser.parse_args(command).preload, command
+    for command in (
+        ["lr-find", "r.yaml"],
+        ["export", "run/"],
+        ["rank", "r.yaml", "--backbones", "x"],
+        ["ensemble", "a/", "b/", "--predict", "x.png"],
+    ):
+        assert "torchmetrics" not in parser.parse_args(command).preload, command

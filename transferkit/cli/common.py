@@ -9,16 +9,19 @@ import importlib
 import sys
 from collections.abc import Iterator
 
-# What a command that trains or evaluates imports first (`preload` in its defaults): the
-# engine brings torch, timm, Accelerate, datasets and the models.
-ENGINE = "transferkit.engine"
+# What a command imports first (`preload` in its defaults): the engine brings torch, timm,
+# Accelerate, datasets and the models; a command that computes metrics (it trains and
+# validates, or evaluates) also torchmetrics, which the engine imports only at first use.
+ENGINE = ("transferkit.engine",)
+ENGINE_AND_METRICS = (*ENGINE, "torchmetrics")
 
 
-def preload(module: str | None) -> None:
-    """Import `module` under `imports_without_gc`, before the command imports it piecemeal."""
-    if module:
+def preload(modules: tuple[str, ...] | None) -> None:
+    """Import `modules` under `imports_without_gc`, before the command imports them piecemeal."""
+    if modules:
         with imports_without_gc():
-            importlib.import_module(module)
+            for module in modules:
+                importlib.import_module(module)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from transferkit.cli.common import ENGINE, device_options, recipe_overrides, short, tta_option
+from transferkit.cli.common import (
+    ENGINE,
+    ENGINE_AND_METRICS,
+    device_options,
+    recipe_overrides,
+    short,
+    tta_option,
+)
 from transferkit.errors import UserError
 
 
@@ -28,7 +35,7 @@ def register(sub) -> None:
     )
     tta_option(evaluate)
     device_options(evaluate)
-    evaluate.set_defaults(func=run_eval, preload=ENGINE)
+    evaluate.set_defaults(func=run_eval, preload=ENGINE_AND_METRICS)
 
     predict = sub.add_parser(
         "predict",

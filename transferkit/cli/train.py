@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.common import ENGINE, recipe_overrides
+from transferkit.cli.common import ENGINE, ENGINE_AND_METRICS, recipe_overrides
 from transferkit.errors import UserError
 
 
@@ -33,7 +33,7 @@ def register(sub) -> None:
         "--teacher", metavar="RUN_DIR",
         help="distil from this finished run (the recipe's distill.teacher; alpha 0.5, T 2)",
     )  # fmt: skip
-    train.set_defaults(func=run_train, preload=ENGINE)
+    train.set_defaults(func=run_train, preload=ENGINE_AND_METRICS)
 
     finder = sub.add_parser(
         "lr-find", help="a learning-rate range test for one phase; plots loss against train.lr"
@@ -68,7 +68,7 @@ def register(sub) -> None:
         "random: --trials combinations drawn by optuna, pruned on their curves",
     )
     sweep.add_argument("--trials", type=int, default=10, help="trials of --search tpe|random")
-    sweep.set_defaults(func=run_sweep, preload=ENGINE)
+    sweep.set_defaults(func=run_sweep, preload=ENGINE_AND_METRICS)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 torchmetrics is imported on first use: it takes two seconds to import (scipy.signal,
 matplotlib and, where installed, transformers), which commands that compute no metric skip.
+The commands that always compute metrics import it up front, with the engine and the garbage
+collector off (`transferkit.cli.common.ENGINE_AND_METRICS`).
 """
 
 from __future__ import annotations
