@@ -1,7 +1,7 @@
 """`make bench-fit`: does `transferkit fit` choose well, on data it was not tuned on?
 
 For each task set of bench/fit_sets.py (digits, glyphs, shapes; crops held out), each number of
-labelled images per class and each seed, three commands a user could run on the same table,
+labelled images per class and each seed, four ways a user could train on the same table,
 one after another, each in its own process:
   - `fit` with `--time-budget` (the bench's budget; the search, its trials and the final run);
   - `defaults`: `fit --no-search`, the plan's plain defaults (ImageNet Lite0, LP-FT, lr 1e-3);
@@ -9,8 +9,10 @@ one after another, each in its own process:
     checks that a plan trains the same run again), so when it finished, its model and time
     are used rather than training it a second time;
   - `full FT`: `fit --no-search` with one phase that trains everything, the best fixed recipe
-    of docs/quality.md (it led LP-FT at every label budget there).
-All three use the plan fit makes (tasks typed from the table, 20% of the labelled rows carved
+    of docs/quality.md (it led LP-FT at every label budget there);
+  - `hand-written LP-FT`: plain PyTorch on the plan's data (bench/fit_handwritten.py), what a
+    careful user writes without the tool; the plan comes from `fit --dry-run`.
+All four use the plan fit makes (tasks typed from the table, 20% of the labelled rows carved
 for validation with seed 0). Each model is scored on the set's test images, which no command
 saw: the mean over tasks of accuracy (classification) or R^2 (regression), and the first
 task's accuracy. Reports mean ± sd over seeds, the paired difference fit - each other method
@@ -35,8 +37,15 @@ from pathlib import Path
 from bench.fit_sets import HELD_OUT, PRIMARY, SETS, labelled
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("fit", "defaults", "full FT")
-FULL = {"sets": list(SETS), "budgets": [5, 20], "seeds": [0, 1, 2], "minutes": 2.0, "extra": []}
+HAND_WRITTEN = "hand-written LP-FT"
+METHODS = ("fit", "defaults", "full FT", HAND_WRITTEN)
+FULL = {
+    "sets": list(SETS),
+    "budgets": [5, 10, 20, 50],
+    "seeds": [0, 1, 2],
+    "minutes": 2.0,
+    "extra": [],
+}
 QUICK = {"sets": ["shapes"], "budgets": [5], "seeds": [0], "minutes": 0.5,
          "extra": ["model.backbone=timm:test_efficientnet", "model.weights=none",
                    "train.epochs=2"]}  # fmt: skip
@@ -83,6 +92,8 @@ def _one(work: Path, task_set: str, per_class: int, seed: int, method: str, cfg:
             | _score(done[0].parent)
         )
     env = dict(os.environ, TRANSFERKIT_CACHE=str(work / "cache"))
+    if method == HAND_WRITTEN:
+        return row | _hand_written(data, out, cfg, env)
     start = time.perf_counter()
     done = subprocess.run(_command(method, data, out, cfg["minutes"], cfg["extra"]),
                           capture_output=True, text=True, env=env)  # fmt: skip
@@ -99,6 +110,26 @@ def _one(work: Path, task_set: str, per_class: int, seed: int, method: str, cfg:
                 "chose_lr": chosen.split("|")[3].strip(),
                 "kept_defaults": "the defaults are kept" in report or "**(chosen)** | lp-ft | 0.001" in report}  # fmt: skip
     return row
+
+
+def _hand_written(data: Path, out: Path, cfg: dict, env: dict) -> dict:
+    """bench/fit_handwritten.py on the plan `fit --dry-run` writes (the defaults' data, rows,
+    image size and epochs); only the training loop's process is timed."""
+    plan = [*_command("defaults", data, out, cfg["minutes"], cfg["extra"]), "--dry-run"]
+    done = subprocess.run(plan, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]}
+    scores = out / "hand_written.json"
+    command = [sys.executable, "-m", "bench.fit_handwritten", str(out / "plan.yaml"),
+               "--json", str(scores)]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE.parent)
+    seconds = round(time.perf_counter() - start, 1)
+    if done.returncode != 0:
+        return {"seconds": seconds,
+                "error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]}  # fmt: skip
+    found = json.loads(scores.read_text())
+    return {"seconds": seconds, "score": found["score"], "first": found["first"]}
 
 
 def _summary(rows: list[dict]) -> list[dict]:
@@ -153,22 +184,23 @@ def _markdown(report: dict) -> str:
              f"images per class, seeds per set: {counted}; fit's budget {cfg['minutes']:g} min. "
              "Test score: mean over tasks of accuracy or R^2 on test images no run saw; "
              "mean ± sd over seeds; paired differences mean ± standard error.", "",
-             "| set | labels/class | fit | defaults | full FT | fit - defaults | fit - full FT "
-             "| seconds (fit / defaults / full) | fit chose |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| set | labels/class | fit | defaults | full FT | hand-written | fit - defaults "
+             "| fit - full FT | fit - hand-written | seconds (fit / defaults / full / hand) "
+             "| fit chose |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for e in report["summary"]:
         name = f"{e['set']} (held out)" if e["held_out"] else e["set"]
-        lines.append(f"| {name} | {e['per_class']} | {e['fit']} | {e['defaults']} | "
-                     f"{e['full FT']} | {e['fit - defaults']} | {e['fit - full FT']} | "
-                     f"{e['fit s']} / {e['defaults s']} / {e['full FT s']} | {e['fit chose']} |")  # fmt: skip
+        seconds = " / ".join(str(e[f"{m} s"]) for m in METHODS)
+        lines.append(f"| {name} | {e['per_class']} | " + " | ".join(e[m] for m in METHODS)
+                     + " | " + " | ".join(e[f"fit - {m}"] for m in METHODS[1:])
+                     + f" | {seconds} | {e['fit chose']} |")  # fmt: skip
     lines += ["", "The first task's test accuracy (digit, letter, shape, region):", "",
-              "| set | labels/class | fit | defaults | full FT | fit - defaults | fit - full FT |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| set | labels/class | fit | defaults | full FT | hand-written | fit - defaults "
+              "| fit - full FT | fit - hand-written |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for e in report["summary"]:
         name = f"{e['set']} (held out)" if e["held_out"] else e["set"]
-        lines.append(f"| {name} | {e['per_class']} | {e['fit first']} | {e['defaults first']} | "
-                     f"{e['full FT first']} | {e['fit - defaults first']} | "
-                     f"{e['fit - full FT first']} |")  # fmt: skip
+        lines.append(f"| {name} | {e['per_class']} | "
+                     + " | ".join(e[f"{m} first"] for m in METHODS) + " | "
+                     + " | ".join(e[f"fit - {m} first"] for m in METHODS[1:]) + " |")  # fmt: skip
     errors = [r for r in report["rows"] if "error" in r]
     if errors:
         lines += ["", "Failed commands:", *[f"- {r['set']} k{r['per_class']} seed {r['seed']} "
@@ -183,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", help="where sets, runs and the cache go (default: a temp dir)")
     parser.add_argument("--sets", help="comma-separated subset of the sets")
     parser.add_argument("--seeds", type=int, help="how many seeds")
+    parser.add_argument("--budgets", help="comma-separated labelled images per class (5,20)")
     parser.add_argument("--minutes", type=float, help="fit's --time-budget")
     parser.add_argument(
         "--rows-from",
@@ -194,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(QUICK if args.quick else FULL)
     if args.sets:
         cfg["sets"] = args.sets.split(",")
+    if args.budgets:
+        cfg["budgets"] = [int(k) for k in args.budgets.split(",")]
     if args.seeds:
         cfg["seeds"] = list(range(args.seeds))
     if args.minutes:

@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from bench.lpft_by_hand import lpft_by_hand
 from bench.quality_tables import budget_table, chain_table, paired_table, unfreeze_table
 from transferkit.demo.digits import write_digits
 from transferkit.engine import train
@@ -122,37 +123,16 @@ def hand_written_lpft(manifest: Path, seed: int, epochs: int, size: int, trace=N
     with torch.no_grad():
         f_train = model(x_train)
     head = torch.nn.Linear(f_train.shape[1], len(classes))
-    order = torch.Generator().manual_seed(seed)
-    probe_epochs = epochs // 2
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
 
     def validate() -> float:
         model.eval()
         with torch.no_grad():
             return float((head(model(x_val)).argmax(1) == y_val).float().mean())
 
-    for _ in range(probe_epochs):  # features once: the frozen backbone is deterministic
-        for idx in torch.randperm(len(y_train), generator=order).split(16):
-            loss = torch.nn.functional.cross_entropy(head(f_train[idx]), y_train[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if trace is not None:
-            trace.append(validate())
-    params = [*model.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    for _ in range(epochs - probe_epochs):
-        model.train()
-        for module in model.modules():  # ImageNet statistics, not those of 16 digits
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
-        for idx in torch.randperm(len(y_train), generator=order).split(16):
-            loss = torch.nn.functional.cross_entropy(head(model(x_train[idx])), y_train[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if trace is not None:
-            trace.append(validate())
+    lpft_by_hand(model, head, f_train, x_train,
+                 lambda out, rows: torch.nn.functional.cross_entropy(out, y_train[rows]), epochs,
+                 torch.Generator().manual_seed(seed),
+                 None if trace is None else lambda: trace.append(validate()))  # fmt: skip
     return validate()
 
 

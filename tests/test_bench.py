@@ -226,7 +226,7 @@ def test_fit_bench_quick_scores_every_method_on_unseen_test_images(tmp_path):
 
     report = bench_fit.main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w")])
     rows = report["rows"]
-    assert [r["method"] for r in rows] == ["fit", "defaults", "full FT"]
+    assert [r["method"] for r in rows] == ["fit", "defaults", "full FT", "hand-written LP-FT"]
     assert all("error" not in r and 0 <= r["first"] <= 1 for r in rows), rows
     assert rows[0]["trials"] >= 1 and rows[0]["chose"] in ("probe", "lp-ft", "full")
     (entry,) = report["summary"]
@@ -240,6 +240,40 @@ def test_fit_bench_quick_scores_every_method_on_unseen_test_images(tmp_path):
     recipe = load_recipe(tmp_path / "w/runs/shapes_k5_s0_fit/recipe.yaml")
     splits = load_data(recipe.data, recipe.tasks, recipe.seed).splits
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (20, 5, 150)
+
+
+def test_fit_bench_hand_written_scores_only_labelled_rows_per_task():
+    """The hand-written loop's scores: accuracy per class task and R^2 per regression task,
+    over each task's labelled rows only (its loss likewise ignores the unlabelled ones)."""
+    import torch
+
+    from bench.fit_handwritten import _loss, _scores
+    from transferkit.core.task_spec import TaskSpec
+
+    tasks = [TaskSpec("shape", "multiclass", 3), TaskSpec("odd", "binary"),
+             TaskSpec("count", "regression")]  # fmt: skip
+    targets = {"shape": torch.tensor([0, 2, 1, 1]), "odd": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+               "count": torch.tensor([[1.0], [2.0], [3.0], [9.0]])}  # fmt: skip
+    mask = {"shape": torch.tensor([True, True, True, False]),
+            "odd": torch.tensor([True, True, False, False]),
+            "count": torch.tensor([True, True, True, False])}  # fmt: skip
+    scale = {"count": (torch.tensor(2.0), torch.tensor(1.0))}
+    right = {"shape": torch.eye(3)[[0, 2, 1, 0]] * 5, "odd": torch.tensor([[3.0], [-3.0], [-3.0], [3.0]]),
+             "count": torch.tensor([[-1.0], [0.0], [1.0], [0.0]])}  # fmt: skip
+    assert _scores(right, targets, mask, tasks, scale) == {"shape": 1.0, "odd": 1.0, "count": 1.0}
+    wrong = {**right, "shape": torch.eye(3)[[1, 2, 1, 0]] * 5, "count": torch.zeros(4, 1)}
+    scores = _scores(wrong, targets, mask, tasks, scale)
+    assert abs(scores["shape"] - 2 / 3) < 1e-6 and scores["count"] == 0.0  # the mean: R^2 0
+    # the unlabelled rows change neither the loss nor the scores
+    changed = {**right, "shape": torch.eye(3)[[0, 2, 1, 2]] * 5, "odd": right["odd"] * -1}
+    changed["odd"][:2] = right["odd"][:2]
+    assert _scores(changed, targets, mask, tasks, scale) == _scores(
+        right, targets, mask, tasks, scale
+    )
+    assert torch.equal(
+        _loss(changed, targets, mask, tasks, scale), _loss(right, targets, mask, tasks, scale)
+    )
+    assert _loss(wrong, targets, mask, tasks, scale) > _loss(right, targets, mask, tasks, scale)
 
 
 def test_checkpointing_bench_quick_measures_both_models_both_ways(tmp_path):
