@@ -64,8 +64,9 @@ bench-soups: setup
 bench-distill: setup
 	$(BIN)/python -m bench.distill
 
-# fit against the plain defaults and full fine-tuning on four task sets (one held out), with
-# its --time-budget at 2 min; results in bench/results/fit.md, summarized in docs/fit.md.
+# fit against the plain defaults, full fine-tuning and a hand-written LP-FT loop on four task
+# sets (one held out), 5-50 labels per class, with its --time-budget at 2 min (about 3 hours);
+# results in bench/results/fit.md, summarized in docs/fit.md.
 bench-fit: setup
 	$(BIN)/python -m bench.fit
 
