@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `transferkit` console script."""
     args = _build_parser().parse_args(argv)
     try:
-        preload(getattr(args, "preload", None))
+        preload(getattr(args, "preload", None), args)
         return args.func(args)
     except UserError as err:
         print(f"transferkit: error: {err}", file=sys.stderr)

@@ -7,7 +7,7 @@ import contextlib
 import gc
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # What a command imports first (`preload` in its defaults): the engine brings torch, timm,
 # Accelerate, datasets and the models; a command that computes metrics (it trains and
@@ -16,8 +16,12 @@ ENGINE = ("transferkit.engine",)
 ENGINE_AND_METRICS = (*ENGINE, "torchmetrics")
 
 
-def preload(modules: tuple[str, ...] | None) -> None:
-    """Import `modules` under `imports_without_gc`, before the command imports them piecemeal."""
+def preload(modules: tuple[str, ...] | Callable[[argparse.Namespace], tuple[str, ...]] | None,
+            args: argparse.Namespace) -> None:  # fmt: skip
+    """Import `modules` (or what `modules(args)` names, for a command whose options decide it)
+    under `imports_without_gc`, before the command imports them piecemeal."""
+    if callable(modules):
+        modules = modules(args)
     if modules:
         with imports_without_gc():
             for module in modules:

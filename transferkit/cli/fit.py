@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferkit.cli.common import ENGINE_AND_METRICS, recipe_overrides
+from transferkit.cli.common import ENGINE, ENGINE_AND_METRICS, recipe_overrides
 from transferkit.errors import UserError
 from transferkit.select import DEFAULT_BUDGET_MINUTES
 from transferkit.select import FIT_METHODS as METHODS
@@ -49,7 +49,9 @@ def register(sub) -> None:
     fit.add_argument("--max-trials", type=int, help="stop the search after this many trials")
     fit.add_argument("--no-search", action="store_true",
                      help="train the plan's plain defaults (LP-FT at lr 1e-3), no trials")  # fmt: skip
-    fit.set_defaults(func=run_fit, preload=ENGINE_AND_METRICS)
+    fit.set_defaults(
+        func=run_fit, preload=lambda args: ENGINE if args.dry_run else ENGINE_AND_METRICS
+    )
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -91,7 +91,9 @@ def register(sub) -> None:
     )  # fmt: skip
     ens.add_argument("--output", help="folder for ensemble_report.md and .json")
     ens.add_argument("--json", action="store_true")
-    ens.set_defaults(func=run_ensemble, preload=ENGINE)
+    ens.set_defaults(
+        func=run_ensemble, preload=lambda args: ENGINE_AND_METRICS if args.eval else ENGINE
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
