@@ -111,7 +111,8 @@ class TaskImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         # Out of range is an IndexError (a sequence's end: `for sample in dataset` stops there);
         # only an unreadable row wraps round, to the next readable one.
-        index = int(index) + (len(self) if int(index) < 0 else 0)
+        index = int(index)
+        index += len(self) if index < 0 else 0
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} of a split of {len(self)} rows")
         epoch = self.epoch
