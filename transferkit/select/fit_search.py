@@ -12,10 +12,12 @@ a timed forward and backward pass, then corrected by the trials that ran), and a
 running when the budget ends is stopped after its epoch and not chosen; the first (the
 defaults) always finishes, so that `fit` always returns a model.
 
-Honest defaults: the best trial replaces the defaults only when it leads them by more than
-the noise, in a paired comparison on the validation rows both were scored on, with a bar that
-rises with the number of finished trials the best was picked from (`fit_noise`); otherwise the
-defaults are kept and the report says so. A `--set` on `schedule.phases` fixes
+Honest defaults: the best trial replaces the defaults only when its score is higher by more
+than the noise: z standard errors of the defaults' score, sqrt(sum over tasks of
+p (1 - p) / n) / tasks with n each task's labelled validation rows, where z grows with the number k of finished trials the best was picked
+from (z = the normal quantile of 1 - 0.16 / k: one standard error for one challenger, 2.1 for
+ten, 2.9 for a hundred), since the best of many equal trials beats the defaults by chance;
+otherwise the defaults are kept and the report says so. A `--set` on `schedule.phases` fixes
 the method, and one on `train.lr` the rate: the search varies only what the user left open.
 """
 
@@ -30,7 +32,6 @@ from pathlib import Path
 from transferkit.errors import UserError
 from transferkit.recipes import ResolvedRecipe, resolve_recipe
 from transferkit.select.fit_defaults import FIT_METHODS as METHODS
-from transferkit.select.fit_noise import Lead, paired_lead, row_shares, unpaired_margin
 from transferkit.select.trials import TrialResult, make_study, run_trial, score_parts
 
 DEFAULT_METHOD, DEFAULT_LR = "lp-ft", 1e-3
@@ -259,11 +260,7 @@ def search(
             f"fit: trial {result.number}: {result.status}"
             + (f", score {result.score:.4f}" if result.score is not None else f" ({result.error})")
         )
-
-    def compare(best: TrialResult, default: TrialResult) -> Lead:
-        return paired_lead(row_shares(best.folder, device), row_shares(default.folder, device))
-
-    return _decide(trials, has_default, budget, time.monotonic() - started, tasks, compare)
+    return _decide(trials, has_default, budget, time.monotonic() - started, tasks)
 
 
 def _distributions(pool: tuple, lr_fixed: bool) -> dict:
@@ -303,10 +300,9 @@ def _describe(method: str | None, lr: float | None) -> str:
 
 
 def _decide(trials: list[TrialResult], has_default: bool, budget: float, spent: float,
-            tasks: dict[str, str], compare=None) -> SearchResult:  # fmt: skip
-    """The winner: the best finished trial, unless it does not lead the defaults' trial by more
-    than the noise. `compare(best, default)`: a `Lead` from their validation rows, or None to
-    use the unpaired margin (no rows to compare)."""
+            tasks: dict[str, str]) -> SearchResult:  # fmt: skip
+    """The winner: the best finished trial, unless the defaults' trial is within the noise of
+    it."""
     done = [t for t in trials if t.status == "complete" and t.score is not None]
     if not done:
         failed = [t for t in trials if t.error]
@@ -320,38 +316,34 @@ def _decide(trials: list[TrialResult], has_default: bool, budget: float, spent: 
         return SearchResult(trials, best, None, [
             f"the defaults {why}; the best trial: {_name(best)}"
         ], budget, spent)  # fmt: skip
+    parts = score_parts(default.record, tasks) or [(default.score, 1)]
+    margin = noise_margin(parts, challengers=len(done) - 1)
+    rows = "/".join(str(n) for _, n in parts)
     if best is default:
         why = f"the defaults ({_name(default)}) scored highest, {default.score:.4f}"
-        return SearchResult(trials, best, default, [why], budget, spent)
-    challengers = len(done) - 1
-    scores = f"{_name(best)} scored {best.score:.4f} against the defaults' {default.score:.4f}"
-    lead = _lead(compare, best, default)
-    if lead is not None:
-        margin, lead_by = lead.margin(challengers), lead.difference
-        rows = "/".join(str(n) for n in lead.rows)
-        noise = (f"a paired lead of {lead_by:+.4f} on the {rows} validation rows both were "
-                 f"scored on; the noise: {margin:.4f}, {challengers} challengers")  # fmt: skip
+    elif best.score - default.score > margin:
+        why = (f"{_name(best)} scored {best.score:.4f}, above the defaults' {default.score:.4f} "
+               f"by more than the noise ({margin:.4f} on {rows} validation labels, "
+               f"{len(done) - 1} challengers)")  # fmt: skip
     else:
-        parts = score_parts(default.record, tasks) or [(default.score, 1)]
-        margin, lead_by = unpaired_margin(parts, challengers), best.score - default.score
-        rows = "/".join(str(n) for _, n in parts)
-        noise = (f"unpaired (the rows could not be compared); the noise: {margin:.4f} on {rows} "
-                 f"validation labels, {challengers} challengers")  # fmt: skip
-    if lead_by > margin:
-        why = f"{scores}: more than the noise ({noise})"
-    else:
-        why = f"{scores}: within the noise ({noise}); the defaults are kept"
+        why = (f"{_name(best)} scored {best.score:.4f} against the defaults' "
+               f"{default.score:.4f}, within the noise ({margin:.4f} on {rows} validation "
+               f"labels, {len(done) - 1} challengers); the defaults are kept")  # fmt: skip
         best = default
     return SearchResult(trials, best, default, [why], budget, spent)
 
 
-def _lead(compare, best: TrialResult, default: TrialResult) -> Lead | None:
-    if compare is None:
-        return None
-    try:
-        return compare(best, default)
-    except Exception:  # noqa: BLE001 - a model that cannot be read back: the unpaired margin
-        return None
+def noise_margin(parts: list[tuple[float, int]], challengers: int) -> float:
+    """How far the best of `challengers` trials must beat the defaults (see the module
+    docstring). `parts`: the defaults' (score, labelled validation rows) of each task; the
+    standard error of their mean is sqrt(sum p (1 - p) / n) / tasks, p kept within
+    [0.05, 0.95], times z(k)."""
+    from statistics import NormalDist
+
+    variance = sum(min(max(p, 0.05), 0.95) * (1 - min(max(p, 0.05), 0.95)) / max(n, 1)
+                   for p, n in parts)  # fmt: skip
+    z = NormalDist().inv_cdf(1 - 0.16 / max(challengers, 1))
+    return z * math.sqrt(variance) / max(len(parts), 1)
 
 
 def _name(trial: TrialResult) -> str:
