@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 from conftest import records
 
 from transferkit.cli import main
@@ -63,6 +64,9 @@ def test_a_table_s_columns_are_typed_by_their_values(table):
     assert plan.recipe["data"]["image_column"] == "path"
     assert plan.recipe["data"]["image_size"] == 64  # 8 px scans: the smallest size
     assert any("task ink (regression): numbers from" in r for r in plan.reasons)
+    # Several tasks: the kept model is the epoch with the best mean score over them.
+    assert plan.recipe["train"]["monitor"] == "val/mean_score"
+    assert any("the kept model: the epoch with the best mean" in r for r in plan.reasons)
     forced = make_plan(table, ignore=("id",), tasks={"digit": "regression"})
     assert forced.recipe["tasks"]["digit"]["kind"] == "regression"
 
@@ -114,6 +118,7 @@ def test_fit_plans_searches_trains_and_the_plan_trains_the_same_run_again(
     assert "task label (multiclass): 3 class folders" in printed and "plan written to" in printed
     assert "search: probe, lp-ft, full and the learning rate, within 10 min" in printed
     assert (out / "plan.yaml").is_file() and not (out / "model.json").exists()
+    assert yaml.safe_load((out / "plan.yaml").read_text())["train"]["monitor"] is None  # 1 task
 
     assert main(["fit", str(class_folders), "--output", str(out), *TINY, *search]) == 0
     printed = capsys.readouterr().out

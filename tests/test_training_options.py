@@ -154,3 +154,30 @@ def test_tensorboard_and_eval_on_other_data(workdir, monkeypatch, capsys):
     rows = len((workdir / "data/digits/source/manifest.csv").read_text().splitlines()) - 1
     assert values["train/digit/count"] == rows
     assert main(["eval", str(run_dir), "--split", "test"]) == 2
+
+
+def test_a_multi_task_run_can_keep_the_epoch_with_the_best_mean_score(workdir, monkeypatch):
+    """`train.monitor: val/mean_score` ranks an epoch by its tasks' accuracy and R^2 averaged
+    (what `fit` scores its trials on), so no single task decides which model is kept."""
+    monkeypatch.chdir(workdir)
+    recipe = str(ROOT / "recipes/digits_transfer.yaml")
+    fixed = ["model.weights=none", "data.max_samples=48", "train.epochs=3", "train.batch_size=16",
+             "data.num_workers=0"]  # fmt: skip
+    folder = train(load_recipe(recipe, [*fixed, "train.monitor=val/mean_score"]),
+                   output=str(workdir / "options" / "mean_score"))  # fmt: skip
+    rows = records(folder)
+    for row in rows:
+        parts = [row["val/digit/accuracy"], row["val/parity/accuracy"], row["val/ink/r2"]]
+        assert row["val/mean_score"] == pytest.approx(sum(parts) / 3)
+    summary = json.loads((folder / "complete.json").read_text())
+    assert summary["monitor"] == "val/mean_score"
+    best = max(rows, key=lambda r: r["val/mean_score"])
+    assert summary["best_epoch"] == best["epoch"]
+    # Only where every task has its accuracy or R^2 among its metrics; no record has it unasked.
+    with pytest.raises(UserError, match="'val/mean_score' is not a validation metric"):
+        train(load_recipe(recipe, [*fixed, "train.monitor=val/mean_score",
+                                   "tasks.digit.metrics=[f1]"]),
+              output=str(workdir / "options" / "mean_score_f1"))  # fmt: skip
+    plain = records(train(load_recipe(recipe, [*fixed, "train.epochs=1"]),
+                          output=str(workdir / "options" / "no_mean_score")))  # fmt: skip
+    assert "val/mean_score" not in plain[0]

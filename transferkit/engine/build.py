@@ -38,7 +38,7 @@ from transferkit.engine.batches import (
 from transferkit.engine.distill import Distiller, build_distiller
 from transferkit.engine.ema import build_ema
 from transferkit.engine.imbalance import balanced_sampler, loss_options
-from transferkit.engine.metrics import metric_names
+from transferkit.engine.metrics import MEAN_SCORE, metric_names, score_metric
 from transferkit.engine.mixing import TaskMixer, build_mixer
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.regularizers import Regularizers, build_regularizers
@@ -323,6 +323,8 @@ def _check_monitor(
 ) -> None:
     """Fail before training, not after the first epoch, when train.monitor names no metric."""
     valid = [f"val/{t.name}/{m}" for t in tasks for m in metric_names(t, chosen.get(t.name))]
+    if all(score_metric(t) in metric_names(t, chosen.get(t.name)) for t in tasks):
+        valid.append(f"val/{MEAN_SCORE}")  # every task's accuracy or R^2, averaged
     if monitor not in valid:
         raise UserError(
             f"train.monitor: {monitor!r} is not a validation metric of this run."

@@ -8,6 +8,7 @@ collector off (`transferkit.cli.common.ENGINE_AND_METRICS`).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS, TaskSpec
@@ -105,6 +106,23 @@ def update_metrics(
         if task.kind == "multilabel" and _classification_kind(task) == "binary":
             output, target = output.reshape(-1), target.reshape(-1)  # [N, 1] -> [N], binary
         collection.update(output, target)
+
+
+MEAN_SCORE = "mean_score"  # train.monitor: val/mean_score, the tasks' scores averaged
+
+
+def score_metric(task: TaskSpec) -> str:
+    """A task's score in `mean_score`: accuracy (classification) or R^2 (regression)."""
+    return "r2" if task.kind == "regression" else "accuracy"
+
+
+def mean_score(values: dict[str, float], tasks: dict[str, TaskSpec], prefix: str) -> float:
+    """The mean over the tasks of their accuracy or R^2 in `values` (`PREFIX/TASK/METRIC`),
+    the score that ranks a multi-task epoch as a whole rather than by one task; tasks with no
+    finite value (no labelled validation rows) are left out; NaN when none has one."""
+    found = [values.get(f"{prefix}/{name}/{score_metric(task)}") for name, task in tasks.items()]
+    finite = [v for v in found if isinstance(v, float) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def compute_metrics(collection: tm.MetricCollection) -> dict[str, float]:

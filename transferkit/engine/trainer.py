@@ -37,6 +37,7 @@ from transferkit.engine.ema import PREFIX as EMA_PREFIX
 from transferkit.engine.ema import monitored
 from transferkit.engine.evaluation import evaluate
 from transferkit.engine.loop import TrainLoop
+from transferkit.engine.metrics import MEAN_SCORE, mean_score
 from transferkit.engine.phases import enter_phase
 from transferkit.engine.saving import (
     card_facts,
@@ -229,6 +230,9 @@ def _epochs(run: RunSetup, run_dir: RunDir, state: TrainerState, stop: StopReque
             ema_loader = run.val_loader if schedule.backbone_trained_by(epoch) else val_loader
             values |= evaluate(run.ema.module, ema_loader, run.tasks, acc, EMA_PREFIX,
                                run.metric_names)  # fmt: skip
+        if run.monitor == f"val/{MEAN_SCORE}":  # the epoch ranked by all its tasks at once
+            for prefix in ("val", EMA_PREFIX) if run.ema is not None else ("val",):
+                values[f"{prefix}/{MEAN_SCORE}"] = mean_score(values, run.tasks, prefix)
         record = {"epoch": epoch, "step": state.step, "phase": phase, **stats, **values,
                   "skipped_steps": state.skipped_steps, **footprint(run)}  # fmt: skip
         record["lr"] = {g["group"]: g["lr"] for g in run.optimizer.param_groups if "group" in g}
