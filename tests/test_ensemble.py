@@ -165,3 +165,21 @@ def test_a_run_souped_with_itself_is_not_added_twice(members, workdir, monkeypat
         evaluate_ensemble(members[:2], save_soup=workdir / "x")
     with pytest.raises(UserError, match="another folder than the members'"):
         evaluate_ensemble(members[:2], with_soup="greedy", save_soup=members[1])
+
+
+def test_a_greedy_soup_of_runs_kept_by_their_mean_score_ranks_by_it():
+    """Runs that `fit` planned for several tasks monitor `val/mean_score`: the soup ranks
+    candidates by the tasks' accuracy and R^2 averaged, not by a metric no task has."""
+    from types import SimpleNamespace
+
+    from transferkit.runs.ensemble import _ranking
+
+    tasks = {"digit": SimpleNamespace(kind="multiclass"), "ink": SimpleNamespace(kind="regression")}
+    first = SimpleNamespace(info=SimpleNamespace(monitor="val/mean_score"), tasks=tasks)
+    metrics = {"digit": {"accuracy": 0.8, "f1": 0.7}, "ink": {"r2": 0.4, "mae": 2.0}}
+    train = SimpleNamespace(monitor_mode="max")
+    by, value, lower = _ranking(first, metrics, train)
+    assert (by, lower) == ("mean_score", False) and value(metrics) == pytest.approx(0.6)
+    first.info.monitor = "val/ink/mae"  # an error: lower is better
+    by, value, lower = _ranking(first, metrics, train)
+    assert (by, lower, value(metrics)) == ("ink/mae", True, 2.0)

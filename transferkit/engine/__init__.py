@@ -17,12 +17,21 @@ from transferkit.engine.build import RunSetup, build_run
 from transferkit.engine.evaluation import evaluate
 from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss
-from transferkit.engine.metrics import compute_metrics, metric_names, task_metrics, update_metrics
+from transferkit.engine.metrics import (
+    MEAN_SCORE,
+    compute_metrics,
+    mean_score,
+    metric_names,
+    score_metric,
+    task_metrics,
+    update_metrics,
+)
 from transferkit.engine.phases import cached_loaders
 from transferkit.engine.state import TrainerState
 from transferkit.engine.trainer import train
 
 __all__ = [
+    "MEAN_SCORE",
     "RunSetup",
     "TrainerState",
     "build_run",
@@ -30,9 +39,11 @@ __all__ = [
     "compute_metrics",
     "evaluate",
     "make_accelerator",
+    "mean_score",
     "metric_names",
     "model_outputs",
     "multitask_loss",
+    "score_metric",
     "task_metrics",
     "train",
     "update_metrics",

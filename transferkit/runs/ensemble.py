@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from torch.utils.data import DataLoader
 
 from transferkit.core import LOWER_IS_BETTER
 from transferkit.data import TaskImageDataset, collate
-from transferkit.engine import compute_metrics, task_metrics, update_metrics
+from transferkit.engine import (
+    MEAN_SCORE,
+    compute_metrics,
+    mean_score,
+    score_metric,
+    task_metrics,
+    update_metrics,
+)
 from transferkit.errors import UserError
 from transferkit.inference import Run, describe_prediction
 from transferkit.inference import load as load_run
@@ -184,28 +192,45 @@ class _Evaluator:
 def _greedy(run_dirs, runs: list[Run], results: dict, evaluate: _Evaluator):
     """The greedy soup's run, its ingredients, its metrics and the path taken."""
     first = runs[0]
-    watched = first.info.monitor or f"val/{next(iter(first.tasks))}/accuracy"
-    task, metric = watched.split("/")[1:3]
-    if metric not in results[str(run_dirs[0])].get(task, {}):
-        task = next(iter(first.tasks))
-        metric = next(iter(results[str(run_dirs[0])][task]))
-    lower = metric in LOWER_IS_BETTER or evaluate.recipe.train.monitor_mode == "min"
+    by, value, lower = _ranking(first, results[str(run_dirs[0])], evaluate.recipe.train)
     scratch = load_run(run_dirs[0])
     tried: dict[tuple[int, ...], dict] = {}
 
     def score_of(indices: list[int]) -> float:
         _average_into(scratch, [runs[i] for i in indices])
         tried[tuple(indices)] = evaluate({"candidate": scratch})["candidate"]
-        return tried[tuple(indices)][task][metric]
+        return value(tried[tuple(indices)])
 
     names = [str(d) for d in run_dirs]
-    alone = [results[name][task][metric] for name in names]
+    alone = [value(results[name]) for name in names]
     chosen, path = greedy_path(names, alone, score_of, lower_is_better=lower)
     metrics = tried.get(tuple(chosen), results[names[chosen[0]]])
     _average_into(scratch, [runs[i] for i in chosen])
-    report = {"by": f"{task}/{metric}", "lower_is_better": lower,
+    report = {"by": by, "lower_is_better": lower,
               "ingredients": [names[i] for i in chosen], "steps": [asdict(s) for s in path]}  # fmt: skip
     return scratch, report["ingredients"], metrics, report
+
+
+def _ranking(first: Run, metrics: dict, train) -> tuple[str, Callable[[dict], float], bool]:
+    """What the greedy soup ranks by: the first run's monitored metric (`TASK/METRIC`, or the
+    tasks' accuracy and R^2 averaged for `val/mean_score`), else the first task's first metric;
+    `metrics`: {task: {metric: value}}. Returns its name, how to read it, lower is better."""
+    watched = first.info.monitor or f"val/{next(iter(first.tasks))}/accuracy"
+    if watched.endswith(f"/{MEAN_SCORE}"):
+        scored = {name: score_metric(task) for name, task in first.tasks.items()}
+
+        def mean(found: dict) -> float:
+            return mean_score({f"val/{t}/{m}": v for t, ms in found.items() for m, v in ms.items()},
+                              first.tasks, "val")  # fmt: skip
+
+        if all(m in metrics.get(t, {}) for t, m in scored.items()):
+            return MEAN_SCORE, mean, False
+    task, metric = (watched.split("/") + ["", ""])[1:3]
+    if metric not in metrics.get(task, {}):
+        task = next(iter(first.tasks))
+        metric = next(iter(metrics[task]))
+    lower = metric in LOWER_IS_BETTER or train.monitor_mode == "min"
+    return f"{task}/{metric}", lambda found: found[task][metric], lower
 
 
 def _save_soup(run: Run, first: RunDir, kind: str, ingredients: list[str], path: Path) -> None:

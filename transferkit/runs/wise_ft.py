@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from transferkit.core import LOWER_IS_BETTER
 from transferkit.data import TaskImageDataset, collate
-from transferkit.engine import evaluate
+from transferkit.engine import MEAN_SCORE, evaluate, mean_score
 from transferkit.errors import UserError
 from transferkit.inference import Run, load, resolve_device
 from transferkit.models import create_backbone, merge_adapters
@@ -198,6 +198,9 @@ def interpolate(
 
     watched = run.info.monitor or f"val/{next(iter(run.tasks))}/accuracy"
     monitor = f"{split}/{watched.split('/', 1)[1]}"
+    if watched.endswith(f"/{MEAN_SCORE}"):  # a multi-task run kept by its tasks' mean score
+        for values in metrics:
+            values[monitor] = mean_score(values, run.tasks, split)
     if monitor not in metrics[0]:
         monitor = next(k for k in metrics[0] if not k.endswith("/count"))
     lower = monitor.rsplit("/", 1)[-1] in LOWER_IS_BETTER or recipe.train.monitor_mode == "min"
