@@ -194,6 +194,9 @@ class TrainSection:
     clip_grad: float | None = bounded(None, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     early_stopping: EarlyStoppingSection | None = None
+    # The metric that picks the kept model (and early stopping's): `val/TASK/METRIC`, or
+    # `val/mean_score`, every task's accuracy or R^2 averaged (what `fit` plans for several
+    # tasks). Default: the first task's accuracy (its MAE for a regression).
     monitor: str | None = None
     monitor_mode: Literal["max", "min"] = "max"
     keep_checkpoints: int = bounded(2, ge=1)
