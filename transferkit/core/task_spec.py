@@ -13,6 +13,8 @@ TASK_KINDS: tuple[str, ...] = ("multiclass", "binary", "multilabel", "regression
 CLASSIFICATION_METRICS = ("accuracy", "f1", "auroc", "ece")
 REGRESSION_METRICS = ("mae", "rmse", "r2")
 LOWER_IS_BETTER = ("mae", "rmse", "loss", "ece")  # metric names that improve downwards
+# train.monitor: val/mean_score, every task's accuracy or R^2 averaged (a multi-task epoch's score)
+MEAN_SCORE = "mean_score"
 AUX_SEPARATOR = "@"  # an auxiliary head's output key: "task@group"
 
 

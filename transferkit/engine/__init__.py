@@ -18,7 +18,6 @@ from transferkit.engine.evaluation import evaluate
 from transferkit.engine.forward import model_outputs
 from transferkit.engine.losses import multitask_loss
 from transferkit.engine.metrics import (
-    MEAN_SCORE,
     compute_metrics,
     mean_score,
     metric_names,
@@ -31,7 +30,6 @@ from transferkit.engine.state import TrainerState
 from transferkit.engine.trainer import train
 
 __all__ = [
-    "MEAN_SCORE",
     "RunSetup",
     "TrainerState",
     "build_run",

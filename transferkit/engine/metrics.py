@@ -108,9 +108,6 @@ def update_metrics(
         collection.update(output, target)
 
 
-MEAN_SCORE = "mean_score"  # train.monitor: val/mean_score, the tasks' scores averaged
-
-
 def score_metric(task: TaskSpec) -> str:
     """A task's score in `mean_score`: accuracy (classification) or R^2 (regression)."""
     return "r2" if task.kind == "regression" else "accuracy"

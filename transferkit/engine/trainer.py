@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from transferkit.core import MEAN_SCORE
 from transferkit.engine.accelerator import make_accelerator
 from transferkit.engine.batches import StreamLoader, release_workers
 from transferkit.engine.build import RunSetup, build_run
@@ -37,7 +38,7 @@ from transferkit.engine.ema import PREFIX as EMA_PREFIX
 from transferkit.engine.ema import monitored
 from transferkit.engine.evaluation import evaluate
 from transferkit.engine.loop import TrainLoop
-from transferkit.engine.metrics import MEAN_SCORE, mean_score
+from transferkit.engine.metrics import mean_score
 from transferkit.engine.phases import enter_phase
 from transferkit.engine.saving import (
     card_facts,

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.core import LOWER_IS_BETTER
+from transferkit.core import LOWER_IS_BETTER, MEAN_SCORE
 from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import (
-    MEAN_SCORE,
     compute_metrics,
     mean_score,
     score_metric,

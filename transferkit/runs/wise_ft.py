@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.core import LOWER_IS_BETTER
+from transferkit.core import LOWER_IS_BETTER, MEAN_SCORE
 from transferkit.data import TaskImageDataset, collate
-from transferkit.engine import MEAN_SCORE, evaluate, mean_score
+from transferkit.engine import evaluate, mean_score
 from transferkit.errors import UserError
 from transferkit.inference import Run, load, resolve_device
 from transferkit.models import create_backbone, merge_adapters

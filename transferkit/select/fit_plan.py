@@ -26,7 +26,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferkit.core import IMAGE_EXTENSIONS, TASK_KINDS, list_image_files, open_image
+from transferkit.core import (
+    IMAGE_EXTENSIONS,
+    MEAN_SCORE,
+    TASK_KINDS,
+    list_image_files,
+    open_image,
+)
 from transferkit.errors import UserError
 
 _IMAGE_NAMES = ("image", "path", "file", "filename", "image_path", "filepath")
@@ -86,7 +92,7 @@ def make_plan(data: str | Path, *, tasks: dict[str, str] | None = None, ignore: 
         # The kept model is the epoch with the best score over all tasks (what fit's trials are
         # scored on), not the first task's best: on 20-40 validation rows that one often peaks
         # in the probe phase, and the other tasks pay for it.
-        recipe["train"]["monitor"] = "val/mean_score"
+        recipe["train"]["monitor"] = f"val/{MEAN_SCORE}"
     reasons += [
         f"image size {size}: {why}",
         *(
