@@ -25,6 +25,7 @@ from transferkit.core.task_spec import (
     TASK_KINDS,
     AuxHeadSpec,
     TaskSpec,
+    score_metric,
     task_of,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "Preprocessing",
     "Progress",
     "TaskSpec",
+    "score_metric",
     "bounded",
     "derive_seed",
     "lazy_exports",

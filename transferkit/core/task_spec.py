@@ -15,6 +15,13 @@ REGRESSION_METRICS = ("mae", "rmse", "r2")
 LOWER_IS_BETTER = ("mae", "rmse", "loss", "ece")  # metric names that improve downwards
 # train.monitor: val/mean_score, every task's accuracy or R^2 averaged (a multi-task epoch's score)
 MEAN_SCORE = "mean_score"
+
+
+def score_metric(kind: str) -> str:
+    """A task's score in `mean_score` and in `fit`'s: accuracy, or R^2 for a regression."""
+    return "r2" if kind == "regression" else "accuracy"
+
+
 AUX_SEPARATOR = "@"  # an auxiliary head's output key: "task@group"
 
 

@@ -21,7 +21,6 @@ from transferkit.engine.metrics import (
     compute_metrics,
     mean_score,
     metric_names,
-    score_metric,
     task_metrics,
     update_metrics,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "metric_names",
     "model_outputs",
     "multitask_loss",
-    "score_metric",
     "task_metrics",
     "train",
     "update_metrics",

@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType, set_seed
 from timm.utils.model_ema import ModelEmaV3
 from torch.utils.data import DataLoader, Sampler
 
-from transferkit.core import MEAN_SCORE, AuxHeadSpec, TaskSpec
+from transferkit.core import MEAN_SCORE, AuxHeadSpec, TaskSpec, score_metric
 from transferkit.data import StreamedTaskDataset, TaskImageDataset, build_transforms, num_workers
 from transferkit.engine.accelerator import (
     check_fsdp,
@@ -38,7 +38,7 @@ from transferkit.engine.batches import (
 from transferkit.engine.distill import Distiller, build_distiller
 from transferkit.engine.ema import build_ema
 from transferkit.engine.imbalance import balanced_sampler, loss_options
-from transferkit.engine.metrics import metric_names, score_metric
+from transferkit.engine.metrics import metric_names
 from transferkit.engine.mixing import TaskMixer, build_mixer
 from transferkit.engine.optim import build_lr_scheduler, build_optimizer
 from transferkit.engine.regularizers import Regularizers, build_regularizers
@@ -323,7 +323,7 @@ def _check_monitor(
 ) -> None:
     """Fail before training, not after the first epoch, when train.monitor names no metric."""
     valid = [f"val/{t.name}/{m}" for t in tasks for m in metric_names(t, chosen.get(t.name))]
-    if all(score_metric(t) in metric_names(t, chosen.get(t.name)) for t in tasks):
+    if all(score_metric(t.kind) in metric_names(t, chosen.get(t.name)) for t in tasks):
         valid.append(f"val/{MEAN_SCORE}")  # every task's accuracy or R^2, averaged
     if monitor not in valid:
         raise UserError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS, TaskSpec
+from transferkit.core import CLASSIFICATION_METRICS, REGRESSION_METRICS, TaskSpec, score_metric
 from transferkit.models import probabilities
 
 if TYPE_CHECKING:
@@ -108,16 +108,13 @@ def update_metrics(
         collection.update(output, target)
 
 
-def score_metric(task: TaskSpec) -> str:
-    """A task's score in `mean_score`: accuracy (classification) or R^2 (regression)."""
-    return "r2" if task.kind == "regression" else "accuracy"
-
-
 def mean_score(values: dict[str, float], tasks: dict[str, TaskSpec], prefix: str) -> float:
     """The mean over the tasks of their accuracy or R^2 in `values` (`PREFIX/TASK/METRIC`),
     the score that ranks a multi-task epoch as a whole rather than by one task; tasks with no
     finite value (no labelled validation rows) are left out; NaN when none has one."""
-    found = [values.get(f"{prefix}/{name}/{score_metric(task)}") for name, task in tasks.items()]
+    found = [
+        values.get(f"{prefix}/{name}/{score_metric(task.kind)}") for name, task in tasks.items()
+    ]
     finite = [v for v in found if isinstance(v, float) and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 

@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit.core import LOWER_IS_BETTER, MEAN_SCORE
+from transferkit.core import LOWER_IS_BETTER, MEAN_SCORE, score_metric
 from transferkit.data import TaskImageDataset, collate
 from transferkit.engine import (
     compute_metrics,
     mean_score,
-    score_metric,
     task_metrics,
     update_metrics,
 )
@@ -216,7 +215,7 @@ def _ranking(first: Run, metrics: dict, train) -> tuple[str, Callable[[dict], fl
     `metrics`: {task: {metric: value}}. Returns its name, how to read it, lower is better."""
     watched = first.info.monitor or f"val/{next(iter(first.tasks))}/accuracy"
     if watched.endswith(f"/{MEAN_SCORE}"):
-        scored = {name: score_metric(task) for name, task in first.tasks.items()}
+        scored = {name: score_metric(task.kind) for name, task in first.tasks.items()}
 
         def mean(found: dict) -> float:
             return mean_score({f"val/{t}/{m}": v for t, ms in found.items() for m, v in ms.items()},

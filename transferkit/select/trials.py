@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from transferkit.core import score_metric
 from transferkit.errors import Interrupted
 from transferkit.recipes import ResolvedRecipe
 from transferkit.rundir import RunDir
@@ -54,7 +55,7 @@ def score_parts(record: dict[str, Any], tasks: dict[str, str]) -> list[tuple[flo
     name -> kind); tasks without a finite value are left out."""
     parts = []
     for name, kind in tasks.items():
-        value = record.get(f"val/{name}/{'r2' if kind == 'regression' else 'accuracy'}")
+        value = record.get(f"val/{name}/{score_metric(kind)}")
         if isinstance(value, (int, float)) and math.isfinite(value):
             parts.append((float(value), int(record.get(f"val/{name}/count") or 1)))
     return parts
